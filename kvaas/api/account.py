@@ -1,0 +1,44 @@
+"""``/v1/me``: who the API key belongs to."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from kvaas.api.deps import Auth
+from kvaas.api.errors import error_responses
+from kvaas.auth.keys import display_prefix
+from kvaas.errors import AuthenticationError, PermissionDenied
+
+router = APIRouter(prefix="/v1", tags=["account"])
+
+
+class Me(BaseModel):
+    object: str = "tenant"
+    tenant_id: str
+    tenant_name: str
+    status: str
+    storage_quota_tokens: int | None
+    storage_quota_bytes: int | None
+    key_id: str
+    key_display: str = Field(description="The calling key as shown in listings.")
+    scopes: list[str]
+
+
+@router.get(
+    "/me",
+    summary="Describe the calling tenant and API key",
+    responses=error_responses(AuthenticationError, PermissionDenied),
+)
+async def get_me(auth: Auth) -> Me:
+    t, k = auth.tenant, auth.key
+    return Me(
+        tenant_id=t.id,
+        tenant_name=t.name,
+        status=t.status,
+        storage_quota_tokens=t.storage_quota_tokens,
+        storage_quota_bytes=t.storage_quota_bytes,
+        key_id=k.id,
+        key_display=display_prefix(k.prefix),
+        scopes=list(k.scopes),
+    )

@@ -1,0 +1,241 @@
+"""Operator API under ``/admin/api``: tenants and API keys, behind the admin token."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Generic, TypeVar
+
+from fastapi import APIRouter, Path, Query, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvaas.api.deps import AdminActor, SessionDep
+from kvaas.api.errors import error_responses
+from kvaas.auth import tenancy
+from kvaas.auth.keys import display_prefix
+from kvaas.db.models import ApiKey, AuditLog, Tenant
+from kvaas.db.repositories import ApiKeyRepository, AuditRepository, TenantRepository
+from kvaas.errors import AuthenticationError, Conflict, NotFound, PermissionDenied
+
+router = APIRouter(prefix="/admin/api", tags=["admin"])
+_AUTH_ERRORS = (AuthenticationError, PermissionDenied)
+
+
+class TenantOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(examples=["ten_5c1f0a9e2b7d4c3a8e6f1b20"])
+    object: str = "tenant"
+    name: str = Field(examples=["acme"])
+    status: str = Field(description="`active` or `disabled`.", examples=["active"])
+    storage_quota_tokens: int | None = None
+    storage_quota_bytes: int | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ApiKeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(examples=["key_0a1b2c3d4e5f60718293a4b5"])
+    object: str = "api_key"
+    tenant_id: str
+    name: str
+    prefix: str = Field(description="Public part of the key, shown in listings.")
+    display: str = Field(description="How the key is shown: `kvs_<prefix>_…`.")
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> ApiKeyOut:
+        return cls.model_validate(
+            {**{c: getattr(key, c) for c in _KEY_COLS}, "display": display_prefix(key.prefix)}
+        )
+
+
+_KEY_COLS = ("id", "tenant_id", "name", "prefix", "scopes", "created_at", "last_used_at", "revoked_at")
+
+
+class NewApiKeyOut(ApiKeyOut):
+    secret: str = Field(description="The full API key. Shown once, never again.")
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=63, examples=["acme"])
+    storage_quota_tokens: int | None = Field(None, ge=0)
+    storage_quota_bytes: int | None = Field(None, ge=0)
+    create_key: bool = Field(True, description="Also create the tenant's first API key.")
+
+
+class TenantCreated(BaseModel):
+    tenant: TenantOut
+    api_key: NewApiKeyOut | None
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("default", min_length=1, max_length=64)
+    scopes: list[str] = Field(default_factory=lambda: ["*"], examples=[["*"]])
+
+
+T = TypeVar("T")
+
+
+class ListOf(BaseModel, Generic[T]):
+    object: str = "list"
+    data: list[T]
+
+
+class AuditEntryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target_type: str
+    target_id: str
+    tenant_id: str | None
+    request_id: str | None
+    details: dict[str, object]
+
+
+TenantRef = Annotated[str, Path(description="Tenant id (`ten_…`) or name.", max_length=64)]
+
+
+def _tenant_out(t: Tenant) -> TenantOut:
+    return TenantOut.model_validate(t)
+
+
+async def _new_key_out(session: SessionDep, key_id: str, secret: str) -> NewApiKeyOut:
+    key = await ApiKeyRepository(session).get(key_id)
+    assert key is not None
+    return NewApiKeyOut.model_validate({**ApiKeyOut.of(key).model_dump(), "secret": secret})
+
+
+@router.post(
+    "/tenants",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create a tenant (and its first API key)",
+    responses=error_responses(*_AUTH_ERRORS, Conflict),
+)
+async def admin_create_tenant(
+    body: TenantCreate, session: SessionDep, actor: AdminActor
+) -> TenantCreated:
+    tenant, secret = await tenancy.create_tenant(
+        session,
+        actor,
+        body.name,
+        storage_quota_tokens=body.storage_quota_tokens,
+        storage_quota_bytes=body.storage_quota_bytes,
+        with_key=body.create_key,
+    )
+    key_out = None
+    if secret is not None:
+        keys = await ApiKeyRepository(session).list(tenant.id)
+        key_out = await _new_key_out(session, keys[0].id, secret)
+    return TenantCreated(tenant=_tenant_out(tenant), api_key=key_out)
+
+
+@router.get(
+    "/tenants",
+    summary="List tenants",
+    responses=error_responses(*_AUTH_ERRORS),
+)
+async def admin_list_tenants(
+    session: SessionDep,
+    actor: AdminActor,
+    status_: Annotated[str | None, Query(alias="status", pattern="^(active|disabled)$")] = None,
+) -> ListOf[TenantOut]:
+    tenants = await TenantRepository(session).list(status=status_)
+    return ListOf[TenantOut](data=[_tenant_out(t) for t in tenants])
+
+
+@router.get(
+    "/tenants/{tenant}",
+    summary="Get a tenant",
+    responses=error_responses(*_AUTH_ERRORS, NotFound),
+)
+async def admin_get_tenant(tenant: TenantRef, session: SessionDep, actor: AdminActor) -> TenantOut:
+    return _tenant_out(await tenancy.find_tenant(session, tenant))
+
+
+@router.post(
+    "/tenants/{tenant}/disable",
+    summary="Disable a tenant (its keys get 403 until enabled again)",
+    responses=error_responses(*_AUTH_ERRORS, NotFound),
+)
+async def admin_disable_tenant(
+    tenant: TenantRef, session: SessionDep, actor: AdminActor
+) -> TenantOut:
+    return _tenant_out(await tenancy.set_tenant_status(session, actor, tenant, "disabled"))
+
+
+@router.post(
+    "/tenants/{tenant}/enable",
+    summary="Enable a disabled tenant",
+    responses=error_responses(*_AUTH_ERRORS, NotFound),
+)
+async def admin_enable_tenant(tenant: TenantRef, session: SessionDep, actor: AdminActor) -> TenantOut:
+    return _tenant_out(await tenancy.set_tenant_status(session, actor, tenant, "active"))
+
+
+@router.post(
+    "/tenants/{tenant}/keys",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create an API key for a tenant (the secret is returned once)",
+    responses=error_responses(*_AUTH_ERRORS, NotFound),
+)
+async def admin_create_key(
+    tenant: TenantRef, body: KeyCreate, session: SessionDep, actor: AdminActor
+) -> NewApiKeyOut:
+    key, secret = await tenancy.create_key(
+        session, actor, tenant, name=body.name, scopes=body.scopes
+    )
+    return await _new_key_out(session, key.id, secret)
+
+
+@router.get(
+    "/tenants/{tenant}/keys",
+    summary="List a tenant's API keys (prefixes only)",
+    responses=error_responses(*_AUTH_ERRORS, NotFound),
+)
+async def admin_list_keys(
+    tenant: TenantRef, session: SessionDep, actor: AdminActor
+) -> ListOf[ApiKeyOut]:
+    t = await tenancy.find_tenant(session, tenant)
+    return ListOf[ApiKeyOut](data=[ApiKeyOut.of(k) for k in await ApiKeyRepository(session).list(t.id)])
+
+
+@router.delete(
+    "/keys/{key}",
+    summary="Revoke an API key (by id or prefix); idempotent",
+    responses=error_responses(*_AUTH_ERRORS, NotFound),
+)
+async def admin_revoke_key(
+    key: Annotated[str, Path(description="Key id (`key_…`) or prefix.", max_length=64)],
+    session: SessionDep,
+    actor: AdminActor,
+) -> ApiKeyOut:
+    return ApiKeyOut.of(await tenancy.revoke_key(session, actor, key))
+
+
+@router.get(
+    "/audit",
+    summary="Recent administrative actions, newest first",
+    responses=error_responses(*_AUTH_ERRORS),
+)
+async def admin_list_audit(
+    session: SessionDep,
+    actor: AdminActor,
+    tenant_id: Annotated[str | None, Query(max_length=32)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> ListOf[AuditEntryOut]:
+    entries: list[AuditLog] = list(
+        await AuditRepository(session).list(tenant_id=tenant_id, limit=limit)
+    )
+    return ListOf[AuditEntryOut](data=[AuditEntryOut.model_validate(e) for e in entries])

@@ -1,0 +1,88 @@
+"""Liveness, readiness and metrics endpoints.
+
+Components register readiness probes on ``app.state.health_checks`` (name → async callable
+returning a detail string, raising when the component is down). ``/readyz`` runs them all
+concurrently, each under a time limit, and answers 503 when any is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel, Field
+
+from kvaas import __version__
+
+router = APIRouter(tags=["health"])
+
+HealthCheck = Callable[[], Awaitable[str | None]]
+PROBE_TIMEOUT_SECONDS = 3.0
+
+
+class ComponentStatus(BaseModel):
+    status: Literal["ok", "down"]
+    detail: str | None = None
+    latency_ms: float
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "down"]
+    version: str
+    components: dict[str, ComponentStatus] = Field(
+        description="Each checked component: database, redis when configured, engine when loaded."
+    )
+
+
+class Liveness(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+async def _probe(check: HealthCheck) -> ComponentStatus:
+    t0 = time.perf_counter()
+    try:
+        detail = await asyncio.wait_for(check(), PROBE_TIMEOUT_SECONDS)
+        status: Literal["ok", "down"] = "ok"
+    except TimeoutError:
+        status, detail = "down", f"no answer within {PROBE_TIMEOUT_SECONDS:g} s"
+    except Exception as e:
+        status, detail = "down", (str(e).splitlines() or [type(e).__name__])[0][:300]
+    return ComponentStatus(
+        status=status, detail=detail, latency_ms=round((time.perf_counter() - t0) * 1000, 2)
+    )
+
+
+@router.get("/healthz", summary="Liveness: the process is up")
+async def healthz() -> Liveness:
+    return Liveness(version=__version__)
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: every component the service needs answers",
+    responses={503: {"model": Readiness, "description": "At least one component is down."}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    checks: dict[str, HealthCheck] = request.app.state.health_checks
+    names = list(checks)
+    results = await asyncio.gather(*(_probe(checks[n]) for n in names))
+    components = dict(zip(names, results, strict=True))
+    ok = all(c.status == "ok" for c in results)
+    body = Readiness(status="ok" if ok else "down", version=__version__, components=components)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics in the text exposition format",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Metrics."}},
+)
+async def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

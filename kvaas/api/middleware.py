@@ -1,0 +1,105 @@
+"""ASGI middleware: request ids, body size limit and request metrics.
+
+Written as plain ASGI (not ``BaseHTTPMiddleware``) so streaming responses pass through
+untouched and the body limit is enforced while reading, not after buffering.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kvaas.metrics import HTTP_LATENCY, HTTP_REQUESTS
+
+_INCOMING_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,64}$")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (``X-Request-ID``, echoed when the client sent a sane one),
+    refuses bodies above ``max_body_bytes`` with a 413, and records Prometheus metrics."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        incoming = headers.get("x-request-id", "")
+        request_id = incoming if _INCOMING_ID_RE.match(incoming) else f"req_{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        rid_header = (b"x-request-id", request_id.encode())
+        started = time.perf_counter()
+        status_holder: dict[str, Any] = {"status": 500, "started": False}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["started"] = True
+                hdrs = list(message.get("headers", []))
+                if not any(k.lower() == b"x-request-id" for k, _ in hdrs):
+                    hdrs.append(rid_header)
+                message = {**message, "headers": hdrs}
+            await send(message)
+
+        limit = self.max_body_bytes
+        declared = headers.get("content-length")
+        try:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise _BodyTooLarge
+            received = 0
+
+            async def receive_wrapper() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise _BodyTooLarge
+                return message
+
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except _BodyTooLarge:
+            if not status_holder["started"]:
+                await _send_error(
+                    send_wrapper,
+                    413,
+                    "payload_too_large",
+                    f"request body exceeds the limit of {limit} bytes (KVAAS_MAX_REQUEST_BYTES)",
+                    request_id,
+                )
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            status = str(status_holder["status"])
+            HTTP_REQUESTS.labels(scope["method"], path, status).inc()
+            HTTP_LATENCY.labels(scope["method"], path).observe(time.perf_counter() - started)
+
+
+async def _send_error(send: Send, status: int, type_: str, message: str, request_id: str) -> None:
+    body = json.dumps(
+        {"error": {"type": type_, "message": message, "request_id": request_id}}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,103 @@
+"""The FastAPI application factory and its lifespan.
+
+``create_app(settings)`` builds the app; resources (database, Redis, storage, engine) are
+opened in the lifespan and closed on shutdown. Nothing is opened at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from kvaas import __version__
+from kvaas.api import account, admin, health
+from kvaas.api.errors import install_error_handlers
+from kvaas.api.middleware import RequestContextMiddleware
+from kvaas.config import Settings, get_settings
+from kvaas.db import migrate
+from kvaas.db.session import Database
+
+log = logging.getLogger("kvaas")
+
+API_DESCRIPTION = """\
+KVaaS keeps the attention key/value cache of long prompt prefixes in compressed storage tiers
+and attaches it to later requests, which then skip the prefill.
+
+Authenticate with `Authorization: Bearer <API key>`. Every error has the body
+`{"error": {"type", "message", "param"?, "request_id"}}`; every response carries `X-Request-ID`.
+"""
+
+
+def _operation_id(route: APIRoute) -> str:
+    """Stable operation ids: the endpoint function's name (unique across the app)."""
+    return route.name
+
+
+async def _redis_probe(url: str, cluster: bool) -> str:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+    client: Redis | RedisCluster
+    if cluster:
+        client = RedisCluster.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    else:
+        client = Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        await client.ping()
+        return "ping ok"
+    finally:
+        await client.aclose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application. ``settings`` defaults to the process settings (env / .env)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(
+            settings.resolved_database_url,
+            pool_size=settings.database_pool_size,
+            timeout=settings.database_timeout_seconds,
+        )
+        app.state.db = db
+        if settings.auto_migrate:
+            try:
+                await asyncio.to_thread(migrate.upgrade, settings.resolved_database_url)
+            except Exception as e:  # keep serving; /readyz reports the database
+                log.error("database migration failed at start-up: %s", e)
+
+        async def db_probe() -> str:
+            await db.ping()
+            return db.dialect
+
+        app.state.health_checks["database"] = db_probe
+        if settings.redis_url:
+            url, cluster = settings.redis_url, settings.redis_cluster
+            app.state.health_checks["redis"] = lambda: _redis_probe(url, cluster)
+        try:
+            yield
+        finally:
+            await db.dispose()
+
+    app = FastAPI(
+        title="KVaaS",
+        version=__version__,
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+    )
+    app.state.settings = settings
+    app.state.health_checks = {}
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
+    app.include_router(health.router)
+    app.include_router(account.router)
+    app.include_router(admin.router)
+    return app

@@ -1,0 +1,164 @@
+"""Administrative operations on tenants and API keys.
+
+Shared by the admin API and the CLI. Each function runs inside the caller's session and
+records an audit entry in the same transaction, then commits: an action is never without its
+audit record, nor the other way round.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from kvaas.db.models import ApiKey, Tenant
+from kvaas.db.repositories import ApiKeyRepository, AuditRepository, TenantRepository
+from kvaas.errors import Conflict, NotFound, ValidationFailed
+
+TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+KNOWN_SCOPES = ("*", "caches:read", "caches:write", "usage:read", "invoices:read")
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who performs an action, for the audit log: ``admin-api`` or ``cli`` plus a request id."""
+
+    name: str
+    request_id: str | None = None
+
+
+def validate_tenant_name(name: str) -> str:
+    if not TENANT_NAME_RE.match(name):
+        raise ValidationFailed(
+            "tenant name must be 1-63 characters of a-z, 0-9, '-' or '_', "
+            "starting with a letter or digit",
+            param="name",
+        )
+    return name
+
+
+def validate_scopes(scopes: Sequence[str]) -> list[str]:
+    unknown = sorted(set(scopes) - set(KNOWN_SCOPES))
+    if unknown:
+        raise ValidationFailed(
+            f"unknown scope(s) {unknown}; known scopes: {list(KNOWN_SCOPES)}", param="scopes"
+        )
+    return list(dict.fromkeys(scopes)) or ["*"]
+
+
+async def create_tenant(
+    session: AsyncSession,
+    actor: Actor,
+    name: str,
+    *,
+    storage_quota_tokens: int | None = None,
+    storage_quota_bytes: int | None = None,
+    with_key: bool = True,
+) -> tuple[Tenant, str | None]:
+    """Create a tenant (and, by default, its first API key). Returns the key's plaintext once."""
+    validate_tenant_name(name)
+    tenants = TenantRepository(session)
+    if await tenants.get_by_name(name) is not None:
+        raise Conflict(f"a tenant named {name!r} already exists", param="name")
+    try:
+        tenant = await tenants.create(
+            name,
+            storage_quota_tokens=storage_quota_tokens,
+            storage_quota_bytes=storage_quota_bytes,
+        )
+        plaintext = None
+        details: dict[str, object] = {"name": name}
+        if with_key:
+            key, new = await ApiKeyRepository(session).create(tenant.id)
+            plaintext = new.plaintext
+            details["key_id"] = key.id
+        await AuditRepository(session).record(
+            actor=actor.name,
+            action="tenant.create",
+            target_type="tenant",
+            target_id=tenant.id,
+            tenant_id=tenant.id,
+            request_id=actor.request_id,
+            details=details,
+        )
+        await session.commit()
+    except IntegrityError as e:  # a concurrent create with the same name won the race
+        await session.rollback()
+        raise Conflict(f"a tenant named {name!r} already exists", param="name") from e
+    return tenant, plaintext
+
+
+async def find_tenant(session: AsyncSession, ref: str) -> Tenant:
+    """A tenant by id (``ten_…``) or by name; 404 otherwise."""
+    repo = TenantRepository(session)
+    tenant = await repo.get(ref) if ref.startswith("ten_") else await repo.get_by_name(ref)
+    if tenant is None:
+        raise NotFound(f"no tenant {ref!r}", param="tenant")
+    return tenant
+
+
+async def set_tenant_status(
+    session: AsyncSession, actor: Actor, ref: str, status: str
+) -> Tenant:
+    tenant = await find_tenant(session, ref)
+    if tenant.status != status:
+        await TenantRepository(session).set_status(tenant, status)
+        await AuditRepository(session).record(
+            actor=actor.name,
+            action="tenant.enable" if status == "active" else "tenant.disable",
+            target_type="tenant",
+            target_id=tenant.id,
+            tenant_id=tenant.id,
+            request_id=actor.request_id,
+        )
+        await session.commit()
+    return tenant
+
+
+async def create_key(
+    session: AsyncSession,
+    actor: Actor,
+    tenant_ref: str,
+    *,
+    name: str = "default",
+    scopes: Sequence[str] = ("*",),
+) -> tuple[ApiKey, str]:
+    tenant = await find_tenant(session, tenant_ref)
+    key, new = await ApiKeyRepository(session).create(
+        tenant.id, name=name, scopes=validate_scopes(scopes)
+    )
+    await AuditRepository(session).record(
+        actor=actor.name,
+        action="key.create",
+        target_type="api_key",
+        target_id=key.id,
+        tenant_id=tenant.id,
+        request_id=actor.request_id,
+        details={"prefix": key.prefix, "name": name, "scopes": key.scopes},
+    )
+    await session.commit()
+    return key, new.plaintext
+
+
+async def revoke_key(session: AsyncSession, actor: Actor, ref: str) -> ApiKey:
+    """Revoke a key by id (``key_…``) or prefix. Revoking twice is a no-op."""
+    repo = ApiKeyRepository(session)
+    key = await repo.get(ref) if ref.startswith("key_") else await repo.get_by_prefix(ref)
+    if key is None:
+        raise NotFound(f"no API key {ref!r}", param="key")
+    if key.revoked_at is None:
+        await repo.revoke(key)
+        await AuditRepository(session).record(
+            actor=actor.name,
+            action="key.revoke",
+            target_type="api_key",
+            target_id=key.id,
+            tenant_id=key.tenant_id,
+            request_id=actor.request_id,
+            details={"prefix": key.prefix},
+        )
+        await session.commit()
+    return key

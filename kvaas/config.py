@@ -1,0 +1,176 @@
+"""Service configuration.
+
+Every setting is read from an environment variable with the prefix ``KVAAS_`` (for example
+``KVAAS_DATABASE_URL``) or from a ``.env`` file in the working directory. Defaults are the
+embedded ones: a SQLite file under the data directory, local storage tiers and the built-in
+``tiny`` model, so the service starts with no server to run beside it.
+
+The README's configuration table is generated from this class (``kvaas config --markdown``)
+and a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+StorageClass = Literal["hot", "standard", "cold"]
+Compression = Literal["none", "lossless", "int8", "int4"]
+
+
+class Settings(BaseSettings):
+    """All knobs of a KVaaS process. Field descriptions are the documentation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KVAAS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- process -----------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path(".kvaas"),
+        description="Directory for embedded state: SQLite file, disk tier, built models.",
+    )
+    host: str = Field("127.0.0.1", description="Address `kvaas serve` binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port `kvaas serve` listens on.")
+    workers: int = Field(1, ge=1, le=64, description="Uvicorn worker processes for `serve`.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the service."
+    )
+
+    # --- metadata database ---------------------------------------------------------------
+    database_url: str | None = Field(
+        None,
+        description=(
+            "SQLAlchemy URL of the metadata database, e.g. "
+            "`postgresql+psycopg://user@host:5432/kvaas`. Default: SQLite file "
+            "`<data_dir>/kvaas.db`."
+        ),
+    )
+    database_pool_size: int = Field(10, ge=1, description="Connection pool size (PostgreSQL).")
+    database_timeout_seconds: float = Field(
+        5.0, gt=0, description="Connect / statement timeout towards the database."
+    )
+    auto_migrate: bool = Field(
+        True, description="Apply pending database migrations when the service starts."
+    )
+
+    # --- security ------------------------------------------------------------------------
+    admin_token: SecretStr | None = Field(
+        None,
+        description=(
+            "Bearer token for `/admin/api`. Unset: the admin API answers 403 and tenants are "
+            "managed with the CLI only."
+        ),
+    )
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 above)."
+    )
+
+    # --- storage tiers -------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL for the shared tier, e.g. `redis://127.0.0.1:6379/0`. Unset: no Redis tier.",
+    )
+    redis_cluster: bool = Field(False, description="Treat `redis_url` as a Redis Cluster entry node.")
+    memory_tier_bytes: int = Field(
+        1024**3, ge=0, description="Byte budget of the in-process memory tier (0 disables it)."
+    )
+    disk_tier_dir: Path | None = Field(
+        None, description="Directory of the disk tier. Default: `<data_dir>/chunks`."
+    )
+    disk_tier_bytes: int = Field(
+        50 * 1024**3, ge=0, description="Byte budget of the disk tier."
+    )
+    chunk_tokens: int = Field(
+        256, ge=16, description="Tokens per stored chunk; a multiple of the engine block size."
+    )
+    default_storage_class: StorageClass = Field(
+        "standard", description="Storage class of a new cache when the request names none."
+    )
+    default_compression: Compression = Field(
+        "int4", description="Codec scheme of a new cache when the request names none."
+    )
+
+    # --- engine --------------------------------------------------------------------------
+    model: str = Field(
+        "tiny",
+        description=(
+            "Model the engine serves: a built-in preset name (`tiny`, built on first use under "
+            "`<data_dir>/models`) or the path of a Hugging Face checkpoint directory."
+        ),
+    )
+    engine: Literal["inprocess", "remote", "none"] = Field(
+        "inprocess",
+        description="`inprocess`: vLLM inside the gateway; `remote`: `vllm serve` nodes; `none`: API only.",
+    )
+    engine_urls: list[str] = Field(
+        default_factory=list, description="Base URLs of remote `vllm serve` nodes (engine=remote)."
+    )
+
+    # --- billing -------------------------------------------------------------------------
+    stripe_api_key: SecretStr | None = Field(
+        None, description="Stripe secret key. Unset: invoices are kept locally only."
+    )
+    stripe_webhook_secret: SecretStr | None = Field(
+        None, description="Signing secret of the Stripe webhook endpoint."
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_db_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        # Accept the URLs people paste from their provider and use the psycopg 3 driver.
+        for plain in ("postgres://", "postgresql://"):
+            if v.startswith(plain):
+                return "postgresql+psycopg://" + v[len(plain) :]
+        return v
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> Settings:
+        if self.engine == "remote" and not self.engine_urls:
+            raise ValueError("KVAAS_ENGINE=remote needs KVAAS_ENGINE_URLS (a JSON list of URLs)")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL in force (the SQLite default spelled out)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'kvaas.db').resolve()}"
+
+    @property
+    def resolved_disk_tier_dir(self) -> Path:
+        return self.disk_tier_dir or self.data_dir / "chunks"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once."""
+    return Settings()
+
+
+def settings_markdown_table() -> str:
+    """The README's configuration table: variable, default, description."""
+    rows = ["| Variable | Default | Description |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if default is None:
+            shown = "unset"
+        elif isinstance(default, Path):
+            shown = f"`{default}`"
+        elif isinstance(default, list):
+            shown = "`[]`"
+        else:
+            shown = f"`{default}`"
+        rows.append(f"| `KVAAS_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)

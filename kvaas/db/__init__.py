@@ -1,0 +1,5 @@
+"""Metadata database: models, sessions, repositories and migrations."""
+
+from kvaas.db.session import Database, DatabaseUnavailable
+
+__all__ = ["Database", "DatabaseUnavailable"]

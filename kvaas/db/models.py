@@ -1,0 +1,100 @@
+"""ORM models of the metadata database.
+
+Identifiers are short prefixed random strings (``ten_…``, ``key_…``): unguessable, stable in
+URLs and logs, and portable across SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from kvaas.db.base import Base, PortableJSON, UTCDateTime, utcnow
+
+TENANT_STATUSES = ("active", "disabled")
+
+
+def new_id(prefix: str) -> str:
+    """A new random identifier like ``ten_3f9a…`` (96 bits of randomness)."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class Tenant(Base):
+    """A customer account. Every cache, key and usage record belongs to one tenant."""
+
+    __tablename__ = "tenants"
+    __table_args__ = (
+        CheckConstraint("status IN ('active', 'disabled')", name="status"),
+        CheckConstraint(
+            "storage_quota_tokens IS NULL OR storage_quota_tokens >= 0", name="quota_tokens"
+        ),
+        CheckConstraint(
+            "storage_quota_bytes IS NULL OR storage_quota_bytes >= 0", name="quota_bytes"
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ten"))
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    storage_quota_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    storage_quota_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: Secret salt of the tenant's chunk-key namespace; never leaves the server.
+    namespace_secret: Mapped[str] = mapped_column(
+        String(64), default=lambda: secrets.token_hex(32)
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant", lazy="raise")
+
+
+class ApiKey(Base):
+    """An API key. Only ``prefix`` (shown to users) and a hash of the secret are stored."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("key"))
+    tenant_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("tenants.id", ondelete="CASCADE")
+    )
+    name: Mapped[str] = mapped_column(String(64), default="default")
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(PortableJSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    tenant: Mapped[Tenant] = relationship(back_populates="api_keys", lazy="raise")
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class AuditLog(Base):
+    """Append-only record of administrative actions (who did what to which object)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_tenant_at", "tenant_id", "at"),)
+
+    id: Mapped[int] = mapped_column(
+        # SQLite only auto-increments an INTEGER PRIMARY KEY.
+        BigInteger().with_variant(Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(PortableJSON, default=dict)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -1,0 +1,108 @@
+"""Database engine and sessions (SQLAlchemy 2, asyncio).
+
+One :class:`Database` per process. SQLite (embedded default, via aiosqlite) and PostgreSQL
+(via psycopg 3) run the same code. Connection failures surface as
+:class:`DatabaseUnavailable`, which the API turns into a 503; the pool pre-pings connections so
+the service recovers on its own when the database comes back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, exc, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+
+class DatabaseUnavailable(Exception):
+    """The metadata database cannot be reached (or timed out)."""
+
+
+#: Driver-level failures that mean "the database is not there", as opposed to a bad query.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    exc.OperationalError,
+    exc.InterfaceError,
+    exc.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """True when ``error`` means the database is unreachable rather than a query problem."""
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, exc.OperationalError):
+        # SQLite raises OperationalError for real query problems too ("no such table").
+        return "sqlite" not in type(error.orig).__module__ if error.orig is not None else True
+    return isinstance(error, CONNECTION_ERRORS)
+
+
+def sync_url(url: str) -> str:
+    """The synchronous-driver twin of an async URL (used by Alembic)."""
+    u = make_url(url)
+    if u.drivername == "sqlite+aiosqlite":
+        u = u.set(drivername="sqlite")
+    return u.render_as_string(hide_password=False)
+
+
+class Database:
+    """Owns the async engine and hands out sessions."""
+
+    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
+        self.url = url
+        u = make_url(url)
+        self.dialect = u.get_backend_name()
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if self.dialect == "sqlite":
+            if u.database and u.database != ":memory:":
+                Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": timeout}
+        elif self.dialect == "postgresql":
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=timeout)
+            # Keep libpq options given in the URL (e.g. a search_path) and add a timeout.
+            url_options = u.query.get("options", "")
+            if isinstance(url_options, tuple):
+                url_options = " ".join(url_options)
+            kwargs["connect_args"] = {
+                "connect_timeout": max(1, int(timeout)),
+                "options": f"{url_options} -c statement_timeout={int(timeout * 1000)}".strip(),
+            }
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session; commit is the caller's job, rollback happens on error."""
+        try:
+            async with self.sessionmaker() as s:
+                yield s
+        except BaseException as e:
+            if isinstance(e, Exception) and is_connection_error(e):
+                raise DatabaseUnavailable(str(e).splitlines()[0]) from e
+            raise
+
+    async def ping(self) -> None:
+        """Raise :class:`DatabaseUnavailable` unless ``SELECT 1`` succeeds."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as e:  # any failure here means "not ready"
+            raise DatabaseUnavailable(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()

@@ -1,0 +1,109 @@
+"""Error types of the HTTP API.
+
+Every error the API returns has one shape::
+
+    {"error": {"type": "...", "message": "...", "param": "...", "request_id": "..."}}
+
+Each exception class below carries its HTTP status and ``type`` string; handlers in
+:mod:`kvaas.api.errors` turn them (and FastAPI's own validation errors) into that body.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class APIError(Exception):
+    """Base of all errors that become an HTTP response."""
+
+    status_code: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    description: ClassVar[str] = "Unexpected server error."
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.message = message or self.description
+        self.param = param
+        self.headers = headers or {}
+        self.extra = extra or {}
+        super().__init__(self.message)
+
+
+class BadRequest(APIError):
+    status_code = 400
+    type = "invalid_request_error"
+    description = "The request is malformed."
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    type = "authentication_error"
+    description = "Invalid or missing API key."
+
+
+class PermissionDenied(APIError):
+    status_code = 403
+    type = "permission_error"
+    description = "The credentials are valid but not allowed to do this."
+
+
+class NotFound(APIError):
+    status_code = 404
+    type = "not_found_error"
+    description = "No such object."
+
+
+class Conflict(APIError):
+    status_code = 409
+    type = "conflict_error"
+    description = "The request conflicts with the current state."
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    type = "payload_too_large"
+    description = "The request body is larger than the server accepts."
+
+
+class ValidationFailed(APIError):
+    status_code = 422
+    type = "validation_error"
+    description = "A field of the request is invalid."
+
+
+class RateLimited(APIError):
+    status_code = 429
+    type = "rate_limit_error"
+    description = "Too many requests."
+
+
+class InternalError(APIError):
+    status_code = 500
+    type = "internal_error"
+    description = "Unexpected server error."
+
+
+class ServiceUnavailable(APIError):
+    status_code = 503
+    type = "service_unavailable"
+    description = "A component the request needs is unavailable; retry later."
+
+
+ALL_ERRORS: tuple[type[APIError], ...] = (
+    BadRequest,
+    AuthenticationError,
+    PermissionDenied,
+    NotFound,
+    Conflict,
+    PayloadTooLarge,
+    ValidationFailed,
+    RateLimited,
+    InternalError,
+    ServiceUnavailable,
+)
