@@ -124,8 +124,19 @@ def serve(
 
     s = _settings()
     host, port, workers = host or s.host, port or s.port, workers or s.workers
-    out.print(f"[bold]KVaaS {__version__}[/] on http://{host}:{port}  (database: "
-              f"{_redact(s.resolved_database_url)}, data: {s.data_dir.resolve()})")
+    base = f"http://{host}:{port}"
+    out.print(
+        f"[bold]KVaaS {__version__}[/] on {base}  (database: "
+        f"{_redact(s.resolved_database_url)}, data: {s.data_dir.resolve()})"
+    )
+    out.print(
+        "Next, in another shell:\n"
+        "  KEY=$(.venv/bin/kvaas tenants create acme)\n"
+        f'  curl -s -H "Authorization: Bearer $KEY" {base}/v1/me\n'
+        f"  curl -s {base}/readyz",
+        soft_wrap=True,
+        highlight=False,
+    )
     uvicorn.run(
         "kvaas.app:create_app",
         factory=True,
@@ -169,9 +180,9 @@ def _openapi_text() -> str:
 
 @app.command()
 def openapi(
-    out_path: Annotated[
-        Path, typer.Option("--out", help="Where to write the document.")
-    ] = Path("api_spec/openapi.json"),
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the document.")] = Path(
+        "api_spec/openapi.json"
+    ),
     check: Annotated[
         bool, typer.Option("--check", help="Fail (exit 1) if the file differs from the app.")
     ] = False,
@@ -195,7 +206,9 @@ def openapi(
 @tenants_app.command("create")
 def tenants_create(
     name: Annotated[str, typer.Argument(help="Tenant name: a-z, 0-9, '-', '_'.")],
-    quota_tokens: Annotated[int | None, typer.Option(min=0, help="Storage quota in tokens.")] = None,
+    quota_tokens: Annotated[
+        int | None, typer.Option(min=0, help="Storage quota in tokens.")
+    ] = None,
     quota_bytes: Annotated[int | None, typer.Option(min=0, help="Storage quota in bytes.")] = None,
 ) -> None:
     """Create a tenant and print its first API key (shown once)."""
@@ -203,7 +216,11 @@ def tenants_create(
 
     tenant, secret = _with_session(
         lambda s: create_tenant(
-            s, Actor("cli"), name, storage_quota_tokens=quota_tokens, storage_quota_bytes=quota_bytes
+            s,
+            Actor("cli"),
+            name,
+            storage_quota_tokens=quota_tokens,
+            storage_quota_bytes=quota_bytes,
         )
     )
     err.print(f"created tenant [bold]{tenant.name}[/] ({tenant.id}); its API key, shown once:")
@@ -218,8 +235,14 @@ def tenants_list() -> None:
     tenants = _with_session(lambda s: TenantRepository(s).list())
     table = Table("id", "name", "status", "quota tokens", "quota bytes", "created")
     for t in tenants:
-        table.add_row(t.id, t.name, t.status, str(t.storage_quota_tokens or "-"),
-                      str(t.storage_quota_bytes or "-"), t.created_at.isoformat(timespec="seconds"))
+        table.add_row(
+            t.id,
+            t.name,
+            t.status,
+            str(t.storage_quota_tokens or "-"),
+            str(t.storage_quota_bytes or "-"),
+            t.created_at.isoformat(timespec="seconds"),
+        )
     out.print(table)
 
 
@@ -248,7 +271,9 @@ def tenants_enable(tenant: Annotated[str, typer.Argument(help="Tenant id or name
 def keys_create(
     tenant: Annotated[str, typer.Argument(help="Tenant id or name.")],
     name: Annotated[str, typer.Option(help="A label for the key.")] = "default",
-    scope: Annotated[list[str] | None, typer.Option(help="Scope (repeatable); default '*'.")] = None,
+    scope: Annotated[
+        list[str] | None, typer.Option(help="Scope (repeatable); default '*'.")
+    ] = None,
 ) -> None:
     """Create an API key for a tenant and print it (shown once)."""
     from kvaas.auth.tenancy import Actor, create_key
@@ -273,10 +298,15 @@ def keys_list(tenant: Annotated[str, typer.Argument(help="Tenant id or name.")])
 
     table = Table("id", "key", "name", "scopes", "created", "last used", "revoked")
     for k in _with_session(run):
-        table.add_row(k.id, display_prefix(k.prefix), k.name, ",".join(k.scopes),
-                      k.created_at.isoformat(timespec="seconds"),
-                      k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "-",
-                      k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "-")
+        table.add_row(
+            k.id,
+            display_prefix(k.prefix),
+            k.name,
+            ",".join(k.scopes),
+            k.created_at.isoformat(timespec="seconds"),
+            k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "-",
+            k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "-",
+        )
     out.print(table)
 
 

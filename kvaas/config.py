@@ -77,18 +77,20 @@ class Settings(BaseSettings):
     # --- storage tiers -------------------------------------------------------------------
     redis_url: str | None = Field(
         None,
-        description="Redis URL for the shared tier, e.g. `redis://127.0.0.1:6379/0`. Unset: no Redis tier.",
+        description=(
+            "Redis URL for the shared tier, e.g. `redis://127.0.0.1:6379/0`. Unset: no Redis tier."
+        ),
     )
-    redis_cluster: bool = Field(False, description="Treat `redis_url` as a Redis Cluster entry node.")
+    redis_cluster: bool = Field(
+        False, description="Treat `redis_url` as a Redis Cluster entry node."
+    )
     memory_tier_bytes: int = Field(
         1024**3, ge=0, description="Byte budget of the in-process memory tier (0 disables it)."
     )
     disk_tier_dir: Path | None = Field(
         None, description="Directory of the disk tier. Default: `<data_dir>/chunks`."
     )
-    disk_tier_bytes: int = Field(
-        50 * 1024**3, ge=0, description="Byte budget of the disk tier."
-    )
+    disk_tier_bytes: int = Field(50 * 1024**3, ge=0, description="Byte budget of the disk tier.")
     chunk_tokens: int = Field(
         256, ge=16, description="Tokens per stored chunk; a multiple of the engine block size."
     )
@@ -109,7 +111,9 @@ class Settings(BaseSettings):
     )
     engine: Literal["inprocess", "remote", "none"] = Field(
         "inprocess",
-        description="`inprocess`: vLLM inside the gateway; `remote`: `vllm serve` nodes; `none`: API only.",
+        description=(
+            "`inprocess`: vLLM inside the gateway; `remote`: `vllm serve` nodes; `none`: API only."
+        ),
     )
     engine_urls: list[str] = Field(
         default_factory=list, description="Base URLs of remote `vllm serve` nodes (engine=remote)."

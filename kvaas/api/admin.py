@@ -54,7 +54,16 @@ class ApiKeyOut(BaseModel):
         )
 
 
-_KEY_COLS = ("id", "tenant_id", "name", "prefix", "scopes", "created_at", "last_used_at", "revoked_at")
+_KEY_COLS = (
+    "id",
+    "tenant_id",
+    "name",
+    "prefix",
+    "scopes",
+    "created_at",
+    "last_used_at",
+    "revoked_at",
+)
 
 
 class NewApiKeyOut(ApiKeyOut):
@@ -180,7 +189,9 @@ async def admin_disable_tenant(
     summary="Enable a disabled tenant",
     responses=error_responses(*_AUTH_ERRORS, NotFound),
 )
-async def admin_enable_tenant(tenant: TenantRef, session: SessionDep, actor: AdminActor) -> TenantOut:
+async def admin_enable_tenant(
+    tenant: TenantRef, session: SessionDep, actor: AdminActor
+) -> TenantOut:
     return _tenant_out(await tenancy.set_tenant_status(session, actor, tenant, "active"))
 
 
@@ -208,7 +219,9 @@ async def admin_list_keys(
     tenant: TenantRef, session: SessionDep, actor: AdminActor
 ) -> ListOf[ApiKeyOut]:
     t = await tenancy.find_tenant(session, tenant)
-    return ListOf[ApiKeyOut](data=[ApiKeyOut.of(k) for k in await ApiKeyRepository(session).list(t.id)])
+    return ListOf[ApiKeyOut](
+        data=[ApiKeyOut.of(k) for k in await ApiKeyRepository(session).list(t.id)]
+    )
 
 
 @router.delete(

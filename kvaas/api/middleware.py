@@ -41,9 +41,26 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         rid_header = (b"x-request-id", request_id.encode())
         started = time.perf_counter()
-        status_holder: dict[str, Any] = {"status": 500, "started": False}
+        status_holder: dict[str, Any] = {"status": 500, "started": False, "too_large": False}
+        limit = self.max_body_bytes
 
         async def send_wrapper(message: Message) -> None:
+            if status_holder["too_large"]:
+                # The app caught our error while reading the body and answered something else
+                # (FastAPI turns body-read failures into 400): answer 413 instead, once.
+                if message["type"] == "http.response.start" and not status_holder["started"]:
+                    status_holder["started"] = True
+                    await _send_error(
+                        send_wrapper_raw,
+                        413,
+                        "payload_too_large",
+                        _too_large_message(limit),
+                        request_id,
+                    )
+                return
+            await send_wrapper_raw(message)
+
+        async def send_wrapper_raw(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 status_holder["started"] = True
@@ -53,7 +70,6 @@ class RequestContextMiddleware:
                 message = {**message, "headers": hdrs}
             await send(message)
 
-        limit = self.max_body_bytes
         declared = headers.get("content-length")
         try:
             if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -66,17 +82,19 @@ class RequestContextMiddleware:
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
+                        status_holder["too_large"] = True
                         raise _BodyTooLarge
                 return message
 
             await self.app(scope, receive_wrapper, send_wrapper)
         except _BodyTooLarge:
             if not status_holder["started"]:
+                status_holder["started"] = True
                 await _send_error(
-                    send_wrapper,
+                    send_wrapper_raw,
                     413,
                     "payload_too_large",
-                    f"request body exceeds the limit of {limit} bytes (KVAAS_MAX_REQUEST_BYTES)",
+                    _too_large_message(limit),
                     request_id,
                 )
         finally:
@@ -85,6 +103,10 @@ class RequestContextMiddleware:
             status = str(status_holder["status"])
             HTTP_REQUESTS.labels(scope["method"], path, status).inc()
             HTTP_LATENCY.labels(scope["method"], path).observe(time.perf_counter() - started)
+
+
+def _too_large_message(limit: int) -> str:
+    return f"request body exceeds the limit of {limit} bytes (KVAAS_MAX_REQUEST_BYTES)"
 
 
 async def _send_error(send: Send, status: int, type_: str, message: str, request_id: str) -> None:

@@ -100,9 +100,7 @@ async def find_tenant(session: AsyncSession, ref: str) -> Tenant:
     return tenant
 
 
-async def set_tenant_status(
-    session: AsyncSession, actor: Actor, ref: str, status: str
-) -> Tenant:
+async def set_tenant_status(session: AsyncSession, actor: Actor, ref: str, status: str) -> Tenant:
     tenant = await find_tenant(session, ref)
     if tenant.status != status:
         await TenantRepository(session).set_status(tenant, status)

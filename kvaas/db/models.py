@@ -43,9 +43,7 @@ class Tenant(Base):
     storage_quota_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     storage_quota_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     #: Secret salt of the tenant's chunk-key namespace; never leaves the server.
-    namespace_secret: Mapped[str] = mapped_column(
-        String(64), default=lambda: secrets.token_hex(32)
-    )
+    namespace_secret: Mapped[str] = mapped_column(String(64), default=lambda: secrets.token_hex(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -59,9 +57,7 @@ class ApiKey(Base):
     __table_args__ = (Index("ix_api_keys_tenant_created", "tenant_id", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("key"))
-    tenant_id: Mapped[str] = mapped_column(
-        String(32), ForeignKey("tenants.id", ondelete="CASCADE")
-    )
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(64), default="default")
     prefix: Mapped[str] = mapped_column(String(16), unique=True)
     secret_hash: Mapped[str] = mapped_column(String(64))

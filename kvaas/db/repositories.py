@@ -45,7 +45,9 @@ class TenantRepository:
         return await self.s.get(Tenant, tenant_id)
 
     async def get_by_name(self, name: str) -> Tenant | None:
-        return (await self.s.execute(select(Tenant).where(Tenant.name == name))).scalar_one_or_none()
+        return (
+            await self.s.execute(select(Tenant).where(Tenant.name == name))
+        ).scalar_one_or_none()
 
     async def list(self, *, status: str | None = None) -> Sequence[Tenant]:
         q = select(Tenant).order_by(Tenant.created_at, Tenant.id)

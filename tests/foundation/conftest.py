@@ -10,18 +10,17 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from kvtest.gateway import ADMIN_TOKEN
 
 from kvaas.app import create_app
 from kvaas.config import Settings
-from kvtest.gateway import ADMIN_TOKEN
-
 
 AppFactory = Callable[..., AbstractAsyncContextManager[tuple[FastAPI, httpx.AsyncClient]]]
 
 
 @pytest.fixture
 def make_client(database_url: str, tmp_path: Path) -> AppFactory:
-    """``async with make_client(**settings) as (app, client)``: a running app on ``database_url``."""
+    """``async with make_client(**settings) as (app, client)``: an app on ``database_url``."""
 
     @asynccontextmanager
     async def factory(**overrides: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:

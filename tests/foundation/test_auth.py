@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import httpx
+from kvtest.gateway import admin_headers, new_tenant
 from sqlalchemy import create_engine, text
 
 from kvaas.db.session import sync_url
-from kvtest.gateway import admin_headers, new_tenant
 
 
 def _same_error(a: httpx.Response, b: httpx.Response) -> bool:
