@@ -18,7 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from kvaas import __version__
+from kvaas.codec.cli import codec_app
 from kvaas.config import Settings, get_settings, settings_markdown_table
+from kvaas.models.cli import models_app
 
 T = TypeVar("T")
 
@@ -35,6 +37,8 @@ config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
+app.add_typer(codec_app, name="codec")
 
 out = Console()
 err = Console(stderr=True)

