@@ -1,0 +1,175 @@
+"""Chunk identity: token ids → content-addressed chunk keys.
+
+Token ids are cut into chunks of ``chunk_tokens`` tokens. Chunk ``i`` is named by::
+
+    digest_i = blake3(len‖namespace ‖ len‖model_fingerprint ‖ len‖codec_id ‖ parent ‖ tokens_i)
+    key_i    = tag(namespace) ‖ digest_i[:28]          (32 bytes)
+
+where ``parent`` is ``key_{i-1}`` (32 zero bytes for the first chunk), every variable-length
+field is prefixed by its little-endian u32 length, and ``tokens_i`` are the chunk's token ids as
+little-endian int32 bytes. The hash is stable across processes, machines and Python versions
+(never Python's ``hash``). Because each key folds in its parent, a key names the whole prefix
+up to and including its chunk.
+
+``namespace`` comes from a per-tenant secret (:func:`derive_namespace`), so two tenants never
+produce the same keys and one tenant cannot compute (probe for) another's. The first
+:data:`TAG_BYTES` bytes of every key are a tag derived from the namespace: every chunk, reference
+count and manifest of a tenant shares one Redis Cluster hash slot (``kvaas:{<tag>}:...``), so a
+prefix lookup or a manifest update touches a single slot. The tag reveals nothing about the
+namespace (it is a hash of it).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import NewType, Protocol
+
+import blake3
+import numpy as np
+
+ChunkKey = NewType("ChunkKey", bytes)
+"""A 32-byte chunk key (``TAG_BYTES`` namespace tag, then 28 bytes of blake3 digest)."""
+
+KEY_BYTES = 32
+TAG_BYTES = 4
+ROOT_PARENT = b"\x00" * KEY_BYTES
+DEFAULT_CHUNK_TOKENS = 256
+
+_NAMESPACE_CONTEXT = "kvaas 2025-01 tenant chunk namespace v1"
+_TAG_CONTEXT = "kvaas 2025-01 namespace slot tag v1"
+_INT32 = np.dtype("<i4")
+
+
+class SupportsExistsMany(Protocol):
+    async def exists_many(self, keys: Sequence[ChunkKey]) -> list[bool]: ...
+
+
+def derive_namespace(tenant_secret: bytes) -> bytes:
+    """The 32-byte chunk namespace of a tenant, derived from its secret with blake3's KDF mode.
+
+    The same secret always gives the same namespace; without the secret the namespace (and so
+    every chunk key of the tenant) cannot be computed.
+    """
+    if not isinstance(tenant_secret, bytes | bytearray) or len(tenant_secret) < 16:
+        raise ValueError("tenant_secret must be at least 16 bytes")
+    return blake3.blake3(bytes(tenant_secret), derive_key_context=_NAMESPACE_CONTEXT).digest()
+
+
+def namespace_tag_bytes(namespace: bytes) -> bytes:
+    """The :data:`TAG_BYTES`-byte slot tag every key of ``namespace`` starts with."""
+    return blake3.blake3(namespace, derive_key_context=_TAG_CONTEXT).digest(TAG_BYTES)
+
+
+def namespace_tag(namespace: bytes) -> str:
+    """The slot tag of ``namespace`` as hex (what manifests are filed under)."""
+    return namespace_tag_bytes(namespace).hex()
+
+
+def key_tag(key: ChunkKey) -> str:
+    """The hex slot tag of a chunk key."""
+    return key[:TAG_BYTES].hex()
+
+
+def key_from_hex(text: str) -> ChunkKey:
+    """Parse a key written with ``key.hex()``; raises ``ValueError`` on bad input."""
+    raw = bytes.fromhex(text)
+    if len(raw) != KEY_BYTES:
+        raise ValueError(f"a chunk key has {KEY_BYTES} bytes, got {len(raw)}")
+    return ChunkKey(raw)
+
+
+def validate_chunk_tokens(chunk_tokens: int, block_size: int | None = None) -> int:
+    """Return ``chunk_tokens`` if valid: a positive int and a multiple of ``block_size``."""
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    if block_size is not None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if chunk_tokens % block_size:
+            raise ValueError(
+                f"chunk_tokens ({chunk_tokens}) must be a multiple of the engine block size "
+                f"({block_size})"
+            )
+    return chunk_tokens
+
+
+def _field(value: bytes) -> bytes:
+    return struct.pack("<I", len(value)) + value
+
+
+def token_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Token ids as a contiguous little-endian int32 array (raises on out-of-range ids)."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > np.iinfo(np.int32).max):
+        raise ValueError("token ids must lie in [0, 2**31)")
+    return np.ascontiguousarray(arr, dtype=_INT32)
+
+
+def chunk_keys(
+    tokens: Sequence[int] | np.ndarray,
+    *,
+    namespace: bytes,
+    model_fingerprint: str | bytes,
+    codec_id: str | int,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    block_size: int | None = None,
+) -> list[ChunkKey]:
+    """Keys of the *full* chunks of ``tokens``, in order.
+
+    Only ``len(tokens) // chunk_tokens`` keys are returned: the trailing
+    ``len(tokens) % chunk_tokens`` tokens (see :func:`trailing_tokens`) form a partial chunk that
+    has no key, is never stored and is recomputed by prefill. ``codec_id`` names the compression
+    scheme (and its parameters when they change the bytes), so one prefix compressed two ways
+    gives two sets of keys. ``block_size``, when given, checks that ``chunk_tokens`` is a multiple
+    of the engine's block size.
+    """
+    validate_chunk_tokens(chunk_tokens, block_size)
+    if len(namespace) < 16:
+        raise ValueError("namespace must be at least 16 bytes (use derive_namespace)")
+    arr = token_array(tokens)
+    n_full = arr.size // chunk_tokens
+    if n_full == 0:
+        return []
+    fp = model_fingerprint.encode() if isinstance(model_fingerprint, str) else model_fingerprint
+    base = blake3.blake3(_field(namespace) + _field(bytes(fp)) + _field(str(codec_id).encode()))
+    tag = namespace_tag_bytes(namespace)
+    # little-endian int32 bytes of each chunk (blake3 takes byte buffers only)
+    blocks = arr[: n_full * chunk_tokens].view(np.uint8).reshape(n_full, 4 * chunk_tokens)
+    keys: list[ChunkKey] = []
+    parent = ROOT_PARENT
+    for row in blocks:  # one hash per chunk: each key chains its parent
+        h = base.copy()
+        h.update(parent)
+        h.update(row)
+        parent = tag + h.digest(KEY_BYTES - TAG_BYTES)
+        keys.append(ChunkKey(parent))
+    return keys
+
+
+def trailing_tokens(num_tokens: int, chunk_tokens: int) -> int:
+    """How many tokens at the end of a ``num_tokens`` prompt fall outside every full chunk."""
+    return num_tokens % validate_chunk_tokens(chunk_tokens)
+
+
+async def longest_stored_prefix(store: SupportsExistsMany, keys: Sequence[ChunkKey]) -> int:
+    """Number of leading chunks of ``keys`` present in ``store``.
+
+    ``store.exists_many`` answers the whole list in batched calls (for a
+    :class:`~kvaas.store.tiered.TieredStore`: one round trip per tier). Presence is not
+    integrity: a chunk found here can still turn out corrupt on load, in which case the load
+    reports a shorter prefix.
+    """
+    if not keys:
+        return 0
+    found = await store.exists_many(keys)
+    n = 0
+    for hit in found:
+        if not hit:
+            break
+        n += 1
+    return n

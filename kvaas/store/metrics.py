@@ -1,0 +1,57 @@
+"""Prometheus metrics of the KV store (default registry, label ``tier`` = the tier's name)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BYTES_USED = Gauge(
+    "kvaas_store_bytes_used", "Bytes of chunk blobs held by a tier (last observed).", ["tier"]
+)
+TIER_UP = Gauge("kvaas_store_tier_up", "1 while a tier is reachable, 0 while it is down.", ["tier"])
+HITS = Counter("kvaas_store_hits_total", "Chunks found (and verified) in a tier.", ["tier"])
+MISSES = Counter("kvaas_store_misses_total", "Chunks looked up in a tier and not found.", ["tier"])
+PROMOTIONS = Counter(
+    "kvaas_store_promotions_total", "Chunks copied up into a tier after a lower-tier hit.", ["tier"]
+)
+DEMOTIONS = Counter(
+    "kvaas_store_demotions_total",
+    "Chunks moved down out of a tier (eviction of live data, idle demotion, class change).",
+    ["tier"],
+)
+EVICTIONS = Counter(
+    "kvaas_store_evictions_total", "Chunks removed from a full tier to make room.", ["tier"]
+)
+CORRUPT_READS = Counter(
+    "kvaas_store_corrupt_reads_total",
+    "Blobs that failed verification on read (reported as misses and removed).",
+    ["tier"],
+)
+ERRORS = Counter(
+    "kvaas_store_errors_total", "Tier operations that failed, by operation.", ["tier", "op"]
+)
+LATENCY = Histogram(
+    "kvaas_store_op_seconds",
+    "Latency of one (batched) tier operation.",
+    ["tier", "op"],
+    buckets=(
+        0.0001,
+        0.00025,
+        0.0005,
+        0.001,
+        0.0025,
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1,
+        2.5,
+        5,
+        10,
+    ),
+)
+GC_DELETED = Counter(
+    "kvaas_store_gc_chunks_deleted_total", "Unreferenced chunks deleted by garbage collection."
+)

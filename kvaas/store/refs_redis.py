@@ -1,0 +1,399 @@
+"""Reference index in Redis (standalone or Cluster), shared by every engine node.
+
+Each mutation is **one Lua script call** whose keys all carry the namespace tag of one tenant,
+so it runs atomically on one Redis Cluster slot (see :mod:`kvaas.store.redis_conn` for the key
+layout). The protocol is the one documented in :mod:`kvaas.store.refs`, with the same semantics
+as :class:`~kvaas.store.refs_sqlite.SqliteRefIndex`:
+
+- ``put_manifest`` stores the manifest JSON, adds the version to the cache's version set, takes
+  one reference per chunk (a hash ``hot``/``standard``/``cold`` → count), removes the chunks from
+  the GC candidates and reports the chunks that carry a tombstone. Storing an identical manifest
+  again changes nothing; a different one raises :class:`ManifestConflict`.
+- ``delete_manifest`` / ``set_storage_class`` read the manifest, then run a script that first
+  checks the manifest is still the one read (optimistic concurrency: if another client changed
+  it in between, the call is retried), so the script knows every key it touches up front (Redis
+  Cluster wants keys declared, not computed inside the script).
+- Released chunks whose counts all reach zero enter the tag's candidate zset with the server's
+  time (``TIME``); collectors compare against the same clock.
+- Tombstones are ``SET ... PX lease`` values holding the claim token: they expire by themselves
+  when a collector dies.
+
+``<prefix>:gc-tags`` (a set of tags that may have candidates) lives in another slot, so it is
+updated with a separate command after the script: ``SADD`` after a release, and a collector
+that finds a tag empty does ``SREM`` then re-checks the zset and re-adds the tag if a release
+raced in, so a tag with candidates is never forgotten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from kvaas.store.errors import ManifestConflict, ManifestNotFound, StoreError
+from kvaas.store.keys import TAG_BYTES, ChunkKey
+from kvaas.store.manifest import Manifest
+from kvaas.store.policy import STORAGE_CLASSES, StorageClass, check_storage_class
+from kvaas.store.redis_conn import RedisClient, RedisConnection, group_by_tag
+from kvaas.store.refs import GarbageClaim, RefCounts, RefIndex, new_claim_token
+from kvaas.store.tier import TierHealth
+
+_NOW = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
+# KEYS: manifest, versions, garbage, refs[1..n], tombstones[1..n]
+# ARGV: body, storage class, version, hex[1..n]
+# -> {-1} conflict | {0, i1, i2, ...} positions (1-based) of tombstoned chunks
+_PUT_MANIFEST = """
+local n = (#KEYS - 3) / 2
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return {-1} end
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[3])
+  for i = 1, n do
+    redis.call('HINCRBY', KEYS[3 + i], ARGV[2], 1)
+    redis.call('ZREM', KEYS[3], ARGV[3 + i])
+  end
+end
+local out = {0}
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[3 + n + i]) == 1 then out[#out + 1] = i end
+end
+return out
+"""
+
+# KEYS: manifest, versions, garbage, refs[1..n]
+# ARGV: expected body, storage class, version, hex[1..n]
+# -> -1 changed meanwhile (retry) | 0 absent | 1 + number of chunks that became candidates
+_DELETE_MANIFEST = (
+    _NOW
+    + """
+local n = #KEYS - 3
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+if cur ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[3])
+local t = now()
+local added = 0
+for i = 1, n do
+  local left = redis.call('HINCRBY', KEYS[3 + i], ARGV[2], -1)
+  if left <= 0 then redis.call('HDEL', KEYS[3 + i], ARGV[2]) end
+  if redis.call('EXISTS', KEYS[3 + i]) == 0 then
+    added = added + redis.call('ZADD', KEYS[3], 'NX', t, ARGV[3 + i])
+  end
+end
+return 1 + added
+"""
+)
+
+# KEYS: manifest, refs[1..n]
+# ARGV: expected body, new body, old class, new class
+# -> -1 changed meanwhile (retry) | 0 absent | {hot1, std1, cold1, hot2, ...} counts afterwards
+_SET_CLASS = """
+local n = #KEYS - 1
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+if cur ~= ARGV[1] then return -1 end
+if ARGV[3] ~= ARGV[4] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  for i = 1, n do
+    local left = redis.call('HINCRBY', KEYS[1 + i], ARGV[3], -1)
+    if left <= 0 then redis.call('HDEL', KEYS[1 + i], ARGV[3]) end
+    redis.call('HINCRBY', KEYS[1 + i], ARGV[4], 1)
+  end
+end
+local out = {}
+for i = 1, n do
+  local c = redis.call('HMGET', KEYS[1 + i], 'hot', 'standard', 'cold')
+  out[#out + 1] = tonumber(c[1]) or 0
+  out[#out + 1] = tonumber(c[2]) or 0
+  out[#out + 1] = tonumber(c[3]) or 0
+end
+return out
+"""
+
+# KEYS: garbage, refs[1..n], tombstones[1..n]
+# ARGV: token, lease ms, grace s, hex[1..n]
+# -> positions (1-based) of the claimed chunks
+_CLAIM = (
+    _NOW
+    + """
+local n = (#KEYS - 1) / 2
+local cutoff = now() - tonumber(ARGV[3])
+local out = {}
+for i = 1, n do
+  local since = redis.call('ZSCORE', KEYS[1], ARGV[3 + i])
+  if since and tonumber(since) <= cutoff then
+    redis.call('ZREM', KEYS[1], ARGV[3 + i])
+    if redis.call('EXISTS', KEYS[1 + i]) == 0 then
+      redis.call('SET', KEYS[1 + n + i], ARGV[1], 'PX', ARGV[2])
+      out[#out + 1] = i
+    end
+  end
+end
+return out
+"""
+)
+
+# KEYS: tombstones[1..n]   ARGV: token   -> number removed
+_FINISH = """
+local removed = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+# KEYS: garbage, refs[1..n], tombstones[1..n]   ARGV: token ('' = none), hex[1..n]
+# -> number of unreferenced chunks added to the candidates (tombstones of the token removed)
+_ABANDON = (
+    _NOW
+    + """
+local n = (#KEYS - 1) / 2
+local t = now()
+local added = 0
+for i = 1, n do
+  if ARGV[1] ~= '' and redis.call('GET', KEYS[1 + n + i]) == ARGV[1] then
+    redis.call('DEL', KEYS[1 + n + i])
+  end
+  if redis.call('EXISTS', KEYS[1 + i]) == 0 then
+    added = added + redis.call('ZADD', KEYS[1], 'NX', t, ARGV[1 + i])
+  end
+end
+return added
+"""
+)
+
+_MAX_RETRIES = 20
+
+
+class _Script:
+    """A Lua script run with ``EVALSHA`` (falling back to ``EVAL`` on ``NOSCRIPT``)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, client: RedisClient, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
+
+class RedisRefIndex(RefIndex):
+    """Manifests and chunk reference counts in Redis through a shared :class:`RedisConnection`.
+
+    Calls fail fast with :class:`~kvaas.store.errors.TierUnavailable` while Redis is down (the
+    connection's circuit breaker), like the Redis tier.
+    """
+
+    def __init__(self, conn: RedisConnection) -> None:
+        self.name = "index"
+        self.conn = conn
+        self.keys = conn.keys
+        self._put = _Script(_PUT_MANIFEST)
+        self._delete = _Script(_DELETE_MANIFEST)
+        self._set_class = _Script(_SET_CLASS)
+        self._claim = _Script(_CLAIM)
+        self._finish = _Script(_FINISH)
+        self._abandon = _Script(_ABANDON)
+
+    async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        nbytes = sum(len(a) for a in args if isinstance(a, bytes | str))
+        return await self.conn.run(lambda c: script(c, keys, args), nbytes=nbytes)
+
+    # -- manifests ---------------------------------------------------------------------------
+    async def put_manifest(self, manifest: Manifest) -> list[ChunkKey]:
+        m = manifest
+        k = self.keys
+        tag = m.namespace_tag
+        keys = [
+            k.manifest(tag, m.cache_id, m.version),
+            k.versions(tag, m.cache_id),
+            k.garbage(tag),
+            *(k.refs(c) for c in m.chunk_keys),
+            *(k.tombstone(c) for c in m.chunk_keys),
+        ]
+        args = [m.to_json(), m.storage_class, m.version, *(c.hex() for c in m.chunk_keys)]
+        reply = await self._eval(self._put, keys, args)
+        if int(reply[0]) == -1:
+            raise ManifestConflict(
+                f"cache {m.cache_id!r} version {m.version} already has a different manifest"
+            )
+        return [m.chunk_keys[int(i) - 1] for i in reply[1:]]
+
+    async def get_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
+        raw = await self._get_raw(tag, cache_id, version)
+        return None if raw is None else Manifest.from_json(raw)
+
+    async def _get_raw(self, tag: str, cache_id: str, version: int) -> bytes | None:
+        name = self.keys.manifest(tag, cache_id, version)
+        raw: bytes | None = await self.conn.run(lambda c: c.get(name))
+        return raw
+
+    async def list_versions(self, tag: str, cache_id: str) -> list[int]:
+        name = self.keys.versions(tag, cache_id)
+        members = await self.conn.run(lambda c: c.zrange(name, 0, -1))
+        return sorted(int(v) for v in members)
+
+    async def delete_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
+        k = self.keys
+        for _ in range(_MAX_RETRIES):
+            raw = await self._get_raw(tag, cache_id, version)
+            if raw is None:
+                return None
+            m = Manifest.from_json(raw)
+            keys = [
+                k.manifest(tag, cache_id, version),
+                k.versions(tag, cache_id),
+                k.garbage(tag),
+                *(k.refs(c) for c in m.chunk_keys),
+            ]
+            args = [raw, m.storage_class, version, *(c.hex() for c in m.chunk_keys)]
+            reply = int(await self._eval(self._delete, keys, args))
+            if reply == 0:
+                return None
+            if reply > 0:
+                if reply > 1:  # candidates were added: let collectors find this tag
+                    await self._mark_tag(tag)
+                return m
+        raise StoreError(f"manifest of cache {cache_id!r} version {version} keeps changing")
+
+    async def set_storage_class(
+        self, tag: str, cache_id: str, version: int, storage_class: StorageClass
+    ) -> tuple[Manifest, list[RefCounts]]:
+        check_storage_class(storage_class)
+        k = self.keys
+        for _ in range(_MAX_RETRIES):
+            raw = await self._get_raw(tag, cache_id, version)
+            if raw is None:
+                raise ManifestNotFound(f"no manifest for cache {cache_id!r} version {version}")
+            old = Manifest.from_json(raw)
+            new = old.with_storage_class(storage_class)
+            keys = [k.manifest(tag, cache_id, version), *(k.refs(c) for c in old.chunk_keys)]
+            args = [raw, new.to_json(), old.storage_class, new.storage_class]
+            reply = await self._eval(self._set_class, keys, args)
+            if reply == 0:
+                raise ManifestNotFound(f"no manifest for cache {cache_id!r} version {version}")
+            if reply == -1:
+                continue
+            flat = [int(v) for v in reply]
+            counts = [RefCounts(*flat[i : i + 3]) for i in range(0, len(flat), 3)]
+            return new, counts
+        raise StoreError(f"manifest of cache {cache_id!r} version {version} keeps changing")
+
+    async def ref_counts(self, keys: Sequence[ChunkKey]) -> list[RefCounts]:
+        if not keys:
+            return []
+        names = [self.keys.refs(c) for c in keys]
+
+        def build(pipe: Any) -> None:
+            for n in names:
+                pipe.hmget(n, *STORAGE_CLASSES)
+
+        replies = await self.conn.pipelined(build)
+        return [RefCounts(*(int(v or 0) for v in r)) for r in replies]
+
+    async def tombstoned(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        if not keys:
+            return []
+        names = [self.keys.tombstone(c) for c in keys]
+
+        def build(pipe: Any) -> None:
+            for n in names:
+                pipe.exists(n)
+
+        return [bool(r) for r in await self.conn.pipelined(build)]
+
+    # -- garbage collection ------------------------------------------------------------------
+    async def _mark_tag(self, tag: str) -> None:
+        name = self.keys.gc_tags()
+        await self.conn.run(lambda c: c.sadd(name, tag))
+
+    async def claim_garbage(self, *, grace_s: float, limit: int, lease_s: float) -> GarbageClaim:
+        token = new_claim_token()
+        started = time.monotonic()
+        lease_ms = max(1, int(lease_s * 1000))
+        gc_tags = self.keys.gc_tags()
+        raw_tags = await self.conn.run(lambda c: c.smembers(gc_tags))
+        claimed: list[ChunkKey] = []
+        for raw_tag in sorted(raw_tags):
+            if len(claimed) >= limit:
+                break
+            tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
+            if len(tag) != 2 * TAG_BYTES:
+                continue
+            zname = self.keys.garbage(tag)
+            want = limit - len(claimed)
+            members = await self.conn.run(
+                lambda c, z=zname, w=want: c.zrange(z, 0, w - 1, withscores=False)
+            )
+            if not members:
+                await self._forget_tag_if_empty(tag)
+                continue
+            candidates = [ChunkKey(bytes.fromhex(m.decode())) for m in members]
+            keys = [
+                zname,
+                *(self.keys.refs(c) for c in candidates),
+                *(self.keys.tombstone(c) for c in candidates),
+            ]
+            args = [token, lease_ms, repr(float(grace_s)), *(c.hex() for c in candidates)]
+            reply = await self._eval(self._claim, keys, args)
+            claimed.extend(candidates[int(i) - 1] for i in reply)
+        return GarbageClaim(token=token, keys=tuple(claimed), deadline=started + lease_s)
+
+    async def _forget_tag_if_empty(self, tag: str) -> None:
+        gc_tags = self.keys.gc_tags()
+        zname = self.keys.garbage(tag)
+        await self.conn.run(lambda c: c.srem(gc_tags, tag))
+        if await self.conn.run(lambda c: c.zcard(zname)):  # a release raced in: keep the tag
+            await self._mark_tag(tag)
+
+    async def finish_claim(self, claim: GarbageClaim) -> None:
+        for _tag, positions in group_by_tag(claim.keys).items():
+            keys = [self.keys.tombstone(claim.keys[i]) for i in positions]
+            await self._eval(self._finish, keys, [claim.token])
+
+    async def abandon_claim(self, claim: GarbageClaim) -> None:
+        await self._requeue(claim.keys, claim.token)
+
+    async def requeue_unreferenced(self, keys: Sequence[ChunkKey]) -> int:
+        return await self._requeue(list(dict.fromkeys(keys)), "")
+
+    async def _requeue(self, keys: Sequence[ChunkKey], token: str) -> int:
+        total = 0
+        for tag, positions in group_by_tag(keys).items():
+            chunks = [keys[i] for i in positions]
+            names = [
+                self.keys.garbage(tag),
+                *(self.keys.refs(c) for c in chunks),
+                *(self.keys.tombstone(c) for c in chunks),
+            ]
+            args = [token, *(c.hex() for c in chunks)]
+            added = int(await self._eval(self._abandon, names, args))
+            if added:
+                await self._mark_tag(tag)
+            total += added
+        return total
+
+    async def health(self) -> TierHealth:
+        h = await self.conn.ping()
+        if h.status == "ok":
+            return TierHealth("ok", f"Redis index ({h.detail})")
+        return h
+
+    async def close(self) -> None:
+        await self.conn.close()
