@@ -15,12 +15,16 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from kvaas import __version__
-from kvaas.api import account, admin, health
+from kvaas.api import account, admin, caches, health
 from kvaas.api.errors import install_error_handlers
 from kvaas.api.middleware import RequestContextMiddleware
 from kvaas.config import Settings, get_settings
 from kvaas.db import migrate
 from kvaas.db.session import Database
+from kvaas.engine import build_engine
+from kvaas.services.caches import CacheService
+from kvaas.store.factory import StoreConfig, build_store
+from kvaas.store.tiered import TieredStore
 
 log = logging.getLogger("kvaas")
 
@@ -54,6 +58,38 @@ async def _redis_probe(url: str, cluster: bool) -> str:
         await client.aclose()
 
 
+async def _open_store(settings: Settings) -> TieredStore:
+    """The gateway's view of the store: the shared tiers (Redis, disk) and the index. The
+    memory tier lives in the engine's worker process."""
+    cfg = StoreConfig.from_settings(settings)
+    cfg.memory_bytes = 0
+    store = build_store(cfg)
+    await store.open()
+    return store
+
+
+async def _store_probe(store: TieredStore) -> str:
+    health = await store.health()
+    down = {name: h.detail for name, h in health.items() if h.status != "ok"}
+    if down:
+        raise RuntimeError("; ".join(f"{n}: {d}" for n, d in down.items()))
+    return ", ".join(sorted(health))
+
+
+async def _sweep_forever(service: CacheService, db: Database, every_s: float = 30.0) -> None:
+    """Expire caches past their time and release their chunks, forever."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            async with db.session() as session:
+                n = await service.sweep(session)
+            if n:
+                log.info("expired %d caches", n)
+            await service.store.collect_garbage(grace_s=60.0)
+        except Exception as e:  # keep sweeping; the next round retries
+            log.warning("cache sweep failed: %s", e)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application. ``settings`` defaults to the process settings (env / .env)."""
     settings = settings or get_settings()
@@ -81,9 +117,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.redis_url:
             url, cluster = settings.redis_url, settings.redis_cluster
             app.state.health_checks["redis"] = lambda: _redis_probe(url, cluster)
+        store = await _open_store(settings)
+        app.state.health_checks["store"] = lambda: _store_probe(store)
+        engine = build_engine(settings)
+        if engine is not None:
+            await engine.start()
+            app.state.health_checks["engine"] = engine.health
+        app.state.engine = engine
+        app.state.cache_service = CacheService(settings, store, engine, db)
+        sweeper = asyncio.create_task(_sweep_forever(app.state.cache_service, db))
         try:
             yield
         finally:
+            sweeper.cancel()
+            if engine is not None:
+                await engine.shutdown()
+            await store.close()
             await db.dispose()
 
     app = FastAPI(
@@ -99,5 +148,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
     app.include_router(health.router)
     app.include_router(account.router)
+    app.include_router(caches.router)
     app.include_router(admin.router)
     return app

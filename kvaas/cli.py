@@ -34,9 +34,11 @@ app = typer.Typer(
 tenants_app = typer.Typer(help="Manage tenants.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+engine_app = typer.Typer(help="Engine helpers.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+app.add_typer(engine_app, name="engine")
 app.add_typer(models_app, name="models")
 app.add_typer(codec_app, name="codec")
 
@@ -351,3 +353,30 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@engine_app.command("command")
+def engine_command(
+    port: Annotated[int, typer.Option(help="Port the node listens on.")] = 8100,
+) -> None:
+    """Print the `vllm serve` command of a remote engine node for the current settings."""
+    import shlex
+
+    from kvaas.engine import kv_dtype
+    from kvaas.engine.remote import serve_command
+    from kvaas.models import resolve_model
+    from kvaas.store.factory import StoreConfig
+
+    s = _settings()
+    model_dir = resolve_model(s.model, s.data_dir / "models")
+    cmd = serve_command(
+        str(model_dir.resolve()),
+        s.model if "/" not in s.model else model_dir.name,
+        StoreConfig.from_settings(s).to_dict(),
+        port=port,
+        dtype=kv_dtype(model_dir, s.engine_dtype),
+        max_model_len=s.engine_max_model_len,
+        max_num_batched_tokens=s.engine_max_batched_tokens,
+        prefix_caching=s.engine_prefix_caching,
+    )
+    typer.echo(shlex.join(cmd))

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(
         False, description="Treat `redis_url` as a Redis Cluster entry node."
     )
+    redis_prefix: str = Field(
+        "kvaas", description="Prefix of every Redis key the store writes (one per deployment)."
+    )
     memory_tier_bytes: int = Field(
         1024**3, ge=0, description="Byte budget of the in-process memory tier (0 disables it)."
     )
@@ -117,6 +120,31 @@ class Settings(BaseSettings):
     )
     engine_urls: list[str] = Field(
         default_factory=list, description="Base URLs of remote `vllm serve` nodes (engine=remote)."
+    )
+    engine_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weight and KV dtype of the engine (`auto`: the checkpoint's)."
+    )
+    engine_max_model_len: int = Field(
+        4096, ge=128, description="Longest sequence (cache + request + output) the engine runs."
+    )
+    engine_max_batched_tokens: int = Field(
+        2048, ge=64, description="Tokens the engine computes per step (chunked prefill)."
+    )
+    engine_prefix_caching: bool = Field(
+        True,
+        description="Let vLLM reuse KV still in its own memory before asking the store.",
+    )
+    engine_kv_cache_gib: float = Field(
+        1.0, gt=0, description="Memory for vLLM's paged KV (CPU engine), in GiB."
+    )
+
+    # --- caches --------------------------------------------------------------------------
+    default_ttl_seconds: int = Field(
+        3600, ge=1, description="Lifetime of a new cache when the request names none."
+    )
+    min_ttl_seconds: int = Field(60, ge=1, description="Shortest `ttl_seconds` accepted.")
+    max_ttl_seconds: int = Field(
+        30 * 24 * 3600, ge=1, description="Longest `ttl_seconds` accepted (30 days)."
     )
 
     # --- billing -------------------------------------------------------------------------

@@ -10,7 +10,16 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from kvaas.db.base import Base, PortableJSON, UTCDateTime, utcnow
@@ -94,3 +103,50 @@ class AuditLog(Base):
     request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     details: Mapped[dict[str, Any]] = mapped_column(PortableJSON, default=dict)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+CACHE_STATUSES = ("pending", "ready", "expired", "deleted", "failed")
+
+
+class Cache(Base):
+    """A stored prompt prefix: its tokens, where its KV lives and its lifecycle.
+
+    The KV itself is in the tiered store under the version's manifest; this row is the
+    authority for ownership, status and expiry. ``token_ids`` holds the prefix's token ids
+    (little-endian int32) so attach can prepend them to a request.
+    """
+
+    __tablename__ = "caches"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('pending', 'ready', 'expired', 'deleted', 'failed')", name="status"
+        ),
+        CheckConstraint("storage_class IN ('hot', 'standard', 'cold')", name="storage_class"),
+        CheckConstraint("tokens >= 0", name="tokens"),
+        Index("ix_caches_tenant_created", "tenant_id", "created_at"),
+        Index("ix_caches_expires", "status", "expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("cache"))
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    model: Mapped[str] = mapped_column(String(128))
+    model_fingerprint: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    tokens: Mapped[int] = mapped_column(Integer)
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    prefix_sha256: Mapped[str] = mapped_column(String(64))
+    chunk_tokens: Mapped[int] = mapped_column(Integer)
+    stored_chunks: Mapped[int] = mapped_column(Integer, default=0)
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    compression: Mapped[str] = mapped_column(String(16))
+    storage_class: Mapped[str] = mapped_column(String(16))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", PortableJSON, default=dict)
+    hit_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

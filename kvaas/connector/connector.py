@@ -1,0 +1,401 @@
+"""The KVaaS KV connector for vLLM (``KVConnectorBase_V1``).
+
+Load it with::
+
+    KVTransferConfig(kv_connector="KVaaSConnector",
+                     kv_connector_module_path="kvaas.connector.connector",
+                     kv_role="kv_both", kv_load_failure_policy="recompute",
+                     kv_connector_extra_config={"store": StoreConfig(...).to_dict()})
+
+(:func:`kvaas.connector.transfer_config` builds it.) Requests opt in with a
+:class:`~kvaas.connector.params.TransferPlan` in ``kv_transfer_params``.
+
+**Scheduler side** (no side effects beyond its own bookkeeping): for a ``load`` plan,
+``get_num_new_matched_tokens`` asks the store how many leading chunks it holds (one batched
+existence check over the shared tiers) and reports that many tokens, capped so that at least
+one prompt token is computed and aligned down to the engine's block size. Every step,
+``build_connector_meta`` turns allocations into :class:`LoadTask` s and, for ``save`` plans,
+turns chunks whose tokens this step completes into :class:`SaveTask` s. The metadata is the
+only channel to the worker side.
+
+**Worker side**: ``start_load_kv`` fetches a request's chunks concurrently from the tiers,
+decodes them and scatters them into the request's paged blocks (one indexed copy per layer)
+before the forward pass; chunks that are missing or corrupt are reported through
+``get_block_ids_with_load_errors`` and vLLM recomputes them (``kv_load_failure_policy =
+"recompute"``). ``wait_for_save`` runs after the step's forward pass: it gathers the completed
+chunks' KV from the paged blocks, encodes each chunk with the plan's codec and writes the
+chunks the store does not hold yet, in one batch.
+
+Partial trailing chunk: only full chunks are stored; the last ``len(prompt) % chunk_tokens``
+tokens of a cached prompt are recomputed on attach together with the request's new tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+
+from kvaas import codec
+from kvaas.connector.paged import PagedLayout, gather, scatter, slots
+from kvaas.connector.params import TransferPlan
+from kvaas.store.factory import StoreConfig, build_store
+from kvaas.store.keys import ChunkKey
+from kvaas.store.sync import SyncTieredStore
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvaas.connector")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadTask:
+    """Load tokens ``[start, end)`` of a request from ``keys`` (the plan's chunk keys)."""
+
+    req_id: str
+    keys: tuple[ChunkKey, ...]
+    chunk_tokens: int
+    start: int
+    end: int
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveTask:
+    """Store chunks ``first .. first + len(keys) - 1`` of a request."""
+
+    req_id: str
+    keys: tuple[ChunkKey, ...]
+    first: int
+    chunk_tokens: int
+    codec: str
+    storage_class: str
+    block_ids: tuple[int, ...]
+
+
+@dataclass
+class KVaaSConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadTask] = field(default_factory=list)
+    saves: list[SaveTask] = field(default_factory=list)
+
+
+@dataclass
+class KVaaSWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker → scheduler: requests whose load fell short, with the tokens actually loaded
+    (counted from the request's first token)."""
+
+    short_loads: dict[str, int] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, KVaaSWorkerMetadata)
+        merged = dict(self.short_loads)
+        for rid, n in other.short_loads.items():
+            merged[rid] = min(n, merged.get(rid, n))
+        return KVaaSWorkerMetadata(merged)
+
+
+@dataclass
+class _SaveState:
+    plan: TransferPlan
+    block_ids: list[int]
+    saved: int = 0  # chunks already handed to the worker
+
+
+def _store_config(vllm_config: VllmConfig) -> StoreConfig:
+    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    if "store" not in extra:
+        raise ValueError("KVaaSConnector needs kv_connector_extra_config['store']")
+    return StoreConfig.from_dict(extra["store"])
+
+
+class KVaaSConnector(KVConnectorBase_V1):
+    """Moves prompt KV between vLLM's paged memory and the KVaaS tiered store."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._block_size = vllm_config.cache_config.block_size
+        cfg = _store_config(vllm_config)
+        self._store: SyncTieredStore | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            # the lookup only needs the shared tiers: every write lands in one of them. A
+            # memory-only store has none: the scheduler then trusts the plan (optimistic) and
+            # the worker reports chunks it cannot find, which vLLM recomputes.
+            cfg = StoreConfig.from_dict({**cfg.to_dict(), "memory_bytes": 0})
+            if cfg.disk_dir is not None or cfg.redis_url:
+                self._store = SyncTieredStore(build_store(cfg))
+        else:
+            self._store = SyncTieredStore(build_store(cfg))
+        if self._store is not None:
+            self._store.open()
+        # scheduler state
+        self._lookups: dict[str, tuple[int, int]] = {}  # req -> (local computed, matched)
+        self._pending_loads: dict[str, tuple[Request, int, int]] = {}
+        self._saves: dict[str, _SaveState] = {}
+        # worker state
+        self._layers: list[tuple[str, torch.Tensor]] = []
+        self._layout: PagedLayout | None = None
+        self._failed_blocks: set[int] = set()
+        self._short_loads: dict[str, int] = {}  # worker: this step's; scheduler: all seen
+        if role == KVConnectorRole.WORKER:
+            mc = vllm_config.model_config
+            self._kv_heads = mc.get_num_kv_heads(vllm_config.parallel_config)
+            self._head_dim = mc.get_head_size()
+
+    # ------------------------------------------------------------------ scheduler side
+    @staticmethod
+    def _plan(request: Request) -> TransferPlan | None:
+        try:
+            return TransferPlan.from_params(request.kv_transfer_params)
+        except ValueError as e:
+            log.warning("request %s: ignoring malformed kvaas plan: %s", request.request_id, e)
+            return None
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        plan = self._plan(request)
+        if plan is None or not plan.keys:
+            return 0, False
+        if plan.op == "save":
+            self._saves.setdefault(request.request_id, _SaveState(plan, []))
+            return 0, False
+        n_prompt = len(request.prompt_token_ids or ())
+        try:
+            if self._store is None:
+                n_chunks = len(plan.keys)
+            else:
+                n_chunks = self._store.longest_prefix(list(plan.keys))
+        except Exception as e:  # a store outage is a miss, never a failed request
+            log.warning("request %s: store lookup failed: %s", request.request_id, e)
+            n_chunks = 0
+        bs = self._block_size
+        matched = (min(n_chunks * plan.chunk_tokens, n_prompt - 1) // bs) * bs
+        self._lookups[request.request_id] = (num_computed_tokens, matched)
+        return max(0, matched - num_computed_tokens), False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        if num_external_tokens > 0:
+            local, _ = self._lookups.get(request.request_id, (0, 0))
+            self._pending_loads[request.request_id] = (
+                request,
+                local,
+                local + num_external_tokens,
+            )
+
+    def _load_task(self, req_id: str, block_ids: list[int]) -> LoadTask | None:
+        request, start, end = self._pending_loads.pop(req_id)
+        plan = self._plan(request)
+        if plan is None:
+            return None
+        return LoadTask(req_id, plan.keys, plan.chunk_tokens, start, end, tuple(block_ids))
+
+    def _save_tasks(self, req_id: str, done_tokens: int) -> SaveTask | None:
+        st = self._saves[req_id]
+        plan = st.plan
+        complete = min(len(plan.keys), done_tokens // plan.chunk_tokens)
+        if complete <= st.saved:
+            return None
+        task = SaveTask(
+            req_id,
+            plan.keys[st.saved : complete],
+            st.saved,
+            plan.chunk_tokens,
+            plan.codec,
+            plan.storage_class,
+            tuple(st.block_ids),
+        )
+        st.saved = complete
+        return task
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = KVaaSConnectorMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            block_ids = list(new.block_ids[0])
+            if new.req_id in self._pending_loads:
+                task = self._load_task(new.req_id, block_ids)
+                if task is not None:
+                    meta.loads.append(task)
+            st = self._saves.get(new.req_id)
+            if st is not None:
+                st.block_ids = block_ids
+                done = new.num_computed_tokens + scheduled.get(new.req_id, 0)
+                if (s := self._save_tasks(new.req_id, done)) is not None:
+                    meta.saves.append(s)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            resumed = req_id in cached.resumed_req_ids
+            if req_id in self._pending_loads and new_ids is not None:
+                task = self._load_task(req_id, list(new_ids[0]))
+                if task is not None:
+                    meta.loads.append(task)
+            st = self._saves.get(req_id)
+            if st is None:
+                continue
+            if new_ids is not None:
+                if resumed:
+                    st.block_ids = list(new_ids[0])
+                else:
+                    st.block_ids.extend(new_ids[0])
+            done = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
+            if (s := self._save_tasks(req_id, done)) is not None:
+                meta.saves.append(s)
+        self._pending_loads.clear()
+        return meta
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        _, matched = self._lookups.pop(rid, (0, 0))
+        st = self._saves.pop(rid, None)
+        self._pending_loads.pop(rid, None)
+        short = self._short_loads.pop(rid, None)
+        if st is None and matched == 0:
+            return False, None
+        report: dict[str, Any] = {
+            "matched_tokens": matched,
+            "saved_chunks": st.saved if st is not None else 0,
+        }
+        if short is not None:
+            report["load_failed"] = True
+            report["loaded_tokens"] = short
+        return False, {"kvaas": report}
+
+    # ------------------------------------------------------------------ worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        self._layers = sorted(kv_caches.items(), key=lambda kv: extract_layer_index(kv[0]))
+        first = self._layers[0][1]
+        self._layout = PagedLayout.detect(first, self._block_size, self._kv_heads, self._head_dim)
+        log.info(
+            "KVaaS connector: %d layers, layout %s, block size %d",
+            len(self._layers),
+            self._layout.kind,
+            self._block_size,
+        )
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVaaSConnectorMetadata)
+        for task in meta.loads:
+            self._load(task)
+
+    def _load(self, task: LoadTask) -> None:
+        assert self._layout is not None
+        c = task.chunk_tokens
+        first, last = task.start // c, -(-task.end // c)
+        t0 = time.perf_counter()
+        assert self._store is not None
+        try:
+            blobs = self._store.get_prefix(list(task.keys[first:last]))
+        except Exception as e:
+            log.warning("request %s: chunk fetch failed: %s", task.req_id, e)
+            blobs = []
+        loaded_end = min(task.end, (first + len(blobs)) * c)
+        if loaded_end > task.start:
+            kv = torch.cat([codec.decode(b) for b in blobs], dim=2)  # [L, 2, n, H, D]
+            kv = kv[:, :, task.start - first * c : loaded_end - first * c]
+            blk, off = slots(task.block_ids, task.start, loaded_end, self._block_size)
+            for i, (_, layer) in enumerate(self._layers):
+                scatter(layer, self._layout, blk, off, kv[i])
+        if loaded_end < task.end:
+            lo = max(task.start, loaded_end) // self._block_size
+            hi = -(-task.end // self._block_size)
+            self._failed_blocks.update(task.block_ids[lo:hi])
+            self._short_loads[task.req_id] = max(task.start, loaded_end)
+            log.warning(
+                "request %s: loaded %d of %d tokens; the rest is recomputed",
+                task.req_id,
+                max(0, loaded_end - task.start),
+                task.end - task.start,
+            )
+        log.debug(
+            "request %s: loaded tokens %d..%d in %.1f ms",
+            task.req_id,
+            task.start,
+            loaded_end,
+            (time.perf_counter() - t0) * 1e3,
+        )
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return  # chunks are saved whole, after the forward pass, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVaaSConnectorMetadata)
+        for task in meta.saves:
+            try:
+                self._save(task)
+            except Exception as e:  # the gateway sees the missing chunks and fails the create
+                log.error("request %s: saving chunks failed: %s", task.req_id, e)
+
+    def _save(self, task: SaveTask) -> None:
+        assert self._layout is not None
+        # No existence pre-check: a chunk another cache already stored may sit in a lower
+        # tier than this cache's storage class asks for; tiers skip keys they hold.
+        assert self._store is not None
+        c = task.chunk_tokens
+        items: list[tuple[ChunkKey, bytes]] = []
+        for i in range(len(task.keys)):
+            start = (task.first + i) * c
+            blk, off = slots(task.block_ids, start, start + c, self._block_size)
+            kv = torch.stack([gather(layer, self._layout, blk, off) for _, layer in self._layers])
+            items.append((task.keys[i], codec.encode(kv.cpu().contiguous(), task.codec)))
+        self._store.put_chunks(items, task.storage_class)
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if not self._short_loads:
+            return None
+        meta, self._short_loads = KVaaSWorkerMetadata(self._short_loads), {}
+        return meta
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, KVaaSWorkerMetadata):
+            # a short load makes vLLM recompute, so the request is still running here
+            self._short_loads.update(meta.short_loads)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def shutdown(self) -> None:
+        if self._store is not None:
+            self._store.close()

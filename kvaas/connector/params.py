@@ -1,0 +1,84 @@
+"""What a request tells the KVaaS connector: the ``kv_transfer_params["kvaas"]`` document.
+
+The gateway computes everything tenant-specific (chunk keys, codec, storage class) and passes
+it with the request; the connector needs no tenant state of its own::
+
+    {"kvaas": {"op": "save" | "load",
+               "keys": ["<64 hex>", ...],      # chunk keys, in prompt order, full chunks only
+               "chunk_tokens": 256,
+               "codec": "int4",                # save only
+               "storage_class": "standard"}}   # save only
+
+``save`` stores the KV of the prompt's first ``len(keys) * chunk_tokens`` tokens; ``load``
+loads the longest stored prefix of ``keys`` (the prompt must start with the tokens they name).
+A trailing partial chunk is never stored: attach recomputes it with the request's own tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from kvaas.store.keys import KEY_BYTES, ChunkKey
+
+PARAMS_KEY = "kvaas"
+MAX_KEYS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class TransferPlan:
+    """One request's instructions to the connector."""
+
+    op: Literal["save", "load"]
+    keys: tuple[ChunkKey, ...]
+    chunk_tokens: int
+    codec: str = "int4"
+    storage_class: str = "standard"
+
+    def to_params(self) -> dict[str, Any]:
+        """The ``kv_transfer_params`` dictionary carrying this plan."""
+        return {
+            PARAMS_KEY: {
+                "op": self.op,
+                "keys": [k.hex() for k in self.keys],
+                "chunk_tokens": self.chunk_tokens,
+                "codec": self.codec,
+                "storage_class": self.storage_class,
+            }
+        }
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> TransferPlan | None:
+        """Parse a request's ``kv_transfer_params``; ``None`` when it carries no KVaaS plan.
+
+        Raises ``ValueError`` on a malformed plan (the connector then ignores the request's
+        plan: a bad plan may cost a recompute, never wrong KV).
+        """
+        if not params or PARAMS_KEY not in params:
+            return None
+        doc = params[PARAMS_KEY]
+        if not isinstance(doc, Mapping):
+            raise ValueError("kv_transfer_params.kvaas must be an object")
+        op = doc.get("op")
+        if op not in ("save", "load"):
+            raise ValueError(f"kvaas.op must be 'save' or 'load', got {op!r}")
+        raw = doc.get("keys")
+        if not isinstance(raw, Sequence) or isinstance(raw, str) or len(raw) > MAX_KEYS:
+            raise ValueError(f"kvaas.keys must be a list of at most {MAX_KEYS} hex keys")
+        keys = []
+        for h in raw:
+            b = bytes.fromhex(h) if isinstance(h, str) else b""
+            if len(b) != KEY_BYTES:
+                raise ValueError("every kvaas key is 64 hex digits")
+            keys.append(ChunkKey(b))
+        chunk_tokens = doc.get("chunk_tokens")
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ValueError("kvaas.chunk_tokens must be a positive integer")
+        return cls(
+            op=op,
+            keys=tuple(keys),
+            chunk_tokens=chunk_tokens,
+            codec=str(doc.get("codec", "int4")),
+            storage_class=str(doc.get("storage_class", "standard")),
+        )

@@ -1,0 +1,52 @@
+"""Engines: what runs the model (in-process vLLM or remote ``vllm serve`` nodes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvaas.engine.base import Engine, EngineError, Generation, Sampling
+from kvaas.engine.model_info import ModelInfo
+
+if TYPE_CHECKING:
+    from kvaas.config import Settings
+
+__all__ = ["Engine", "EngineError", "Generation", "ModelInfo", "Sampling", "build_engine"]
+
+
+def kv_dtype(model_dir: Path, dtype: str) -> str:
+    """The dtype vLLM will keep KV in for ``dtype`` (``auto``: the checkpoint's)."""
+    if dtype != "auto":
+        return dtype
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+
+
+def build_engine(settings: Settings) -> Engine | None:
+    """The engine the settings ask for (``None`` for ``KVAAS_ENGINE=none``); not started."""
+    if settings.engine == "none":
+        return None
+    from kvaas.models import resolve_model
+    from kvaas.store.factory import StoreConfig
+
+    model_dir = resolve_model(settings.model, settings.data_dir / "models")
+    name = settings.model if "/" not in settings.model else model_dir.name
+    dtype = kv_dtype(model_dir, settings.engine_dtype)
+    info = ModelInfo.load(model_dir, name, dtype)
+    if settings.engine == "remote":
+        from kvaas.engine.remote import RemoteEngine
+
+        return RemoteEngine(info, settings.engine_urls)
+    from kvaas.engine.inprocess import InProcessEngine
+
+    return InProcessEngine(
+        info,
+        store=StoreConfig.from_settings(settings).to_dict(),
+        dtype=dtype,
+        max_model_len=settings.engine_max_model_len,
+        max_num_batched_tokens=settings.engine_max_batched_tokens,
+        prefix_caching=settings.engine_prefix_caching,
+        kv_cache_gib=settings.engine_kv_cache_gib,
+    )

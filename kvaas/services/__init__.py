@@ -1,0 +1,1 @@
+"""Application services: the operations the API exposes, independent of HTTP."""

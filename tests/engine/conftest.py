@@ -1,0 +1,86 @@
+"""One real vLLM engine (the tiny model, CPU) behind one gateway for the whole test session.
+
+The gateway runs on PostgreSQL, with Redis (a private key prefix) and a disk tier; the engine's
+worker adds a memory tier. vLLM's own prefix cache is off, so every attach goes through the
+KVaaS connector and the store.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from kvtest.gateway import ADMIN_TOKEN, admin_headers
+from kvtest.services import REDIS_URL, PgSchema
+
+from kvaas.app import create_app
+from kvaas.config import Settings
+
+
+@dataclass
+class Gateway:
+    app: FastAPI
+    client: httpx.AsyncClient
+    settings: Settings
+    api_key: str
+    other_key: str
+
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.api_key}"}
+
+
+@pytest.fixture(scope="session")
+def engine_pg() -> Iterator[PgSchema]:
+    schema = PgSchema()
+    try:
+        yield schema
+    finally:
+        schema.drop()
+
+
+def engine_settings(data_dir: Path, database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "admin_token": ADMIN_TOKEN,
+        "engine": "inprocess",
+        "model": "tiny",
+        "redis_url": REDIS_URL,
+        "redis_prefix": f"kvtest-{secrets.token_hex(4)}",
+        "memory_tier_bytes": 256 * 1024 * 1024,
+        "disk_tier_bytes": 4 * 1024**3,
+        "chunk_tokens": 256,
+        "engine_max_model_len": 4096,
+        "engine_max_batched_tokens": 1024,
+        "engine_prefix_caching": False,
+        "engine_kv_cache_gib": 1.0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+async def gateway(
+    tmp_path_factory: pytest.TempPathFactory, engine_pg: PgSchema
+) -> AsyncIterator[Gateway]:
+    settings = engine_settings(tmp_path_factory.mktemp("kvaas"), engine_pg.url)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://kvaas.test", timeout=300
+        ) as client:
+            keys = []
+            for name in ("engine-a", "engine-b"):
+                r = await client.post(
+                    "/admin/api/tenants", json={"name": name}, headers=admin_headers()
+                )
+                assert r.status_code == 201, r.text
+                keys.append(r.json()["api_key"]["secret"])
+            yield Gateway(app, client, settings, keys[0], keys[1])

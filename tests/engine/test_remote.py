@@ -1,0 +1,141 @@
+"""The remote path: a real `vllm serve` node started with the KVaaS connector, driven by a
+gateway with KVAAS_ENGINE=remote over HTTP, sharing the store with the in-process gateway."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from kvtest.gateway import admin_headers
+
+from kvaas.app import create_app
+from kvaas.engine import Sampling, kv_dtype
+from kvaas.engine.remote import serve_command
+from kvaas.models import resolve_model
+from kvaas.store.factory import StoreConfig
+
+from .conftest import Gateway, engine_settings
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_node(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    s = gateway.settings
+    model_dir = resolve_model(s.model, s.data_dir / "models")
+    port = _free_port()
+    cmd = serve_command(
+        str(model_dir),
+        s.model,
+        StoreConfig.from_settings(s).to_dict(),
+        port=port,
+        dtype=kv_dtype(model_dir, s.engine_dtype),
+        max_model_len=s.engine_max_model_len,
+        max_num_batched_tokens=s.engine_max_batched_tokens,
+        prefix_caching=False,
+    )
+    cmd[0] = sys.executable
+    log = tmp_path_factory.mktemp("vllm") / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+async def remote_gateway(gateway: Gateway, vllm_node: str) -> AsyncIterator[Gateway]:
+    s = gateway.settings
+    settings = engine_settings(
+        s.data_dir,
+        s.resolved_database_url,
+        engine="remote",
+        engine_urls=[vllm_node],
+        redis_prefix=s.redis_prefix,
+        auto_migrate=False,
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://kvaas.test", timeout=300
+        ) as client:
+            r = await client.post(
+                "/admin/api/tenants", json={"name": "remote-a"}, headers=admin_headers()
+            )
+            assert r.status_code == 201, r.text
+            key = r.json()["api_key"]["secret"]
+            yield Gateway(app, client, settings, key, key)
+
+
+async def test_remote_attach_matches_cold_in_process_run(
+    gateway: Gateway, remote_gateway: Gateway
+) -> None:
+    model = gateway.app.state.engine.model
+    text = Path(os.path.__file__).read_text()  # noqa: ASYNC240 - a small local file
+    ids = model.encode(text)[:900]
+    extra = model.encode(text, add_special_tokens=False)[900:911]
+    c = remote_gateway.client
+    r = await c.post(
+        "/v1/cache/create",
+        json={"token_ids": ids, "compression": "none", "storage_class": "hot"},
+        headers=remote_gateway.auth(),
+    )
+    assert r.status_code == 201, r.text
+    cache = r.json()
+    assert cache["stored_tokens"] == 768
+    r = await c.post(
+        "/v1/cache/attach",
+        json={
+            "cache_id": cache["id"],
+            "token_ids": extra,
+            "max_tokens": 6,
+            "temperature": 0.0,
+            "logprobs": 5,
+        },
+        headers=remote_gateway.auth(),
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["cache"]["hit"] is True
+    assert body["usage"]["cached_tokens"] == 768
+    ref = await gateway.app.state.engine.generate(
+        ids + extra, Sampling(max_tokens=6, temperature=0.0, logprobs=5)
+    )
+    assert body["choices"][0]["token_ids"] == ref.token_ids
+    first = {int(t): v for t, v in body["choices"][0]["logprobs"][0].items()}
+    for tok, lp in ref.logprobs[0].items():
+        if tok in first:
+            assert abs(first[tok] - lp) < 1e-4
