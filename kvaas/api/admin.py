@@ -29,6 +29,9 @@ class TenantOut(BaseModel):
     status: str = Field(description="`active` or `disabled`.", examples=["active"])
     storage_quota_tokens: int | None = None
     storage_quota_bytes: int | None = None
+    max_caches: int | None = Field(
+        None, description="Most live caches (`null`: the `KVAAS_DEFAULT_MAX_CACHES` setting)."
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -76,6 +79,7 @@ class TenantCreate(BaseModel):
     name: str = Field(min_length=1, max_length=63, examples=["acme"])
     storage_quota_tokens: int | None = Field(None, ge=0)
     storage_quota_bytes: int | None = Field(None, ge=0)
+    max_caches: int | None = Field(None, ge=0, description="Most live caches at once.")
     create_key: bool = Field(True, description="Also create the tenant's first API key.")
 
 
@@ -141,6 +145,7 @@ async def admin_create_tenant(
         body.name,
         storage_quota_tokens=body.storage_quota_tokens,
         storage_quota_bytes=body.storage_quota_bytes,
+        max_caches=body.max_caches,
         with_key=body.create_key,
     )
     key_out = None

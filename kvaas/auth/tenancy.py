@@ -56,6 +56,7 @@ async def create_tenant(
     *,
     storage_quota_tokens: int | None = None,
     storage_quota_bytes: int | None = None,
+    max_caches: int | None = None,
     with_key: bool = True,
 ) -> tuple[Tenant, str | None]:
     """Create a tenant (and, by default, its first API key). Returns the key's plaintext once."""
@@ -68,6 +69,7 @@ async def create_tenant(
             name,
             storage_quota_tokens=storage_quota_tokens,
             storage_quota_bytes=storage_quota_bytes,
+            max_caches=max_caches,
         )
         plaintext = None
         details: dict[str, object] = {"name": name}

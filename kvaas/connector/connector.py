@@ -10,7 +10,8 @@ Load it with::
 (:func:`kvaas.connector.transfer_config` builds it.) Requests opt in with a
 :class:`~kvaas.connector.params.TransferPlan` in ``kv_transfer_params``.
 
-**Scheduler side** (no side effects beyond its own bookkeeping): for a ``load`` plan,
+**Scheduler side** (no side effects beyond its own bookkeeping): for a ``load`` plan (and for
+the first ``skip`` chunks of a ``save`` plan that extends a stored prefix),
 ``get_num_new_matched_tokens`` asks the store how many leading chunks it holds (one batched
 existence check over the shared tiers) and reports that many tokens, capped so that at least
 one prompt token is computed and aligned down to the engine's block size. Every step,
@@ -114,7 +115,7 @@ class KVaaSWorkerMetadata(KVConnectorWorkerMetadata):
 class _SaveState:
     plan: TransferPlan
     block_ids: list[int]
-    saved: int = 0  # chunks already handed to the worker
+    saved: int = 0  # chunks already handed to the worker (or stored before: the plan's skip)
 
 
 def _store_config(vllm_config: VllmConfig) -> StoreConfig:
@@ -177,15 +178,18 @@ class KVaaSConnector(KVConnectorBase_V1):
         plan = self._plan(request)
         if plan is None or not plan.keys:
             return 0, False
+        load_keys = plan.keys
         if plan.op == "save":
-            self._saves.setdefault(request.request_id, _SaveState(plan, []))
-            return 0, False
+            self._saves.setdefault(request.request_id, _SaveState(plan, [], saved=plan.skip))
+            if not plan.skip:
+                return 0, False
+            load_keys = plan.keys[: plan.skip]  # stored already: load them, save the rest
         n_prompt = len(request.prompt_token_ids or ())
         try:
             if self._store is None:
-                n_chunks = len(plan.keys)
+                n_chunks = len(load_keys)
             else:
-                n_chunks = self._store.longest_prefix(list(plan.keys))
+                n_chunks = self._store.longest_prefix(list(load_keys))
         except Exception as e:  # a store outage is a miss, never a failed request
             log.warning("request %s: store lookup failed: %s", request.request_id, e)
             n_chunks = 0
@@ -279,7 +283,7 @@ class KVaaSConnector(KVConnectorBase_V1):
             return False, None
         report: dict[str, Any] = {
             "matched_tokens": matched,
-            "saved_chunks": st.saved if st is not None else 0,
+            "saved_chunks": st.saved - st.plan.skip if st is not None else 0,
         }
         if short is not None:
             report["load_failed"] = True

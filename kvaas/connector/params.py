@@ -7,11 +7,16 @@ it with the request; the connector needs no tenant state of its own::
                "keys": ["<64 hex>", ...],      # chunk keys, in prompt order, full chunks only
                "chunk_tokens": 256,
                "codec": "int4",                # save only
-               "storage_class": "standard"}}   # save only
+               "storage_class": "standard",    # save only
+               "skip": 0}}                     # save only
 
 ``save`` stores the KV of the prompt's first ``len(keys) * chunk_tokens`` tokens; ``load``
 loads the longest stored prefix of ``keys`` (the prompt must start with the tokens they name).
 A trailing partial chunk is never stored: attach recomputes it with the request's own tokens.
+
+``skip`` (save only) says that the first ``skip`` chunks are stored already (a cache version
+being extended): they are loaded like a ``load`` plan's, not computed, and only the chunks
+after them are encoded and written.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class TransferPlan:
     chunk_tokens: int
     codec: str = "int4"
     storage_class: str = "standard"
+    skip: int = 0
 
     def to_params(self) -> dict[str, Any]:
         """The ``kv_transfer_params`` dictionary carrying this plan."""
@@ -45,6 +51,7 @@ class TransferPlan:
                 "chunk_tokens": self.chunk_tokens,
                 "codec": self.codec,
                 "storage_class": self.storage_class,
+                "skip": self.skip,
             }
         }
 
@@ -75,10 +82,14 @@ class TransferPlan:
         chunk_tokens = doc.get("chunk_tokens")
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
             raise ValueError("kvaas.chunk_tokens must be a positive integer")
+        skip = doc.get("skip", 0)
+        if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= len(keys):
+            raise ValueError("kvaas.skip must be an integer in [0, len(keys)]")
         return cls(
             op=op,
             keys=tuple(keys),
             chunk_tokens=chunk_tokens,
             codec=str(doc.get("codec", "int4")),
             storage_class=str(doc.get("storage_class", "standard")),
+            skip=skip if op == "save" else 0,
         )

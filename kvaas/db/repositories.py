@@ -31,11 +31,13 @@ class TenantRepository:
         *,
         storage_quota_tokens: int | None = None,
         storage_quota_bytes: int | None = None,
+        max_caches: int | None = None,
     ) -> Tenant:
         tenant = Tenant(
             name=name,
             storage_quota_tokens=storage_quota_tokens,
             storage_quota_bytes=storage_quota_bytes,
+            max_caches=max_caches,
         )
         self.s.add(tenant)
         await self.s.flush()

@@ -1,0 +1,103 @@
+"""Tags: a tenant's names for its caches (``PUT /v1/tags/{tag}`` re-points one atomically)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvaas.api.caches import TAG_PATTERN, Service
+from kvaas.api.deps import Auth, SessionDep
+from kvaas.api.errors import error_responses
+from kvaas.db.models import CacheTag
+from kvaas.errors import AuthenticationError, Conflict, NotFound, PermissionDenied
+from kvaas.services import listing
+
+router = APIRouter(prefix="/v1", tags=["tags"])
+
+TagName = Annotated[
+    str,
+    Path(
+        pattern=TAG_PATTERN,
+        description="1-64 characters of `A-Z a-z 0-9 . _ -`, unique per tenant.",
+    ),
+]
+_ERRORS = (AuthenticationError, PermissionDenied, NotFound)
+
+
+class TagObject(BaseModel):
+    object: Literal["tag"] = "tag"
+    name: str
+    cache_id: str
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, t: CacheTag) -> TagObject:
+        return cls(
+            name=t.name, cache_id=t.cache_id, created_at=t.created_at, updated_at=t.updated_at
+        )
+
+
+class TagList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TagObject]
+    has_more: bool
+    next_cursor: str | None
+
+
+class TagPut(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"cache_id": "cache_0123456789abcdef01234567"}]},
+    )
+    cache_id: str = Field(max_length=64, description="The cache the tag points at from now on.")
+
+
+class TagDeleted(BaseModel):
+    object: Literal["tag"] = "tag"
+    name: str
+    deleted: bool = True
+
+
+@router.put(
+    "/tags/{tag}",
+    summary="Point a tag at a cache (create it, or re-point it atomically)",
+    responses=error_responses(*_ERRORS, Conflict),
+)
+async def put_tag(
+    tag: TagName, body: TagPut, auth: Auth, session: SessionDep, service: Service
+) -> TagObject:
+    return TagObject.of(await service.put_tag(session, auth.tenant, tag, body.cache_id))
+
+
+@router.get(
+    "/tags",
+    summary="List tags (by name, cursor pagination)",
+    responses=error_responses(AuthenticationError, PermissionDenied),
+)
+async def list_tags(
+    auth: Auth,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=listing.MAX_LIMIT)] = 100,
+    after: Annotated[str | None, Query(max_length=512)] = None,
+) -> TagList:
+    page = await listing.list_tags(session, auth.tenant.id, limit=limit, after=after)
+    return TagList(
+        data=[TagObject.of(t) for t in page.rows],
+        has_more=page.has_more,
+        next_cursor=page.next_cursor,
+    )
+
+
+@router.get("/tags/{tag}", summary="Get a tag", responses=error_responses(*_ERRORS))
+async def get_tag(tag: TagName, auth: Auth, session: SessionDep, service: Service) -> TagObject:
+    return TagObject.of(await service.get_tag(session, auth.tenant, tag))
+
+
+@router.delete("/tags/{tag}", summary="Delete a tag", responses=error_responses(*_ERRORS))
+async def delete_tag(tag: TagName, auth: Auth, session: SessionDep, service: Service) -> TagDeleted:
+    await service.delete_tag(session, auth.tenant, tag)
+    return TagDeleted(name=tag)

@@ -1,0 +1,153 @@
+"""Per-tenant storage quotas: what a tenant holds, and the checks on create and extend.
+
+A tenant's usage is the sum over its *live* caches (``pending`` or ``ready`` and not past
+``expires_at``) of their tokens and stored bytes, plus what prefills in progress have
+reserved (``reserved_tokens`` / ``reserved_bytes``), and their count. Limits:
+
+- ``storage_quota_tokens`` / ``storage_quota_bytes`` (``None``: unlimited): a create or extend
+  that would go over answers ``402 quota_exceeded``;
+- ``max_caches`` (``None``: the ``default_max_caches`` setting): one more live cache than that
+  answers ``429 cache_limit_exceeded`` (no ``Retry-After``: waiting does not help, deleting
+  does).
+
+The error's ``error`` object names the ``limit`` (``storage_tokens``, ``storage_bytes`` or
+``caches``), the ``current`` usage, the ``maximum`` and what the request ``requested``.
+
+A new cache's bytes are not known before its prefill: they are estimated exactly for the
+fixed-size codecs (``none``, ``int8``, ``int4``: every chunk of a model has the same size) and
+bounded by the ``none`` size for ``lossless``; the estimate is reserved until the prefill ends
+and is then replaced by the bytes actually stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from kvaas.db.base import utcnow
+from kvaas.db.models import Cache, Tenant
+from kvaas.errors import APIError
+
+#: Statuses that hold (or are about to hold) storage.
+LIVE_STATUSES = ("pending", "ready")
+
+
+class QuotaExceeded(APIError):
+    status_code = 402
+    type = "quota_exceeded"
+    description = "The request would take the tenant over its storage quota."
+
+
+class CacheLimitExceeded(APIError):
+    status_code = 429
+    type = "cache_limit_exceeded"
+    description = "The tenant holds as many live caches as it may; delete one first."
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    caches: int
+    tokens: int
+    bytes: int
+
+
+async def usage(session: AsyncSession, tenant_id: str) -> Usage:
+    """The tenant's live caches, tokens and bytes (reservations included), in one query."""
+    row = (
+        await session.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(Cache.tokens + Cache.reserved_tokens), 0),
+                func.coalesce(func.sum(Cache.stored_bytes + Cache.reserved_bytes), 0),
+            ).where(
+                Cache.tenant_id == tenant_id,
+                Cache.status.in_(LIVE_STATUSES),
+                Cache.expires_at > utcnow(),
+            )
+        )
+    ).one()
+    return Usage(int(row[0]), int(row[1]), int(row[2]))
+
+
+def check(
+    tenant: Tenant,
+    current: Usage,
+    *,
+    new_cache: bool,
+    tokens: int,
+    nbytes: int,
+    default_max_caches: int,
+) -> None:
+    """Raise if adding ``tokens`` / ``nbytes`` (and one cache when ``new_cache``) goes over."""
+    if new_cache:
+        maximum = tenant.max_caches if tenant.max_caches is not None else default_max_caches
+        if current.caches + 1 > maximum:
+            raise CacheLimitExceeded(
+                f"this tenant holds {current.caches} live caches, its maximum is {maximum}; "
+                "delete caches (or let them expire) first",
+                extra={"limit": "caches", "current": current.caches, "maximum": maximum},
+            )
+    for limit, used, add, maximum in (
+        ("storage_tokens", current.tokens, tokens, tenant.storage_quota_tokens),
+        ("storage_bytes", current.bytes, nbytes, tenant.storage_quota_bytes),
+    ):
+        if maximum is not None and used + add > maximum:
+            raise QuotaExceeded(
+                f"{limit}: {used} used + {add} requested exceeds the quota of {maximum}",
+                extra={"limit": limit, "current": used, "maximum": maximum, "requested": add},
+            )
+
+
+class Guard:
+    """Serialises the quota checks of one tenant until the caller commits inside the block.
+
+    PostgreSQL: the tenant's row is locked (``SELECT ... FOR UPDATE``) until the transaction
+    ends, across every gateway process. In-process as well (SQLite has no row locks): one of a
+    few asyncio locks, picked by the tenant id.
+    """
+
+    def __init__(self, stripes: int = 64) -> None:
+        self._locks = tuple(asyncio.Lock() for _ in range(stripes))
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, session: AsyncSession, tenant: Tenant) -> AsyncIterator[Usage]:
+        async with self._locks[zlib.crc32(tenant.id.encode()) % len(self._locks)]:
+            await session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
+            yield await usage(session, tenant.id)
+
+
+def chunk_bytes(model_dir: Path, kv_dtype: str, compression: str, chunk_tokens: int) -> int:
+    """Bytes one stored chunk of this model takes with ``compression`` (exact for ``none``,
+    ``int8`` and ``int4``; an upper bound for ``lossless``); 0 when the model's shape cannot
+    be read."""
+    try:
+        return _chunk_bytes(str(model_dir), kv_dtype, compression, chunk_tokens)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
+@lru_cache(maxsize=64)
+def _chunk_bytes(model_dir: str, kv_dtype: str, compression: str, chunk_tokens: int) -> int:
+    import torch
+
+    from kvaas import codec
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    layers = int(cfg["num_hidden_layers"])
+    dtype = getattr(torch, kv_dtype)
+    kv = torch.zeros(layers, 2, chunk_tokens, kv_heads, head_dim, dtype=dtype)
+    # fixed-size schemes encode every chunk to the same size; lossless never exceeds `none`
+    return len(codec.encode(kv, "none" if compression == "lossless" else compression))
