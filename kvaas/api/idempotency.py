@@ -1,0 +1,449 @@
+"""``Idempotency-Key``: a POST retried with the same key runs once.
+
+Contract, for every authenticated ``POST`` that carries an ``Idempotency-Key`` header:
+
+- the first request with a key runs and its response (status, body and the headers that
+  describe it) is stored for ``KVAAS_IDEMPOTENCY_TTL_SECONDS`` (24 h by default);
+- a later request from the same tenant with the same key and the same request (method, path,
+  query and body bytes, compared by sha256) gets the stored response again, with the header
+  ``Idempotent-Replayed: true``, and nothing runs a second time;
+- the same key with a different request is ``409 idempotency_conflict``
+  (``reason: "request_mismatch"``), and so is a request whose key is still held by a request
+  in flight (``reason: "in_flight"``, with ``Retry-After``);
+- a key longer than ``KVAAS_IDEMPOTENCY_KEY_MAX_LENGTH`` or with characters outside printable
+  ASCII is ``400``.
+
+Responses that say "try again" are not stored, so a retry runs anew: 5xx, 429, and a request
+that failed or was cut off before its response was complete. A key held by a request that
+died with its process is taken over after :data:`IN_FLIGHT_LEASE`. Requests whose API key does
+not authenticate pass straight to the application (which answers 401/403) and store nothing.
+
+Records live in the metadata database (table ``idempotency_keys``), so every gateway worker
+sees them, on SQLite and PostgreSQL alike. :class:`IdempotencyMiddleware` is plain ASGI: it
+covers every POST route, streaming ones included (the stream is passed through as it comes and
+stored whole when it ends).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import delete, exc, or_, update
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kvaas.api.asgi import error_response_messages, header
+from kvaas.auth.keys import parse_key, secret_matches
+from kvaas.db.base import utcnow
+from kvaas.db.models import IdempotencyRecord
+from kvaas.db.repositories import ApiKeyRepository
+from kvaas.db.session import Database, DatabaseUnavailable
+from kvaas.errors import APIError, Conflict, RateLimited, ServiceUnavailable, ValidationFailed
+
+log = logging.getLogger("kvaas.idempotency")
+
+HEADER = b"idempotency-key"
+REPLAYED_HEADER = b"idempotent-replayed"
+#: A key held ``in_flight`` longer than this is taken to belong to a request that died.
+IN_FLIGHT_LEASE = timedelta(minutes=15)
+#: Responses above this size are passed through but not stored (a retry runs again).
+MAX_STORED_BYTES = 8 * 1024 * 1024
+#: Response headers never stored (hop-by-hop, per-request or recomputed on replay).
+_UNSTORED_HEADERS = frozenset(
+    {
+        b"content-length",
+        b"date",
+        b"server",
+        b"connection",
+        b"transfer-encoding",
+        b"set-cookie",
+        b"x-request-id",
+        b"x-ratelimit-limit",
+        b"x-ratelimit-remaining",
+        b"retry-after",
+    }
+)
+_SWEEP_EVERY_S = 300.0
+
+
+class IdempotencyConflict(Conflict):
+    type = "idempotency_conflict"
+    description = (
+        "The Idempotency-Key was used with a different request, or its first request is still "
+        "running."
+    )
+
+
+def _valid_key(key: str, max_length: int) -> bool:
+    return 0 < len(key) <= max_length and all(32 <= ord(c) < 127 for c in key)
+
+
+def request_hash(scope: Scope, body: bytes) -> str:
+    """sha256 over method, path, query string and body bytes."""
+    h = hashlib.sha256()
+    h.update(scope["method"].encode())
+    h.update(b"\0" + scope.get("path", "").encode())
+    h.update(b"\0" + scope.get("query_string", b""))
+    h.update(b"\0" + body)
+    return h.hexdigest()
+
+
+async def _tenant_of(db: Database, scope: Scope) -> str | None:
+    """The tenant id of the request's API key when it authenticates, else ``None``."""
+    auth = header(scope, b"authorization") or ""
+    scheme, _, credential = auth.partition(" ")
+    parsed = parse_key(credential.strip()) if scheme.lower() == "bearer" else None
+    if parsed is None:
+        return None
+    prefix, secret = parsed
+    async with db.session() as session:
+        found = await ApiKeyRepository(session).get_with_tenant(prefix)
+    if found is None:
+        return None
+    key, tenant = found
+    if key.revoked_at is not None or tenant.status != "active":
+        return None
+    if not secret_matches(secret, key.secret_hash):
+        return None
+    return tenant.id
+
+
+class IdempotencyMiddleware:
+    """Stores and replays responses of POST requests carrying ``Idempotency-Key``."""
+
+    def __init__(self, app: ASGIApp, *, ttl_seconds: int, max_key_length: int) -> None:
+        self.app = app
+        self.ttl = timedelta(seconds=ttl_seconds)
+        self.max_key_length = max_key_length
+        self._last_sweep = 0.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        key = header(scope, HEADER)
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+        if not _valid_key(key, self.max_key_length):
+            err = ValidationFailed(
+                f"Idempotency-Key must be 1 to {self.max_key_length} printable ASCII characters",
+                param="Idempotency-Key",
+            )
+            await _answer(scope, send, error_response_messages(scope, err))
+            return
+        db: Database | None = getattr(scope["app"].state, "db", None)
+        if db is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            tenant_id = await _tenant_of(db, scope)
+        except DatabaseUnavailable:
+            tenant_id = None  # the app answers 503 itself
+        if tenant_id is None:  # the app answers 401/403; nothing to remember
+            await self.app(scope, receive, send)
+            return
+
+        body = await _read_body(receive)
+        digest = request_hash(scope, body)
+        await self._maybe_sweep(db)
+        try:
+            claimed, record = await self._claim(db, tenant_id, key, digest, scope)
+        except APIError as e:
+            await _answer(scope, send, error_response_messages(scope, e))
+            return
+        except DatabaseUnavailable:
+            err = ServiceUnavailable(
+                "the metadata database is unavailable; retry later", headers={"Retry-After": "5"}
+            )
+            await _answer(scope, send, error_response_messages(scope, err))
+            return
+        if not claimed:
+            assert record is not None
+            await _answer(scope, send, self._answer_existing(scope, record, digest))
+            return
+        await self._run(db, tenant_id, key, scope, body, receive, send)
+
+    # -- claiming a key --------------------------------------------------------------------
+    async def _claim(
+        self, db: Database, tenant_id: str, key: str, digest: str, scope: Scope
+    ) -> tuple[bool, IdempotencyRecord | None]:
+        """Take the key for this request (``True``), or return the record holding it."""
+        now = utcnow()
+        values: dict[str, Any] = {
+            "request_hash": digest,
+            "method": scope["method"],
+            "path": scope.get("path", ""),
+            "state": "in_flight",
+            "response_status": None,
+            "response_headers": None,
+            "response_body": None,
+            "created_at": now,
+            "completed_at": None,
+            "expires_at": now + self.ttl,
+        }
+        async with db.session() as session:
+            session.add(IdempotencyRecord(tenant_id=tenant_id, key=key, **values))
+            try:
+                await session.commit()
+                return True, None
+            except exc.IntegrityError:
+                await session.rollback()
+            # Taken: reclaim it if it expired or its holder died, atomically.
+            taken_over = await session.execute(
+                update(IdempotencyRecord)
+                .where(
+                    IdempotencyRecord.tenant_id == tenant_id,
+                    IdempotencyRecord.key == key,
+                    or_(
+                        IdempotencyRecord.expires_at <= now,
+                        (IdempotencyRecord.state == "in_flight")
+                        & (IdempotencyRecord.created_at <= now - IN_FLIGHT_LEASE),
+                    ),
+                )
+                .values(**values)
+            )
+            await session.commit()
+            if taken_over.rowcount == 1:  # type: ignore[attr-defined]
+                return True, None
+            record = await session.get(IdempotencyRecord, (tenant_id, key))
+            if record is None:  # released between our insert and our look: try once more
+                session.add(IdempotencyRecord(tenant_id=tenant_id, key=key, **values))
+                try:
+                    await session.commit()
+                    return True, None
+                except exc.IntegrityError:
+                    await session.rollback()
+                    record = await session.get(IdempotencyRecord, (tenant_id, key))
+            if record is None:
+                raise IdempotencyConflict(
+                    "the Idempotency-Key is being used concurrently; retry",
+                    extra={"reason": "in_flight"},
+                )
+            return False, record
+
+    def _answer_existing(
+        self, scope: Scope, record: IdempotencyRecord, digest: str
+    ) -> list[Message]:
+        if record.request_hash != digest:
+            err = IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request "
+                f"({record.method} {record.path} or another body); use a new key",
+                param="Idempotency-Key",
+                extra={"reason": "request_mismatch"},
+            )
+            return error_response_messages(scope, err)
+        if record.state != "completed" or record.response_status is None:
+            err = IdempotencyConflict(
+                "a request with this Idempotency-Key is still in progress; retry after it ends",
+                param="Idempotency-Key",
+                headers={"Retry-After": "1"},
+                extra={"reason": "in_flight"},
+            )
+            return error_response_messages(scope, err)
+        body = record.response_body or b""
+        headers = [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in record.response_headers or []
+        ]
+        headers += [
+            (b"content-length", str(len(body)).encode()),
+            (REPLAYED_HEADER, b"true"),
+        ]
+        return [
+            {"type": "http.response.start", "status": record.response_status, "headers": headers},
+            {"type": "http.response.body", "body": body},
+        ]
+
+    # -- running the request and storing its response --------------------------------------
+    async def _run(
+        self,
+        db: Database,
+        tenant_id: str,
+        key: str,
+        scope: Scope,
+        body: bytes,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        sent_body = False
+
+        async def replay_receive() -> Message:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # blocks until the client disconnects
+
+        status: int | None = None
+        headers: list[tuple[bytes, bytes]] = []
+        chunks: list[bytes] = []
+        size = 0
+        settled = False  # the record was stored or released
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status, headers, size, settled
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+            elif message["type"] == "http.response.body" and not settled:
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size <= MAX_STORED_BYTES:
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    # Settle the key before the client sees the end of the response, so an
+                    # immediate retry finds the stored answer (or a free key), never "in flight".
+                    settled = True
+                    if status is not None and _storable(status) and size <= MAX_STORED_BYTES:
+                        await self._store(db, tenant_id, key, status, headers, b"".join(chunks))
+                    else:
+                        await self._release(db, tenant_id, key)
+            await send(message)
+
+        try:
+            await self.app(scope, replay_receive, recording_send)
+        finally:
+            if not settled:
+                await self._release(db, tenant_id, key)
+
+    async def _store(
+        self,
+        db: Database,
+        tenant_id: str,
+        key: str,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        kept = [
+            [k.decode("latin-1").lower(), v.decode("latin-1")]
+            for k, v in headers
+            if k.lower() not in _UNSTORED_HEADERS
+        ]
+        async with db.session() as session:
+            await session.execute(
+                update(IdempotencyRecord)
+                .where(IdempotencyRecord.tenant_id == tenant_id, IdempotencyRecord.key == key)
+                .values(
+                    state="completed",
+                    response_status=status,
+                    response_headers=kept,
+                    response_body=body,
+                    completed_at=utcnow(),
+                )
+            )
+            await session.commit()
+
+    async def _release(self, db: Database, tenant_id: str, key: str) -> None:
+        try:
+            async with db.session() as session:
+                await session.execute(
+                    delete(IdempotencyRecord).where(
+                        IdempotencyRecord.tenant_id == tenant_id,
+                        IdempotencyRecord.key == key,
+                        IdempotencyRecord.state == "in_flight",
+                    )
+                )
+                await session.commit()
+        except Exception as e:  # the lease frees the key later
+            log.warning("could not release Idempotency-Key: %s", e)
+
+    async def _maybe_sweep(self, db: Database) -> None:
+        """Delete expired records now and then (at most every five minutes per process)."""
+        now = time.monotonic()
+        if now - self._last_sweep < _SWEEP_EVERY_S:
+            return
+        self._last_sweep = now
+        try:
+            async with db.session() as session:
+                await session.execute(
+                    delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= utcnow())
+                )
+                await session.commit()
+        except Exception as e:  # sweeping is housekeeping only
+            log.warning("idempotency sweep failed: %s", e)
+
+
+def _storable(status: int) -> bool:
+    """Responses a retry should see again; "try again" answers are not stored."""
+    return status < 500 and status != 429
+
+
+async def _read_body(receive: Receive) -> bytes:
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(parts)
+        elif message["type"] == "http.disconnect":
+            return b"".join(parts)
+
+
+async def _answer(scope: Scope, send: Send, messages: list[Message]) -> None:
+    for message in messages:
+        await send(message)
+
+
+def document_limits(app: FastAPI, *, max_key_length: int) -> None:
+    """Add what the middleware does to the OpenAPI document: the ``Idempotency-Key`` header
+    and its ``409`` on every POST under ``/v1/``, and ``429`` on every ``/v1/`` operation."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+        for path, item in schema.get("paths", {}).items():
+            if not path.startswith("/v1/"):
+                continue
+            for method, op in item.items():
+                responses = op.setdefault("responses", {})
+                responses.setdefault(
+                    "429",
+                    {
+                        "description": RateLimited.description,
+                        "headers": {
+                            "Retry-After": {
+                                "description": "Seconds until the request may be retried.",
+                                "schema": {"type": "integer"},
+                            }
+                        },
+                        "content": {"application/json": {"schema": error_ref}},
+                    },
+                )
+                if method != "post":
+                    continue
+                params = op.setdefault("parameters", [])
+                params.append(
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "Makes retries of this request safe: the same key and "
+                        "body within 24 h replay the first response.",
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": max_key_length,
+                            "pattern": "^[\\x20-\\x7e]+$",
+                        },
+                    }
+                )
+                if "409" in responses:
+                    responses["409"]["description"] += f" / {IdempotencyConflict.description}"
+                else:
+                    responses["409"] = {
+                        "description": IdempotencyConflict.description,
+                        "content": {"application/json": {"schema": error_ref}},
+                    }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
