@@ -15,9 +15,19 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from kvaas import __version__
-from kvaas.api import account, admin, caches, health
+from kvaas.api import account, admin, caches, health, openai_compat
+from kvaas.api.budget import router as budget_router
 from kvaas.api.errors import install_error_handlers
+from kvaas.api.estimate import router as estimate_router
+from kvaas.api.idempotency import IdempotencyMiddleware, document_limits
+from kvaas.api.invoices import router as invoices_router
+from kvaas.api.lifecycle import router as lifecycle_router
 from kvaas.api.middleware import RequestContextMiddleware
+from kvaas.api.ratelimit import RateLimitMiddleware, build_limiter
+from kvaas.api.stripe_webhook import router as stripe_webhook_router
+from kvaas.api.tags import router as tags_router
+from kvaas.api.usage import router as usage_router
+from kvaas.billing.pricebook import pricebook_for
 from kvaas.config import Settings, get_settings
 from kvaas.db import migrate
 from kvaas.db.session import Database
@@ -96,6 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # An invalid price book stops start-up with an error naming the bad field.
+        app.state.pricebook = pricebook_for(settings.pricebook_path)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(
             settings.resolved_database_url,
@@ -130,6 +142,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             sweeper.cancel()
+            # background prefills: finish or fail them while the engine is still up
+            await app.state.cache_service.drain()
             if engine is not None:
                 await engine.shutdown()
             await store.close()
@@ -145,9 +159,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.health_checks = {}
     install_error_handlers(app)
+    # Innermost first: idempotency sees only requests the rate limit let through.
+    app.add_middleware(
+        IdempotencyMiddleware,
+        ttl_seconds=settings.idempotency_ttl_seconds,
+        max_key_length=settings.idempotency_key_max_length,
+    )
+    app.add_middleware(RateLimitMiddleware, limiter=build_limiter(settings))
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
     app.include_router(health.router)
     app.include_router(account.router)
     app.include_router(caches.router)
+    app.include_router(lifecycle_router)
+    app.include_router(tags_router)
     app.include_router(admin.router)
+    app.include_router(estimate_router)
+    app.include_router(usage_router)
+    app.include_router(invoices_router)
+    app.include_router(budget_router)
+    app.include_router(stripe_webhook_router)
+    app.include_router(openai_compat.router)
+    document_limits(app, max_key_length=settings.idempotency_key_max_length)
     return app

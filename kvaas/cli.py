@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvaas import __version__
+from kvaas.billing.cli import invoices_app
 from kvaas.codec.cli import codec_app
 from kvaas.config import Settings, get_settings, settings_markdown_table
 from kvaas.models.cli import models_app
@@ -41,6 +42,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(engine_app, name="engine")
 app.add_typer(models_app, name="models")
 app.add_typer(codec_app, name="codec")
+app.add_typer(invoices_app, name="invoices")
 
 out = Console()
 err = Console(stderr=True)
@@ -216,6 +218,9 @@ def tenants_create(
         int | None, typer.Option(min=0, help="Storage quota in tokens.")
     ] = None,
     quota_bytes: Annotated[int | None, typer.Option(min=0, help="Storage quota in bytes.")] = None,
+    max_caches: Annotated[
+        int | None, typer.Option(min=0, help="Most live caches (default: the setting).")
+    ] = None,
 ) -> None:
     """Create a tenant and print its first API key (shown once)."""
     from kvaas.auth.tenancy import Actor, create_tenant
@@ -227,6 +232,7 @@ def tenants_create(
             name,
             storage_quota_tokens=quota_tokens,
             storage_quota_bytes=quota_bytes,
+            max_caches=max_caches,
         )
     )
     err.print(f"created tenant [bold]{tenant.name}[/] ({tenant.id}); its API key, shown once:")

@@ -146,6 +146,35 @@ class Settings(BaseSettings):
     max_ttl_seconds: int = Field(
         30 * 24 * 3600, ge=1, description="Longest `ttl_seconds` accepted (30 days)."
     )
+    default_max_caches: int = Field(
+        100_000,
+        ge=0,
+        description=(
+            "Most live (pending or ready) caches a tenant may hold when its own `max_caches` "
+            "is unset (429 `cache_limit_exceeded` above)."
+        ),
+    )
+
+    # --- limits --------------------------------------------------------------------------
+    rate_limit_per_second: float = Field(
+        50.0,
+        ge=0,
+        description=(
+            "Requests per second each API key may make (token bucket refill rate; 0 disables "
+            "rate limiting). Kept in Redis when `redis_url` is set, shared by all workers."
+        ),
+    )
+    rate_limit_burst: int = Field(
+        100, ge=1, description="Requests an API key may make at once (token bucket size)."
+    )
+    idempotency_ttl_seconds: int = Field(
+        24 * 3600,
+        ge=60,
+        description="How long a stored `Idempotency-Key` response is replayed (24 hours).",
+    )
+    idempotency_key_max_length: int = Field(
+        255, ge=8, le=1024, description="Longest accepted `Idempotency-Key` header value."
+    )
 
     # --- billing -------------------------------------------------------------------------
     stripe_api_key: SecretStr | None = Field(
@@ -153,6 +182,22 @@ class Settings(BaseSettings):
     )
     stripe_webhook_secret: SecretStr | None = Field(
         None, description="Signing secret of the Stripe webhook endpoint."
+    )
+    stripe_api_base: str | None = Field(
+        None,
+        description="Base URL of the Stripe API. Unset: Stripe's own (`https://api.stripe.com`).",
+    )
+    pricebook_path: Path | None = Field(
+        None,
+        description=(
+            "Price book YAML file, validated at start-up. Default: the packaged "
+            "`billing/pricebook.yaml`."
+        ),
+    )
+    budget_hard_limit: bool = Field(
+        False,
+        description="Refuse new caches (402 `budget_exceeded`) once a tenant's monthly budget "
+        "is spent. Off: budgets only record the 80% and 100% crossings.",
     )
 
     @field_validator("database_url")

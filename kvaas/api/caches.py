@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvaas.api.deps import Auth, SessionDep
 from kvaas.api.errors import error_responses
+from kvaas.billing.budget import BudgetExceeded
 from kvaas.db.models import Cache
 from kvaas.engine import Sampling
 from kvaas.errors import AuthenticationError, BadRequest, NotFound, PermissionDenied
@@ -23,8 +24,10 @@ from kvaas.services.caches import (
     CacheService,
     CreateSpec,
     EngineUnavailable,
+    Progress,
     Prompt,
 )
+from kvaas.services.quotas import CacheLimitExceeded, QuotaExceeded
 
 router = APIRouter(prefix="/v1", tags=["caches"])
 
@@ -32,6 +35,7 @@ StorageClass = Literal["hot", "standard", "cold"]
 Compression = Literal["none", "lossless", "int8", "int4"]
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKEN_IDS = 131_072
+TAG_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
 class ChatMessage(BaseModel):
@@ -78,6 +82,14 @@ class CreateCacheRequest(PromptFields):
     metadata: dict[str, Annotated[str, Field(max_length=512)]] = Field(
         default_factory=dict, max_length=16, description="Up to 16 string key/value pairs."
     )
+    refresh_on_hit: bool = Field(
+        False, description="Each attach pushes `expires_at` to now + the cache's TTL."
+    )
+    wait: bool = Field(
+        True,
+        description="`true`: answer `201` once the KV is stored. `false`: answer `202` with "
+        "the `pending` cache at once and prefill in the background (poll `GET /v1/caches/{id}`).",
+    )
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CreateCacheRequest:
@@ -89,6 +101,11 @@ class CreateCacheRequest(PromptFields):
 class CacheUsage(BaseModel):
     prefill_tokens: int
     ttft_ms: float | None
+
+
+class CacheProgress(BaseModel):
+    tokens_done: int = Field(description="Tokens whose KV is stored (whole chunks).")
+    tokens_total: int
 
 
 class CacheObject(BaseModel):
@@ -105,15 +122,28 @@ class CacheObject(BaseModel):
     storage_class: str
     prefix_sha256: str = Field(description="sha256 of the prefix's token ids (int32 LE).")
     metadata: dict[str, str]
+    tags: list[str] = Field(default_factory=list, description="Tags pointing at this cache.")
     hit_count: int
+    ttl_seconds: int = Field(description="Lifetime granted by the last TTL change.")
+    refresh_on_hit: bool = Field(description="Each attach pushes `expires_at` to now + TTL.")
     last_used_at: datetime | None
     expires_at: datetime
     created_at: datetime
     failure_reason: str | None = None
+    progress: CacheProgress | None = Field(
+        None, description="Prefill progress (`pending` and `ready` caches)."
+    )
     usage: CacheUsage | None = None
 
     @classmethod
-    def of(cls, c: Cache, usage: CacheUsage | None = None) -> CacheObject:
+    def of(
+        cls,
+        c: Cache,
+        usage: CacheUsage | None = None,
+        *,
+        tags: list[str] | None = None,
+        progress: Progress | None = None,
+    ) -> CacheObject:
         return cls(
             id=c.id,
             status=c.status,
@@ -127,11 +157,19 @@ class CacheObject(BaseModel):
             storage_class=c.storage_class,
             prefix_sha256=c.prefix_sha256,
             metadata=dict(c.meta),
+            tags=list(tags or ()),
             hit_count=c.hit_count,
+            ttl_seconds=c.ttl_seconds,
+            refresh_on_hit=c.refresh_on_hit,
             last_used_at=c.last_used_at,
             expires_at=c.expires_at,
             created_at=c.created_at,
             failure_reason=c.failure_reason,
+            progress=CacheProgress(
+                tokens_done=progress.tokens_done, tokens_total=progress.tokens_total
+            )
+            if progress is not None
+            else None,
             usage=usage,
         )
 
@@ -141,11 +179,18 @@ class AttachRequest(PromptFields):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"cache_id": "cache_0123456789abcdef01234567", "prompt": "Q: ...", "max_tokens": 64}
+                {
+                    "cache_id": "cache_0123456789abcdef01234567",
+                    "prompt": "Q: ...",
+                    "max_tokens": 64,
+                },
+                {"tag": "contract-latest", "version": 2, "prompt": "Q: ..."},
             ]
         },
     )
-    cache_id: str = Field(max_length=64)
+    cache_id: str | None = Field(None, max_length=64, description="The cache (or give `tag`).")
+    tag: str | None = Field(None, pattern=TAG_PATTERN, description="A tag naming the cache.")
+    version: int | None = Field(None, ge=1, description="Version to attach (default: latest).")
     max_tokens: int = Field(16, ge=1, le=8192)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -157,6 +202,8 @@ class AttachRequest(PromptFields):
 
     @model_validator(mode="after")
     def _at_most_one_prompt(self) -> AttachRequest:
+        if (self.cache_id is None) == (self.tag is None):
+            raise ValueError("give exactly one of `cache_id` or `tag`")
         if sum(x is not None for x in (self.prompt, self.messages, self.token_ids)) > 1:
             raise ValueError("give at most one of `prompt`, `messages` or `token_ids`")
         if isinstance(self.stop, list) and len(self.stop) > 4:
@@ -234,10 +281,24 @@ def _cache_info(o: AttachOutcome) -> AttachCacheInfo:
     "/cache/create",
     summary="Prefill a prompt prefix and store its KV cache",
     status_code=201,
-    responses=error_responses(BadRequest, AuthenticationError, PermissionDenied, EngineUnavailable),
+    responses={
+        **error_responses(
+            BadRequest,
+            AuthenticationError,
+            QuotaExceeded,
+            BudgetExceeded,
+            PermissionDenied,
+            CacheLimitExceeded,
+            EngineUnavailable,
+        ),
+        202: {
+            "model": CacheObject,
+            "description": "With `wait: false`: the cache, `pending`; the prefill runs on.",
+        },
+    },
 )
 async def create_cache(
-    body: CreateCacheRequest, auth: Auth, session: SessionDep, service: Service
+    body: CreateCacheRequest, auth: Auth, session: SessionDep, service: Service, response: Response
 ) -> CacheObject:
     result = await service.create(
         session,
@@ -250,14 +311,21 @@ async def create_cache(
             compression=body.compression,
             metadata=body.metadata,
             model=body.model,
+            refresh_on_hit=body.refresh_on_hit,
         ),
+        wait=body.wait,
     )
+    if result.prefill_tokens is None:  # accepted; the prefill runs in the background
+        response.status_code = 202
+        progress = await service.progress(auth.tenant, [result.cache])
+        return CacheObject.of(result.cache, progress=progress.get(result.cache.id))
     return CacheObject.of(
         result.cache,
         CacheUsage(
             prefill_tokens=result.prefill_tokens,
             ttft_ms=round(result.ttft_ms, 3) if result.ttft_ms is not None else None,
         ),
+        progress=Progress(result.cache.tokens, result.cache.tokens),
     )
 
 
@@ -292,6 +360,8 @@ async def attach_cache(
             body.to_prompt(),
             body.sampling(),
             require_hit=body.require_hit,
+            tag=body.tag,
+            version=body.version,
         )
         return StreamingResponse(  # type: ignore[return-value]
             _sse(rid, service, outcome, deltas), media_type="text/event-stream"
@@ -303,6 +373,8 @@ async def attach_cache(
         body.to_prompt(),
         body.sampling(),
         require_hit=body.require_hit,
+        tag=body.tag,
+        version=body.version,
     )
     g = o.generation
     return AttachResponse(

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvaas.db.session import DatabaseUnavailable, is_connection_error
@@ -103,6 +104,16 @@ def install_error_handlers(app: FastAPI) -> None:
             ServiceUnavailable(
                 "the metadata database is unavailable; retry later", headers={"Retry-After": "5"}
             ),
+        )
+
+    @app.exception_handler(DataError)
+    async def _bad_value(request: Request, err: DataError) -> JSONResponse:
+        # a value the database refuses to store or compare (e.g. a NUL character in a text
+        # field on PostgreSQL): the request's fault, not the server's
+        log.info("database refused a request value: %s", err.orig)
+        return api_error_response(
+            request,
+            ValidationFailed(f"a value in the request is not valid: {str(err.orig)[:200]}"),
         )
 
     @app.exception_handler(Exception)

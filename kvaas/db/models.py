@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -19,6 +20,8 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -51,6 +54,8 @@ class Tenant(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")
     storage_quota_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     storage_quota_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: Most live (pending or ready) caches at once; ``None``: the ``default_max_caches`` setting.
+    max_caches: Mapped[int | None] = mapped_column(Integer, nullable=True)
     #: Secret salt of the tenant's chunk-key namespace; never leaves the server.
     namespace_secret: Mapped[str] = mapped_column(String(64), default=lambda: secrets.token_hex(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -106,14 +111,20 @@ class AuditLog(Base):
 
 
 CACHE_STATUSES = ("pending", "ready", "expired", "deleted", "failed")
+#: Statuses a tenant still sees (listing, quotas); the partial indexes below cover exactly these.
+LISTED_STATUSES = ("pending", "ready", "failed")
+_LISTED = text("status IN ('pending', 'ready', 'failed')")
 
 
 class Cache(Base):
     """A stored prompt prefix: its tokens, where its KV lives and its lifecycle.
 
-    The KV itself is in the tiered store under the version's manifest; this row is the
-    authority for ownership, status and expiry. ``token_ids`` holds the prefix's token ids
-    (little-endian int32) so attach can prepend them to a request.
+    The KV itself is in the tiered store under one manifest per version (rows of
+    :class:`CacheVersion`); this row is the authority for ownership, status and expiry.
+    ``version``, ``tokens``, ``token_ids`` (little-endian int32), ``prefix_sha256`` and
+    ``stored_chunks`` describe the latest ready version; ``stored_bytes`` counts the chunks of
+    all live versions once each. ``reserved_tokens``/``reserved_bytes`` hold what a prefill in
+    progress (a pending create or extend) will add, so quotas count it before it lands.
     """
 
     __tablename__ = "caches"
@@ -123,7 +134,24 @@ class Cache(Base):
         ),
         CheckConstraint("storage_class IN ('hot', 'standard', 'cold')", name="storage_class"),
         CheckConstraint("tokens >= 0", name="tokens"),
-        Index("ix_caches_tenant_created", "tenant_id", "created_at"),
+        # keyset pagination of a tenant's listed caches, newest or oldest first
+        Index(
+            "ix_caches_tenant_listed",
+            "tenant_id",
+            "created_at",
+            "id",
+            postgresql_where=_LISTED,
+            sqlite_where=_LISTED,
+        ),
+        Index(
+            "ix_caches_tenant_name",
+            "tenant_id",
+            "name",
+            "created_at",
+            "id",
+            postgresql_where=_LISTED,
+            sqlite_where=_LISTED,
+        ),
         Index("ix_caches_expires", "status", "expires_at"),
     )
 
@@ -141,12 +169,272 @@ class Cache(Base):
     chunk_tokens: Mapped[int] = mapped_column(Integer)
     stored_chunks: Mapped[int] = mapped_column(Integer, default=0)
     stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     compression: Mapped[str] = mapped_column(String(16))
     storage_class: Mapped[str] = mapped_column(String(16))
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", PortableJSON, default=dict)
     hit_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Lifetime granted by the last TTL change; ``refresh_on_hit`` re-grants it on each attach.
+    ttl_seconds: Mapped[int] = mapped_column(Integer, server_default="3600")
+    refresh_on_hit: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+VERSION_STATUSES = ("pending", "ready", "failed", "deleted")
+
+
+class CacheVersion(Base):
+    """One version of a cache. Version ``n + 1`` holds version ``n``'s tokens followed by the
+    extension's, so its first chunks are version ``n``'s (the same keys) and only the new ones
+    are stored. The store keeps one manifest per live version."""
+
+    __tablename__ = "cache_versions"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'ready', 'failed', 'deleted')", name="status"),
+        CheckConstraint("version >= 1", name="version"),
+    )
+
+    cache_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("caches.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    tokens: Mapped[int] = mapped_column(Integer)
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    prefix_sha256: Mapped[str] = mapped_column(String(64))
+    #: Full chunks of this version (its manifest's keys).
+    chunks: Mapped[int] = mapped_column(Integer)
+    #: Bytes of this version's chunks (shared ones included).
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class CacheTag(Base):
+    """A tenant's named pointer to one of its caches (unique per tenant, re-pointable)."""
+
+    __tablename__ = "cache_tags"
+    __table_args__ = (Index("ix_cache_tags_cache", "cache_id"),)
+
+    tenant_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cache_id: Mapped[str] = mapped_column(String(40), ForeignKey("caches.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# --- limits: idempotency keys -----------------------------------------------------------------
+
+IDEMPOTENCY_STATES = ("in_flight", "completed")
+
+
+class IdempotencyRecord(Base):
+    """One ``Idempotency-Key`` of one tenant: the request's hash and, once it finished, the
+    response to replay. ``in_flight`` rows are a lock held by the request still running."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        CheckConstraint("state IN ('in_flight', 'completed')", name="state"),
+        Index("ix_idempotency_keys_expires", "expires_at"),
+    )
+
+    tenant_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="in_flight")
+    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response_headers: Mapped[list[Any] | None] = mapped_column(PortableJSON, nullable=True)
+    response_body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# --- metering and billing -------------------------------------------------------------------
+
+LIFECYCLE_KINDS = ("started", "resized", "class_changed", "tiers_changed", "ended")
+
+
+class UsageEvent(Base):
+    """Append-only usage ledger: one row per metered quantity (tokens, cache creations).
+
+    ``idempotency_key`` is unique: recording the same event twice keeps one row.
+    """
+
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        CheckConstraint("quantity >= 0", name="quantity"),
+        Index("ix_usage_events_tenant_at", "tenant_id", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
+    meter: Mapped[str] = mapped_column(String(32))
+    quantity: Mapped[int] = mapped_column(BigInteger)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    cache_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(PortableJSON, default=dict)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CacheLifecycleEvent(Base):
+    """Append-only lifecycle of a cache's storage: started, resized, class or tiers changed,
+    ended. Storage meters integrate the state these events describe over time."""
+
+    __tablename__ = "cache_lifecycle_events"
+    __table_args__ = (
+        CheckConstraint(
+            "kind IN ('started', 'resized', 'class_changed', 'tiers_changed', 'ended')",
+            name="kind",
+        ),
+        Index("ix_cache_lifecycle_events_tenant_at", "tenant_id", "at"),
+        Index("ix_cache_lifecycle_events_cache", "cache_id", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
+    cache_id: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    storage_class: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    bytes_by_tier: Mapped[dict[str, int]] = mapped_column(PortableJSON, default=dict)
+    reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Invoice(Base):
+    """A tenant's invoice for one calendar month; lines in :class:`InvoiceLine`."""
+
+    __tablename__ = "invoices"
+    __table_args__ = (
+        Index("uq_invoices_tenant_period", "tenant_id", "period", unique=True),
+        CheckConstraint("total_minor >= 0", name="total"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("inv"))
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
+    period: Mapped[str] = mapped_column(String(7))
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    period_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    currency: Mapped[str] = mapped_column(String(3))
+    pricebook_version: Mapped[str] = mapped_column(String(32))
+    subtotal_minor: Mapped[int] = mapped_column(BigInteger)
+    total_minor: Mapped[int] = mapped_column(BigInteger)
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="issued")
+    payment_status: Mapped[str] = mapped_column(String(16), default="unpaid")
+    payment_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    stripe_invoice_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    html_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pdf_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class InvoiceLine(Base):
+    """One priced meter on an invoice; ``usage_ref`` leads back to the usage behind it."""
+
+    __tablename__ = "invoice_lines"
+    __table_args__ = (
+        Index("uq_invoice_lines_invoice_position", "invoice_id", "position", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    invoice_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("invoices.id", ondelete="CASCADE")
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    meter: Mapped[str] = mapped_column(String(32))
+    storage_class: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    description: Mapped[str] = mapped_column(Text)
+    usage_quantity: Mapped[int] = mapped_column(BigInteger)
+    free_quantity: Mapped[int] = mapped_column(BigInteger)
+    quantity: Mapped[int] = mapped_column(BigInteger)
+    unit: Mapped[str] = mapped_column(String(32))
+    unit_quantity: Mapped[str] = mapped_column(String(40))
+    unit_price: Mapped[str] = mapped_column(String(40))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    usage_ref: Mapped[dict[str, Any]] = mapped_column(PortableJSON, default=dict)
+
+
+class StripeSync(Base):
+    """What was sent to Stripe: one row per object created there, keyed idempotently."""
+
+    __tablename__ = "stripe_sync"
+    __table_args__ = (Index("ix_stripe_sync_local", "kind", "local_ref"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    local_ref: Mapped[str] = mapped_column(String(64))
+    stripe_id: Mapped[str] = mapped_column(String(64))
+    request: Mapped[dict[str, Any]] = mapped_column(PortableJSON, default=dict)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class StripeEvent(Base):
+    """A processed Stripe webhook event (its id is unique: redelivery is a no-op)."""
+
+    __tablename__ = "stripe_events"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    invoice_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Budget(Base):
+    """A tenant's monthly spending budget in the price book's currency (minor units)."""
+
+    __tablename__ = "budgets"
+    __table_args__ = (CheckConstraint("amount_minor >= 0", name="amount"),)
+
+    tenant_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class BudgetAlert(Base):
+    """A budget threshold (80 or 100 percent) crossed in a month; recorded once."""
+
+    __tablename__ = "budget_alerts"
+    __table_args__ = (
+        Index("uq_budget_alerts_once", "tenant_id", "month", "threshold_pct", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
+    month: Mapped[str] = mapped_column(String(7))
+    threshold_pct: Mapped[int] = mapped_column(Integer)
+    spend_minor: Mapped[int] = mapped_column(BigInteger)
+    budget_minor: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -84,3 +84,13 @@ async def gateway(
                 assert r.status_code == 201, r.text
                 keys.append(r.json()["api_key"]["secret"])
             yield Gateway(app, client, settings, keys[0], keys[1])
+
+
+@pytest.fixture(scope="session")
+async def served_gateway(gateway: Gateway) -> AsyncIterator[str]:
+    """The ``gateway`` app over real HTTP (uvicorn on 127.0.0.1, same event loop, same engine):
+    its base URL. Use async clients, or sync ones from a thread."""
+    from kvtest.serve import serve
+
+    async with serve(gateway.app) as url:
+        yield url
