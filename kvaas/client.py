@@ -21,7 +21,7 @@ Contract:
 - every POST carries an ``Idempotency-Key`` generated once per call (or the one given), so a
   retried POST never runs twice on the server;
 - listings (:meth:`KVaaS.list_caches`, :meth:`KVaaS.list_tags`) are iterators that fetch the
-  next page (``cursor`` / ``next_cursor``) as they go.
+  next page (the answer's ``next_cursor``, sent back as ``after``) as they go.
 
 Objects are pydantic models that keep every field the server sends (unknown ones too, as
 attributes).
@@ -443,9 +443,8 @@ class _Base:
 
 
 def _cursor_params(cursor: str | None) -> dict[str, str | None]:
-    """The next page's query: the gateway reads the cursor as ``after`` (``cursor`` is its
-    documented alias, sent too)."""
-    return {"after": cursor, "cursor": cursor}
+    """The next page's query: the previous page's ``next_cursor`` as ``after``."""
+    return {"after": cursor}
 
 
 def _page_items(page: Any) -> tuple[list[Any], str | None]:
