@@ -369,6 +369,7 @@ async def _generate(
     cache_id, tag = ref
     if cache_id is None and tag is None:
         ids = _plain_ids(engine, prompt, sampling)
+        sampling = service.salted(tenant, sampling)
         try:
             gen = await engine.generate(ids, sampling)
         except EngineError as e:
@@ -403,6 +404,7 @@ async def _generate_stream(
     cache_id, tag = ref
     if cache_id is None and tag is None:
         ids = _plain_ids(engine, prompt, sampling)
+        sampling = service.salted(tenant, sampling)
         run = Run(len(ids), None)
 
         async def deltas() -> AsyncIterator[Generation]:

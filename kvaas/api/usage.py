@@ -71,9 +71,11 @@ def _aware(at: datetime | None, default: datetime) -> datetime:
 
 
 def _range(frm: datetime | None, to: datetime | None) -> tuple[datetime, datetime]:
-    now = utcnow().replace(microsecond=0)
+    now = utcnow()
     start = _aware(frm, month_start(now))
-    end = _aware(to, now)
+    # the meters count whole seconds: by default include the current one, so what a request
+    # just recorded shows at once
+    end = _aware(to, now.replace(microsecond=0) + timedelta(seconds=1))
     if end <= start:
         raise BadRequest("`to` must be after `from`", param="to")
     return start, end
@@ -91,7 +93,10 @@ async def get_usage(
     frm: Annotated[
         datetime | None, Query(alias="from", description="Start (default: month start, UTC).")
     ] = None,
-    to: Annotated[datetime | None, Query(description="End, excluded (default: now).")] = None,
+    to: Annotated[
+        datetime | None,
+        Query(description="End, excluded (default: the end of the current second)."),
+    ] = None,
     granularity: Annotated[Literal["hour", "day"], Query(description="Bucket size.")] = "day",
 ) -> UsageReport:
     start, end = _range(frm, to)

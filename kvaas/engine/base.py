@@ -28,6 +28,9 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    #: isolates the engine's own prefix cache: requests share reused KV only with requests of
+    #: the same salt (the gateway passes one per tenant)
+    cache_salt: str | None = None
 
 
 @dataclass(slots=True)

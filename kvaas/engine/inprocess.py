@@ -114,9 +114,10 @@ class InProcessEngine(Engine):
         t0 = time.perf_counter()
         first = True
         rid = uuid.uuid4().hex
-        async for out in self._llm.generate(
-            TokensPrompt(prompt_token_ids=list(token_ids)), params, rid
-        ):
+        prompt = TokensPrompt(prompt_token_ids=list(token_ids))
+        if sampling.cache_salt is not None:
+            prompt["cache_salt"] = sampling.cache_salt
+        async for out in self._llm.generate(prompt, params, rid):
             c = out.outputs[0]
             g = Generation(
                 token_ids=list(c.token_ids),

@@ -93,6 +93,8 @@ class RemoteEngine(Engine):
         if sampling.logprobs:
             body["logprobs"] = sampling.logprobs
             body["return_tokens_as_token_ids"] = True  # "token_id:<id>" keys, no decoding
+        if sampling.cache_salt is not None:
+            body["cache_salt"] = sampling.cache_salt
         if plan is not None:
             body["kv_transfer_params"] = plan.to_params()
         return body

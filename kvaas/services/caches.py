@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -308,6 +309,11 @@ class CacheService:
         """Chunk keys of ``ids`` under an existing cache's model, codec and chunk size."""
         ns = tenant if isinstance(tenant, bytes) else self._namespace(tenant)
         return _chunk_keys(ns, ids, cache.compression, cache.model_fingerprint, cache.chunk_tokens)
+
+    def salted(self, tenant: Tenant, sampling: Sampling) -> Sampling:
+        """``sampling`` with the tenant's salt: the engine's own prefix cache never lets one
+        tenant reuse (or time) another tenant's KV."""
+        return dataclasses.replace(sampling, cache_salt=self._tag(tenant))
 
     def _tag(self, tenant: Tenant) -> str:
         return namespace_tag(self._namespace(tenant))
@@ -641,7 +647,8 @@ class CacheService:
         eng = self._engine()
         try:
             await self.store.put_manifest(job.manifest())
-            gen = await eng.generate(job.ids, Sampling(max_tokens=1, temperature=0.0), job.plan())
+            once = Sampling(max_tokens=1, temperature=0.0, cache_salt=job.tag)
+            gen = await eng.generate(job.ids, once, job.plan())
             sizes = await self.store.sizes_many(job.keys)
         except (StoreError, EngineError) as e:
             await self._fail(session, job, str(e))
@@ -905,6 +912,7 @@ class CacheService:
     ) -> AttachOutcome:
         """Generate with the cache named by ``cache_id`` or ``tag`` (exactly one) as the
         prompt's prefix; ``version`` defaults to the latest."""
+        sampling = self.salted(tenant, sampling)
         cache, version, ids, plan, expected, available = await self._prepare_attach(
             session, tenant, cache_id, tag, version, prompt, sampling, require_hit
         )
@@ -936,6 +944,7 @@ class CacheService:
     ) -> tuple[AttachOutcome, AsyncIterator[Generation]]:
         """Validate now (errors surface before the stream starts); the iterator yields deltas
         and fills the returned outcome's generation as it goes."""
+        sampling = self.salted(tenant, sampling)
         cache, version, ids, plan, expected, available = await self._prepare_attach(
             session, tenant, cache_id, tag, version, prompt, sampling, require_hit
         )
