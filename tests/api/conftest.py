@@ -14,11 +14,9 @@ import httpx
 import pytest
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from kvtest.gateway import ADMIN_TOKEN, new_tenant
+from kvtest.gateway import ADMIN_TOKEN, new_tenant, running_app
 
 from kvaas.api.deps import Auth
-from kvaas.app import create_app
-from kvaas.config import Settings
 
 
 @dataclass
@@ -98,19 +96,17 @@ def make_app(database_url: str, tmp_path: Path) -> AppFactory:
             "data_dir": tmp_path / "data",
             "database_url": database_url,
             "admin_token": ADMIN_TOKEN,
-            "engine": "none",
             "rate_limit_per_second": 0,
         }
-        values.update(overrides)
-        app = create_app(Settings(_env_file=None, **values))  # type: ignore[call-arg]
         effects = SideEffects()
-        app.include_router(side_effect_router(effects))
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://kvaas.test") as c:
-                keys = {}
-                for name in tenants:
-                    _t, keys[name] = await new_tenant(c, name)
-                yield ApiApp(app, c, effects, keys)
+
+        def prepare(app: FastAPI) -> None:
+            app.include_router(side_effect_router(effects))
+
+        async with running_app(prepare, **{**values, **overrides}) as (app, c):
+            keys = {}
+            for name in tenants:
+                _t, keys[name] = await new_tenant(c, name)
+            yield ApiApp(app, c, effects, keys)
 
     return factory

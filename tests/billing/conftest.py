@@ -22,26 +22,17 @@ def make_app(database_url: str, tmp_path: Any) -> Callable[..., Any]:
     migrated test database."""
     from contextlib import asynccontextmanager
 
-    import httpx
-
-    from kvaas.app import create_app
-    from kvaas.config import Settings
+    from kvtest.gateway import running_app
 
     @asynccontextmanager
     async def factory(**overrides: Any) -> Any:
         values: dict[str, Any] = {
             "data_dir": tmp_path / "data",
             "database_url": database_url,
-            "engine": "none",
             "rate_limit_per_second": 0,
         }
-        values.update(overrides)
-        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://kvaas.test") as c:
-                yield app, c
+        async with running_app(**{**values, **overrides}) as (app, c):
+            yield app, c
 
     return factory
 

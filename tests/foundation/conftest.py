@@ -10,10 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from kvtest.gateway import ADMIN_TOKEN
-
-from kvaas.app import create_app
-from kvaas.config import Settings
+from kvtest.gateway import ADMIN_TOKEN, running_app
 
 AppFactory = Callable[..., AbstractAsyncContextManager[tuple[FastAPI, httpx.AsyncClient]]]
 
@@ -28,16 +25,10 @@ def make_client(database_url: str, tmp_path: Path) -> AppFactory:
             "data_dir": tmp_path / "data",
             "database_url": database_url,
             "admin_token": ADMIN_TOKEN,
-            "engine": "none",
             "database_timeout_seconds": 2.0,
         }
-        values.update(overrides)
-        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://kvaas.test") as c:
-                yield app, c
+        async with running_app(**{**values, **overrides}) as (app, c):
+            yield app, c
 
     return factory
 

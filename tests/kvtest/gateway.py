@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
+
+from kvaas.app import create_app
+from kvaas.config import Settings
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
@@ -19,3 +25,20 @@ async def new_tenant(client: httpx.AsyncClient, name: str = "acme") -> tuple[dic
     assert r.status_code == 201, r.text
     body = r.json()
     return body["tenant"], body["api_key"]["secret"]
+
+
+@asynccontextmanager
+async def running_app(
+    prepare: Callable[[FastAPI], None] | None = None, **values: Any
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """An app built from the settings ``values`` (no engine unless one is named), its lifespan
+    running, and an in-process HTTP client to it. ``prepare(app)`` runs before start-up (e.g.
+    to add a test router)."""
+    settings = Settings(_env_file=None, **{"engine": "none", **values})  # type: ignore[call-arg]
+    app = create_app(settings)
+    if prepare is not None:
+        prepare(app)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kvaas.test") as c:
+            yield app, c
