@@ -43,10 +43,33 @@ from kvaas.db.models import Cache
 from kvaas.metering.ledger import record_lifecycle, record_usage
 
 
-def default_tiers(cache: Cache) -> dict[str, int]:
-    """Where a cache's bytes live by its storage class: ``cold`` on disk, else in Redis."""
-    tier = "disk" if cache.storage_class == "cold" else "redis"
+def default_tiers(cache: Cache, storage_class: str | None = None) -> dict[str, int]:
+    """Where a cache's bytes live by its storage class (``storage_class``, default the
+    cache's own): ``cold`` on disk, else in Redis."""
+    tier = "disk" if (storage_class or cache.storage_class) == "cold" else "redis"
     return {tier: int(cache.stored_bytes or 0)}
+
+
+async def _record_size(
+    session: AsyncSession,
+    cache: Cache,
+    kind: str,
+    idempotency_key: str,
+    at: datetime | None,
+    bytes_by_tier: Mapping[str, int] | None,
+) -> bool:
+    """A lifecycle event stating the cache's current size and class from ``at`` on."""
+    return await record_lifecycle(
+        session,
+        idempotency_key=idempotency_key,
+        tenant_id=cache.tenant_id,
+        cache_id=cache.id,
+        kind=kind,
+        at=at or utcnow(),
+        tokens=cache.tokens,
+        storage_class=cache.storage_class,
+        bytes_by_tier=bytes_by_tier if bytes_by_tier is not None else default_tiers(cache),
+    )
 
 
 def _ms(at: datetime) -> int:
@@ -62,17 +85,8 @@ async def on_cache_ready(
 ) -> bool:
     """Storage of ``cache`` (``cache.tokens`` tokens in ``cache.storage_class``) starts at
     ``at``. Returns False when already recorded."""
-    return await record_lifecycle(
-        session,
-        idempotency_key=f"lc:{cache.id}:started",
-        tenant_id=cache.tenant_id,
-        cache_id=cache.id,
-        kind="started",
-        at=at or utcnow(),
-        tokens=cache.tokens,
-        storage_class=cache.storage_class,
-        bytes_by_tier=bytes_by_tier if bytes_by_tier is not None else default_tiers(cache),
-    )
+    key = f"lc:{cache.id}:started"
+    return await _record_size(session, cache, "started", key, at, bytes_by_tier)
 
 
 async def on_cache_extended(
@@ -83,17 +97,8 @@ async def on_cache_extended(
     bytes_by_tier: Mapping[str, int] | None = None,
 ) -> bool:
     """The cache now holds ``cache.tokens`` tokens (version ``cache.version``) from ``at`` on."""
-    return await record_lifecycle(
-        session,
-        idempotency_key=f"lc:{cache.id}:v{cache.version}:resized",
-        tenant_id=cache.tenant_id,
-        cache_id=cache.id,
-        kind="resized",
-        at=at or utcnow(),
-        tokens=cache.tokens,
-        storage_class=cache.storage_class,
-        bytes_by_tier=bytes_by_tier if bytes_by_tier is not None else default_tiers(cache),
-    )
+    key = f"lc:{cache.id}:v{cache.version}:resized"
+    return await _record_size(session, cache, "resized", key, at, bytes_by_tier)
 
 
 async def on_storage_class_changed(
@@ -107,9 +112,7 @@ async def on_storage_class_changed(
 ) -> bool:
     """The cache is kept in storage class ``new`` (was ``old``) from ``at`` on."""
     at = at or utcnow()
-    tiers = dict(bytes_by_tier) if bytes_by_tier is not None else None
-    if tiers is None:
-        tiers = {"disk" if new == "cold" else "redis": int(cache.stored_bytes or 0)}
+    tiers = dict(bytes_by_tier) if bytes_by_tier is not None else default_tiers(cache, new)
     return await record_lifecycle(
         session,
         idempotency_key=f"lc:{cache.id}:class:{old}:{new}:{_ms(at)}",
