@@ -25,7 +25,7 @@ from rich.table import Table
 
 from kvaas import codec
 from kvaas.codec.quality import LoadedModel, evaluate_scheme
-from kvaas.models import resolve_model
+from kvaas.model_presets import resolve_model
 
 
 def _time(fn, reps: int) -> float:  # type: ignore[no-untyped-def]

@@ -164,7 +164,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from kvaas.models import build_model, resolve_model
+    from kvaas.model_presets import build_model, resolve_model
 
     data = Path(tempfile.gettempdir()) / "kvaas-bench"
     models: list[tuple[str, Path, list[int]]] = [

@@ -21,7 +21,7 @@ from kvaas import __version__
 from kvaas.billing.cli import invoices_app
 from kvaas.codec.cli import codec_app
 from kvaas.config import Settings, get_settings, settings_markdown_table
-from kvaas.models.cli import models_app
+from kvaas.model_presets.cli import models_app
 
 T = TypeVar("T")
 
@@ -370,7 +370,7 @@ def engine_command(
 
     from kvaas.engine import kv_dtype
     from kvaas.engine.remote import serve_command
-    from kvaas.models import resolve_model
+    from kvaas.model_presets import resolve_model
     from kvaas.store.factory import StoreConfig
 
     s = _settings()

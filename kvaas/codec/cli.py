@@ -30,7 +30,7 @@ def eval_cmd(
     """Round-trip a model's KV through each scheme and compare continuations (KL, top-1)."""
     from kvaas.codec import SCHEMES
     from kvaas.codec.quality import LoadedModel, evaluate_scheme
-    from kvaas.models import resolve_model
+    from kvaas.model_presets import resolve_model
 
     names = scheme or list(SCHEMES)
     unknown = [n for n in names if n not in SCHEMES]

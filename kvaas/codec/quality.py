@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from kvaas import codec
-from kvaas.models.corpus import stdlib_files
+from kvaas.model_presets.corpus import stdlib_files
 
 PASSKEY = "48213"
 

@@ -28,7 +28,7 @@ def build_engine(settings: Settings) -> Engine | None:
     """The engine the settings ask for (``None`` for ``KVAAS_ENGINE=none``); not started."""
     if settings.engine == "none":
         return None
-    from kvaas.models import resolve_model
+    from kvaas.model_presets import resolve_model
     from kvaas.store.factory import StoreConfig
 
     model_dir = resolve_model(settings.model, settings.data_dir / "models")

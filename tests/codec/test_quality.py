@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvaas.codec.quality import LoadedModel, evaluate_scheme
-from kvaas.models import resolve_model
+from kvaas.model_presets import resolve_model
 
 pytestmark = pytest.mark.slow
 

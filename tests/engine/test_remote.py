@@ -18,7 +18,7 @@ from kvtest.gateway import admin_headers
 from kvaas.app import create_app
 from kvaas.engine import Sampling, kv_dtype
 from kvaas.engine.remote import serve_command
-from kvaas.models import resolve_model
+from kvaas.model_presets import resolve_model
 from kvaas.store.factory import StoreConfig
 
 from .conftest import Gateway, engine_settings

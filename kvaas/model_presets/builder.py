@@ -5,7 +5,7 @@
 template). The same preset and builder version give the same bytes: seeds are fixed, inputs are
 sorted, training runs with a fixed thread count and deterministic algorithms, and no timestamp
 is written. A trained preset whose finished artifact ships with the package
-(``kvaas/models/artifacts/<preset>-v<version>/``) is copied and verified against its sha256
+(``kvaas/model_presets/artifacts/<preset>-v<version>/``) is copied and verified against its sha256
 manifest instead of retrained, unless ``retrain=True``.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvaas.models.presets import PRESETS, Preset, TrainSpec
+from kvaas.model_presets.presets import PRESETS, Preset, TrainSpec
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 MANIFEST = "kvaas-manifest.json"
@@ -213,7 +213,7 @@ def _tiny_tokenizer() -> Any:
     art = ARTIFACTS / PRESETS["tiny"].dir_name / "tokenizer.json"
     if art.exists():
         return Tokenizer.from_file(str(art))
-    from kvaas.models.corpus import corpus_text
+    from kvaas.model_presets.corpus import corpus_text
 
     return train_tokenizer(corpus_text(1_000_000), 4096)
 
@@ -229,7 +229,7 @@ def _build_into(
         verify_manifest(out)
         return
     if preset.train:
-        from kvaas.models.corpus import corpus_text
+        from kvaas.model_presets.corpus import corpus_text
 
         progress("reading the training corpus", 0.0)
         text = corpus_text(preset.train.corpus_bytes)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvaas.models import PRESETS, build_model, resolve_model
-from kvaas.models.builder import MANIFEST, verify_manifest
+from kvaas.model_presets import PRESETS, build_model, resolve_model
+from kvaas.model_presets.builder import MANIFEST, verify_manifest
 
 
 def _tree(path: Path) -> dict[str, bytes]:

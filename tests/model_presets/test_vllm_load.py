@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvaas.models import resolve_model
+from kvaas.model_presets import resolve_model
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

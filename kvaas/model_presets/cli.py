@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvaas.models.builder import build_model, get_preset
-from kvaas.models.presets import PRESETS
+from kvaas.model_presets.builder import build_model, get_preset
+from kvaas.model_presets.presets import PRESETS
 
 models_app = typer.Typer(help="Build and list built-in models.", no_args_is_help=True)
 _out = Console()
