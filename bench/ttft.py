@@ -164,6 +164,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from kvaas.codec.sizing import read_kv_shape
     from kvaas.model_presets import build_model, resolve_model
 
     data = Path(tempfile.gettempdir()) / "kvaas-bench"
@@ -177,9 +178,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for name, model_dir, lengths in models:
         cfg = json.loads((model_dir / "config.json").read_text())
-        kv_bytes_per_token = (
-            cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
-        )
+        kv_bytes_per_token = read_kv_shape(model_dir, "float32").bytes_per_token  # as run
         results: dict[str, Any] = {}
         for kind in ("baseline", "example", "kvaas"):
             print(f"[{name}] running the {kind} engine ...", file=sys.stderr, flush=True)

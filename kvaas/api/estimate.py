@@ -4,7 +4,6 @@ it, and after how many attaches it pays off against re-sending the prompt."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -13,12 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvaas.api.caches import PromptFields
 from kvaas.api.deps import Auth
 from kvaas.api.errors import error_responses
-from kvaas.billing.estimate import chunk_blob_bytes, economics, kv_shape
+from kvaas.billing.estimate import economics
 from kvaas.billing.pricebook import PriceBook
+from kvaas.codec.sizing import chunk_size, read_kv_shape
 from kvaas.db.base import utcnow
-from kvaas.engine import kv_dtype
 from kvaas.errors import AuthenticationError, BadRequest, PermissionDenied
-from kvaas.services.caches import EngineUnavailable
+from kvaas.services.caches import CacheService, EngineUnavailable, Prompt
 
 router = APIRouter(prefix="/v1", tags=["caches"])
 
@@ -92,43 +91,31 @@ def _money(d: object) -> str:
 )
 async def estimate_cache(body: EstimateRequest, auth: Auth, request: Request) -> Estimate:
     settings = request.app.state.settings
-    service = request.app.state.cache_service
-    engine = getattr(service, "engine", None)
-    if engine is None:
-        raise EngineUnavailable("this gateway runs without an engine (KVAAS_ENGINE=none)")
-    model = engine.model
-    given = [x for x in (body.prompt, body.messages, body.token_ids) if x is not None]
-    if len(given) != 1:
-        raise BadRequest("give exactly one of `prompt`, `messages` or `token_ids`")
-    if body.token_ids is not None:
-        vocab = len(model.tokenizer)
-        if any(t < 0 or t >= vocab for t in body.token_ids):
-            raise BadRequest(f"token ids must lie in [0, {vocab})", param="token_ids")
-        tokens = len(body.token_ids)
-    elif body.messages is not None:
-        msgs = [m.model_dump() for m in body.messages]
-        ids = await asyncio.to_thread(
-            model.encode_messages, msgs, add_generation_prompt=False, continuation=False
-        )
-        tokens = len(ids)
-    else:
-        assert body.prompt is not None
-        tokens = len(await asyncio.to_thread(model.encode, body.prompt))
-    if tokens == 0:
-        raise BadRequest("the prompt is empty")
+    service: CacheService = request.app.state.cache_service
+    policy = service.prompts
+    model = policy.engine.model
+    prompt = Prompt(
+        prompt=body.prompt,
+        messages=[m.model_dump() for m in body.messages] if body.messages is not None else None,
+        token_ids=body.token_ids,
+    )
+    ids = await policy.tokenize(prompt, continuation=False, generation_prompt=False)
+    policy.require_tokens(ids)
+    tokens = len(ids)
     ttl = body.ttl_seconds if body.ttl_seconds is not None else settings.default_ttl_seconds
     storage_class = body.storage_class or settings.default_storage_class
     compression = body.compression or settings.default_compression
     chunk = settings.chunk_tokens
     stored_tokens = (tokens // chunk) * chunk
-    config = json.loads((model.path / "config.json").read_text())
-    shape = kv_shape(config, kv_dtype(model.path, settings.engine_dtype))
+    shape = read_kv_shape(model.path, settings.engine_dtype)
     raw_chunk = shape.bytes_per_token * chunk
     sizes: dict[str, StoredSize] = {}
     for scheme in SCHEMES:
-        per_chunk, exact = await asyncio.to_thread(chunk_blob_bytes, shape, chunk, scheme)
+        size = await asyncio.to_thread(chunk_size, shape, chunk, scheme)
         sizes[scheme] = StoredSize(
-            bytes=per_chunk * (tokens // chunk), ratio=round(raw_chunk / per_chunk, 4), exact=exact
+            bytes=size.expected * (tokens // chunk),
+            ratio=round(raw_chunk / size.expected, 4),
+            exact=size.exact,
         )
     pricebook: PriceBook = request.app.state.pricebook
     prices = pricebook.version_for(utcnow())

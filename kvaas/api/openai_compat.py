@@ -32,7 +32,7 @@ from kvaas.api.caches import TAG_PATTERN
 from kvaas.api.deps import Auth, SessionDep
 from kvaas.api.errors import error_responses
 from kvaas.db.models import Tenant
-from kvaas.engine import Engine, EngineError, Generation, Sampling
+from kvaas.engine import EngineError, Generation, Sampling
 from kvaas.errors import (
     AuthenticationError,
     BadRequest,
@@ -317,41 +317,14 @@ def _cache_ref(body: CacheFields, header_value: str | None) -> tuple[str | None,
     return None, None
 
 
-def _engine(service: CacheService) -> Engine:
-    if service.engine is None:
-        raise EngineUnavailable("this gateway runs without an engine (KVAAS_ENGINE=none)")
-    return service.engine
-
-
-def _check_model(engine: Engine, model: str | None) -> None:
-    if model is not None and model != engine.model.name:
-        raise NotFound(
-            f"model {model!r} is not served here; this service runs {engine.model.name!r}",
-            param="model",
-        )
-
-
-def _plain_ids(engine: Engine, prompt: Prompt, sampling: Sampling) -> list[int]:
+async def _plain_ids(service: CacheService, prompt: Prompt, sampling: Sampling) -> list[int]:
     """Token ids of a request without a cache, checked against the model's limits."""
-    if prompt.token_ids is not None:
-        vocab = len(engine.model.tokenizer)
-        if any(t < 0 or t >= vocab for t in prompt.token_ids):
-            raise BadRequest(f"token ids must lie in [0, {vocab})", param="prompt")
-        ids = list(prompt.token_ids)
-    elif prompt.messages is not None:
-        ids = engine.model.encode_messages(
-            prompt.messages, add_generation_prompt=True, continuation=False
-        )
-    else:
-        ids = engine.model.encode(prompt.prompt or "")
-    if not ids:
-        raise BadRequest("the prompt is empty", param="prompt")
-    if len(ids) + sampling.max_tokens > engine.max_model_len:
-        raise BadRequest(
-            f"prompt ({len(ids)}) + max_tokens ({sampling.max_tokens}) tokens exceed the "
-            f"model's {engine.max_model_len}",
-            param="max_tokens",
-        )
+    policy = service.prompts
+    ids = await policy.tokenize(
+        prompt, continuation=False, generation_prompt=True, ids_param="prompt"
+    )
+    policy.require_tokens(ids, param="prompt")
+    policy.check_generation(len(ids), sampling.max_tokens, f"prompt ({len(ids)})")
     return ids
 
 
@@ -365,10 +338,10 @@ async def _generate(
     require_hit: bool,
     version: int | None,
 ) -> Run:
-    engine = _engine(service)
+    engine = service.prompts.engine
     cache_id, tag = ref
     if cache_id is None and tag is None:
-        ids = _plain_ids(engine, prompt, sampling)
+        ids = await _plain_ids(service, prompt, sampling)
         sampling = service.salted(tenant, sampling)
         try:
             gen = await engine.generate(ids, sampling)
@@ -400,10 +373,10 @@ async def _generate_stream(
     require_hit: bool,
     version: int | None,
 ) -> tuple[Run, AsyncIterator[Generation]]:
-    engine = _engine(service)
+    engine = service.prompts.engine
     cache_id, tag = ref
     if cache_id is None and tag is None:
-        ids = _plain_ids(engine, prompt, sampling)
+        ids = await _plain_ids(service, prompt, sampling)
         sampling = service.salted(tenant, sampling)
         run = Run(len(ids), None)
 
@@ -484,8 +457,8 @@ async def create_chat_completion(
     service: Service,
     x_kvaas_cache: CacheHeader = None,
 ) -> ChatCompletion:
-    engine = _engine(service)
-    _check_model(engine, body.model)
+    engine = service.prompts.engine
+    service.prompts.check_model(body.model, NotFound)
     sampling = body.chat_sampling()
     prompt = Prompt(messages=[m.as_dict() for m in body.messages])
     ref = _cache_ref(body, x_kvaas_cache)
@@ -556,8 +529,8 @@ async def create_completion(
     service: Service,
     x_kvaas_cache: CacheHeader = None,
 ) -> Completion:
-    engine = _engine(service)
-    _check_model(engine, body.model)
+    engine = service.prompts.engine
+    service.prompts.check_model(body.model, NotFound)
     sampling = body.sampling()
     prompt = (
         Prompt(prompt=body.prompt)

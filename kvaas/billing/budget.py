@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.billing.invoices import draft_invoice, period_of
@@ -20,6 +19,7 @@ from kvaas.billing.pricebook import PriceBook, pricebook_for
 from kvaas.config import Settings
 from kvaas.db.base import utcnow
 from kvaas.db.models import Budget, BudgetAlert, Tenant
+from kvaas.db.upsert import insert_ignore
 from kvaas.errors import APIError
 
 THRESHOLDS = (80, 100)
@@ -74,22 +74,20 @@ async def _record_alerts(
     if not pcts or session.bind is None:
         return
     async with AsyncSession(session.bind) as own:
-        dialect = own.bind.dialect.name if own.bind is not None else "sqlite"
-        ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
         for pct in pcts:
-            stmt = (
-                ins(BudgetAlert)
-                .values(
-                    tenant_id=tenant_id,
-                    month=month,
-                    threshold_pct=pct,
-                    spend_minor=spend,
-                    budget_minor=budget,
-                    at=now,
-                )
-                .on_conflict_do_nothing(index_elements=["tenant_id", "month", "threshold_pct"])
+            await insert_ignore(
+                own,
+                BudgetAlert,
+                {
+                    "tenant_id": tenant_id,
+                    "month": month,
+                    "threshold_pct": pct,
+                    "spend_minor": spend,
+                    "budget_minor": budget,
+                    "at": now,
+                },
+                ["tenant_id", "month", "threshold_pct"],
             )
-            await own.execute(stmt)
         await own.commit()
 
 

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvaas.codec.sizing import kv_dtype
 from kvaas.engine.base import Engine, EngineError, Generation, Sampling
 from kvaas.engine.model_info import ModelInfo
 
 if TYPE_CHECKING:
     from kvaas.config import Settings
 
-__all__ = ["Engine", "EngineError", "Generation", "ModelInfo", "Sampling", "build_engine"]
-
-
-def kv_dtype(model_dir: Path, dtype: str) -> str:
-    """The dtype vLLM will keep KV in for ``dtype`` (``auto``: the checkpoint's)."""
-    if dtype != "auto":
-        return dtype
-    import json
-
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+__all__ = [
+    "Engine",
+    "EngineError",
+    "Generation",
+    "ModelInfo",
+    "Sampling",
+    "build_engine",
+    "kv_dtype",
+]
 
 
 def build_engine(settings: Settings) -> Engine | None:

@@ -13,11 +13,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.db.base import utcnow
 from kvaas.db.models import CacheLifecycleEvent, UsageEvent
+from kvaas.db.upsert import insert_ignore
 
 #: Token and count meters recorded as usage events.
 EVENT_METERS = ("prefill_tokens", "cached_tokens", "output_tokens", "cache_creations")
@@ -29,15 +29,9 @@ TIERS = ("memory", "redis", "disk")
 
 async def _insert_ignore(session: AsyncSession, table: Table, values: dict[str, Any]) -> bool:
     """Insert ``values`` unless a row with the same idempotency key exists. True if inserted."""
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    ins: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-    stmt = (
-        ins.values(**values)
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(table.c.id)
+    return await insert_ignore(
+        session, table, values, ["idempotency_key"], returning=table.c.id
     )
-    result = await session.execute(stmt)
-    return result.first() is not None
 
 
 async def record_usage(

@@ -13,22 +13,18 @@ reserved (``reserved_tokens`` / ``reserved_bytes``), and their count. Limits:
 The error's ``error`` object names the ``limit`` (``storage_tokens``, ``storage_bytes`` or
 ``caches``), the ``current`` usage, the ``maximum`` and what the request ``requested``.
 
-A new cache's bytes are not known before its prefill: they are estimated exactly for the
-fixed-size codecs (``none``, ``int8``, ``int4``: every chunk of a model has the same size) and
-bounded by the ``none`` size for ``lossless``; the estimate is reserved until the prefill ends
-and is then replaced by the bytes actually stored.
+A new cache's bytes are not known before its prefill: it reserves the bound of
+:func:`kvaas.codec.sizing.chunk_size` per chunk (exact for the fixed-size schemes, the ``none``
+size for ``lossless``) until the prefill ends; then the bytes actually stored replace it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -123,31 +119,3 @@ class Guard:
         async with self._locks[zlib.crc32(tenant.id.encode()) % len(self._locks)]:
             await session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
             yield await usage(session, tenant.id)
-
-
-def chunk_bytes(model_dir: Path, kv_dtype: str, compression: str, chunk_tokens: int) -> int:
-    """Bytes one stored chunk of this model takes with ``compression`` (exact for ``none``,
-    ``int8`` and ``int4``; an upper bound for ``lossless``); 0 when the model's shape cannot
-    be read."""
-    try:
-        return _chunk_bytes(str(model_dir), kv_dtype, compression, chunk_tokens)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return 0
-
-
-@lru_cache(maxsize=64)
-def _chunk_bytes(model_dir: str, kv_dtype: str, compression: str, chunk_tokens: int) -> int:
-    import torch
-
-    from kvaas import codec
-
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
-    heads = int(cfg["num_attention_heads"])
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
-    layers = int(cfg["num_hidden_layers"])
-    dtype = getattr(torch, kv_dtype)
-    kv = torch.zeros(layers, 2, chunk_tokens, kv_heads, head_dim, dtype=dtype)
-    # fixed-size schemes encode every chunk to the same size; lossless never exceeds `none`
-    return len(codec.encode(kv, "none" if compression == "lossless" else compression))

@@ -1,0 +1,162 @@
+"""Attach: generate with a stored cache's tokens as the prompt's prefix, loading their KV from
+the store instead of computing it; streaming too. The attach's tokens are metered, and the hit
+recorded, in :meth:`AttachOps._record_hit` (one transaction)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from kvaas.connector.params import TransferPlan
+from kvaas.db.base import utcnow
+from kvaas.db.models import Cache, Tenant
+from kvaas.engine import EngineError, Generation, Sampling
+from kvaas.errors import Conflict, ServiceUnavailable
+from kvaas.metering import hooks as metering
+from kvaas.services.caches.core import CacheCore
+from kvaas.services.caches.identity import bytes_to_tokens
+from kvaas.services.caches.records import AttachOutcome, CacheMiss
+from kvaas.services.prompts import Prompt
+from kvaas.store.errors import StoreError
+
+
+class AttachOps(CacheCore):
+    """Attach, plain and streaming."""
+
+    async def _prepare_attach(
+        self,
+        session: AsyncSession,
+        tenant: Tenant,
+        cache_id: str | None,
+        tag: str | None,
+        version: int | None,
+        prompt: Prompt,
+        sampling: Sampling,
+        require_hit: bool,
+    ) -> tuple[Cache, int, list[int], TransferPlan | None, int, int]:
+        eng = self._engine()
+        cache = await self.resolve(session, tenant, cache_id=cache_id, tag=tag)
+        cid = cache.id
+        self._require_current(cache)
+        if version is None or version == cache.version:
+            version, base = cache.version, bytes_to_tokens(cache.token_ids)
+        else:
+            row = await self._version(session, cache, version)
+            if row.status != "ready":
+                raise Conflict(f"version {version} of {cid!r} is {row.status}", param="version")
+            base = bytes_to_tokens(row.token_ids)
+        extra = await self.prompts.tokenize(prompt, continuation=True) if prompt.given else []
+        ids = base + extra
+        self.prompts.check_generation(
+            len(ids), sampling.max_tokens, f"cache ({len(base)}) + request ({len(extra)})"
+        )
+        keys = self._cache_keys(tenant, cache, base)
+        align = eng.block_size or cache.chunk_tokens
+        cap = ((len(ids) - 1) // align) * align
+        expected = min(len(keys) * cache.chunk_tokens, cap)
+        try:
+            available = await self.store.longest_prefix(keys) if keys else 0
+        except StoreError:
+            available = 0
+        available_tokens = min(available * cache.chunk_tokens, cap)
+        if require_hit and (expected == 0 or available_tokens < expected):
+            reason = "too_short" if expected == 0 else "evicted"
+            raise CacheMiss(
+                f"cache {cid!r} cannot be attached ({reason}) and require_hit is set",
+                extra={"miss_reason": reason},
+            )
+        plan = (
+            TransferPlan("load", tuple(keys[:available]), cache.chunk_tokens) if available else None
+        )
+        return cache, version, ids, plan, expected, available_tokens
+
+    async def _record_hit(
+        self, session: AsyncSession, cache: Cache, outcome: AttachOutcome
+    ) -> None:
+        """Transition: the cache was attached (and, with ``refresh_on_hit``, its lifetime
+        re-granted from now); the attach's tokens are metered in the same transaction."""
+        now = utcnow()
+        cached = outcome.cached_tokens
+        await metering.on_attach(
+            session,
+            cache,
+            cached_tokens=cached,
+            prefill_tokens=max(0, outcome.prompt_tokens - cached),
+            output_tokens=len(outcome.generation.token_ids),
+            request_id=None,
+            at=now,
+        )
+        values: dict[str, Any] = {"hit_count": Cache.hit_count + 1, "last_used_at": now}
+        if cache.refresh_on_hit:
+            values["expires_at"] = now + timedelta(seconds=cache.ttl_seconds)
+        await session.execute(
+            update(Cache).where(Cache.id == cache.id, Cache.status == "ready").values(**values)
+        )
+        await session.commit()
+
+    async def attach(
+        self,
+        session: AsyncSession,
+        tenant: Tenant,
+        cache_id: str | None,
+        prompt: Prompt,
+        sampling: Sampling,
+        *,
+        require_hit: bool = False,
+        tag: str | None = None,
+        version: int | None = None,
+    ) -> AttachOutcome:
+        """Generate with the cache named by ``cache_id`` or ``tag`` (exactly one) as the
+        prompt's prefix; ``version`` defaults to the latest."""
+        sampling = self.salted(tenant, sampling)
+        cache, version, ids, plan, expected, available = await self._prepare_attach(
+            session, tenant, cache_id, tag, version, prompt, sampling, require_hit
+        )
+        try:
+            gen = await self._engine().generate(ids, sampling, plan)
+        except EngineError as e:
+            raise ServiceUnavailable(f"the engine failed: {e}") from e
+        out = AttachOutcome(gen, cache, len(ids), expected, available, version)
+        if require_hit and not out.hit:
+            raise CacheMiss(
+                f"cache {cache.id!r} could not be loaded ({out.miss_reason}) "
+                "and require_hit is set",
+                extra={"miss_reason": out.miss_reason},
+            )
+        await self._record_hit(session, cache, out)
+        return out
+
+    async def attach_stream(
+        self,
+        session: AsyncSession,
+        tenant: Tenant,
+        cache_id: str | None,
+        prompt: Prompt,
+        sampling: Sampling,
+        *,
+        require_hit: bool = False,
+        tag: str | None = None,
+        version: int | None = None,
+    ) -> tuple[AttachOutcome, AsyncIterator[Generation]]:
+        """Validate now (errors surface before the stream starts); the iterator yields deltas
+        and fills the returned outcome's generation as it goes."""
+        sampling = self.salted(tenant, sampling)
+        cache, version, ids, plan, expected, available = await self._prepare_attach(
+            session, tenant, cache_id, tag, version, prompt, sampling, require_hit
+        )
+        outcome = AttachOutcome(Generation(), cache, len(ids), expected, available, version)
+        eng = self._engine()
+
+        async def deltas() -> AsyncIterator[Generation]:
+            total = outcome.generation
+            async for d in eng.stream(ids, sampling, plan):
+                total.absorb(d)
+                yield d
+            async with self.db.session() as s:  # the request's session may be closed by now
+                await self._record_hit(s, cache, outcome)
+
+        return outcome, deltas()

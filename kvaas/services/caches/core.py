@@ -1,0 +1,313 @@
+"""The core every cache operation stands on: identity in the tenant's namespace, lookups of
+live caches and versions, and the transitions shared by several operations (fail a prefill,
+retire a cache, release its manifests).
+
+:class:`CacheCore` holds the service's collaborators (settings, database, store, engine and
+its prompt policy) and the background prefill jobs; the operation classes of this package
+extend it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from kvaas.codec.sizing import chunk_size, read_kv_shape
+from kvaas.config import Settings
+from kvaas.db.base import utcnow
+from kvaas.db.models import Cache, CacheTag, CacheVersion, Tenant
+from kvaas.db.session import Database
+from kvaas.engine import Engine, Sampling
+from kvaas.errors import BadRequest, Conflict, NotFound, ValidationFailed
+from kvaas.metering import hooks as metering
+from kvaas.services import listing, quotas
+from kvaas.services.caches.identity import PrefillJob, bytes_to_tokens, keys_for
+from kvaas.services.caches.records import NOT_FOUND, TAG_NOT_FOUND, Progress
+from kvaas.services.prompts import PromptPolicy
+from kvaas.store.errors import StoreError
+from kvaas.store.keys import ChunkKey, derive_namespace, namespace_tag
+from kvaas.store.tiered import TieredStore
+
+
+class CacheCore:
+    """Collaborators, identity, lookups and the shared transitions."""
+
+    def __init__(
+        self, settings: Settings, store: TieredStore, engine: Engine | None, db: Database
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.engine = engine
+        self.prompts = PromptPolicy(engine)
+        self._jobs: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._quota_guard = quotas.Guard()
+
+    def _engine(self) -> Engine:
+        """The running engine (``503 engine_unavailable`` without one)."""
+        return self.prompts.engine
+
+    def _require_current(self, cache: Cache) -> None:
+        """409 unless ``cache`` is ``ready`` and was made by the model served now."""
+        if cache.status != "ready":
+            raise Conflict(f"cache {cache.id!r} is {cache.status}, not ready", param="cache_id")
+        if cache.model_fingerprint != self._engine().model.fingerprint:
+            raise Conflict(
+                f"cache {cache.id!r} was made by another model version than the one served now",
+                param="cache_id",
+            )
+
+    def _namespace(self, tenant: Tenant) -> bytes:
+        return derive_namespace(bytes.fromhex(tenant.namespace_secret))
+
+    def _keys(self, tenant: Tenant, ids: Sequence[int], compression: str) -> list[ChunkKey]:
+        """Chunk keys of ``ids`` for a new cache: the served model, the configured chunk size."""
+        return keys_for(
+            self._namespace(tenant),
+            ids,
+            compression,
+            self._engine().model.fingerprint,
+            self.settings.chunk_tokens,
+        )
+
+    def _cache_keys(
+        self, tenant: Tenant | bytes, cache: Cache, ids: Sequence[int]
+    ) -> list[ChunkKey]:
+        """Chunk keys of ``ids`` under an existing cache's model, codec and chunk size."""
+        ns = tenant if isinstance(tenant, bytes) else self._namespace(tenant)
+        return keys_for(ns, ids, cache.compression, cache.model_fingerprint, cache.chunk_tokens)
+
+    def salted(self, tenant: Tenant, sampling: Sampling) -> Sampling:
+        """``sampling`` with the tenant's salt: the engine's own prefix cache never lets one
+        tenant reuse (or time) another tenant's KV."""
+        return dataclasses.replace(sampling, cache_salt=self._tag(tenant))
+
+    def _tag(self, tenant: Tenant) -> str:
+        return namespace_tag(self._namespace(tenant))
+
+    def _ttl(self, ttl: int | None, param: str = "ttl_seconds") -> timedelta:
+        """A lifetime within the configured bounds (``param``: the field it came from)."""
+        s = self.settings
+        ttl = s.default_ttl_seconds if ttl is None else ttl
+        if not s.min_ttl_seconds <= ttl <= s.max_ttl_seconds:
+            raise BadRequest(
+                f"{param} must give a lifetime in [{s.min_ttl_seconds}, {s.max_ttl_seconds}] "
+                f"seconds, got {ttl}",
+                param=param,
+            )
+        return timedelta(seconds=ttl)
+
+    def _reserve_bytes(self, compression: str, chunk_tokens: int, chunks: int) -> int:
+        """Bytes reserved against the quota for ``chunks`` new chunks of the served model: the
+        most they can take (0 when the model's KV shape cannot be read)."""
+        try:
+            shape = read_kv_shape(self._engine().model.path, self.settings.engine_dtype)
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        return chunks * chunk_size(shape, chunk_tokens, compression).bound
+
+    async def get_live(self, session: AsyncSession, tenant: Tenant, cache_id: str) -> Cache:
+        """The tenant's cache ``cache_id`` if it is not deleted or expired; 404 otherwise."""
+        cache = await session.get(Cache, cache_id)
+        if cache is None or cache.tenant_id != tenant.id or cache.status in ("deleted", "expired"):
+            raise NotFound(NOT_FOUND.format(id=cache_id), param="cache_id")
+        if cache.expires_at <= utcnow():
+            await self._expire(session, tenant, cache)
+            raise NotFound(NOT_FOUND.format(id=cache_id), param="cache_id")
+        return cache
+
+    async def resolve(
+        self,
+        session: AsyncSession,
+        tenant: Tenant,
+        *,
+        cache_id: str | None = None,
+        tag: str | None = None,
+    ) -> Cache:
+        """The live cache named by exactly one of ``cache_id`` or ``tag``; 404 otherwise."""
+        if (cache_id is None) == (tag is None):
+            raise ValidationFailed("give exactly one of `cache_id` or `tag`", param="cache_id")
+        if cache_id is not None:
+            return await self.get_live(session, tenant, cache_id)
+        assert tag is not None
+        row = await session.get(CacheTag, (tenant.id, tag))
+        if row is None:
+            raise NotFound(TAG_NOT_FOUND.format(name=tag), param="tag")
+        try:
+            return await self.get_live(session, tenant, row.cache_id)
+        except NotFound:
+            raise NotFound(TAG_NOT_FOUND.format(name=tag), param="tag") from None
+
+    async def versions(
+        self, session: AsyncSession, tenant: Tenant, cache_id: str
+    ) -> tuple[Cache, Sequence[CacheVersion]]:
+        """The cache and all its versions (every status), oldest first."""
+        cache = await self.get_live(session, tenant, cache_id)
+        rows = (
+            await session.execute(
+                select(CacheVersion)
+                .where(CacheVersion.cache_id == cache.id)
+                .order_by(CacheVersion.version)
+            )
+        ).scalars()
+        return cache, rows.all()
+
+    async def _version(self, session: AsyncSession, cache: Cache, version: int) -> CacheVersion:
+        row = await session.get(CacheVersion, (cache.id, version))
+        if row is None or row.status == "deleted":
+            raise NotFound(f"cache {cache.id!r} has no version {version}", param="version")
+        return row
+
+    async def _pending_version(self, session: AsyncSession, cache_id: str) -> int | None:
+        """The version of the cache being created right now, if any."""
+        return (
+            await session.execute(
+                select(CacheVersion.version).where(
+                    CacheVersion.cache_id == cache_id, CacheVersion.status == "pending"
+                )
+            )
+        ).scalar()
+
+    async def _ready_versions(self, session: AsyncSession, cache_id: str) -> list[CacheVersion]:
+        rows = await session.execute(
+            select(CacheVersion)
+            .where(CacheVersion.cache_id == cache_id, CacheVersion.status == "ready")
+            .order_by(CacheVersion.version)
+        )
+        return list(rows.scalars())
+
+    async def list_caches(
+        self, session: AsyncSession, tenant: Tenant, f: listing.CacheFilter
+    ) -> listing.Page:
+        return await listing.list_caches(session, tenant.id, f)
+
+    async def tags_of(self, session: AsyncSession, caches: Sequence[Cache]) -> dict[str, list[str]]:
+        return await listing.tags_of(session, [c.id for c in caches])
+
+    async def progress(self, tenant: Tenant, caches: Sequence[Cache]) -> dict[str, Progress]:
+        """Prefill progress of ``pending`` (from how many leading chunks the store holds, one
+        batched lookup for all of them) and ``ready`` caches."""
+        out: dict[str, Progress] = {}
+        pending: list[tuple[Cache, list[ChunkKey]]] = []
+        for c in caches:
+            if c.status == "ready":
+                out[c.id] = Progress(c.tokens, c.tokens)
+            elif c.status == "pending":
+                pending.append((c, self._cache_keys(tenant, c, bytes_to_tokens(c.token_ids))))
+        if pending:
+            try:
+                found = await self.store.exists_many([k for _, ks in pending for k in ks])
+            except StoreError:
+                found = [False] * sum(len(ks) for _, ks in pending)
+            i = 0
+            for c, ks in pending:
+                mine = found[i : i + len(ks)]
+                i += len(ks)
+                n = next((j for j, f in enumerate(mine) if not f), len(mine))
+                out[c.id] = Progress(min(n * c.chunk_tokens, c.tokens), c.tokens)
+        return out
+
+    def _job(
+        self,
+        tenant: Tenant,
+        cache: Cache,
+        version: int,
+        ids: list[int],
+        keys: list[ChunkKey] | None = None,
+        skip: int = 0,
+    ) -> PrefillJob:
+        return PrefillJob(
+            namespace=self._namespace(tenant),
+            cache_id=cache.id,
+            version=version,
+            ids=ids,
+            keys=keys if keys is not None else [],
+            skip=skip,
+            chunk_tokens=cache.chunk_tokens,
+            compression=cache.compression,
+            storage_class=cache.storage_class,
+            fingerprint=cache.model_fingerprint,
+        )
+
+    async def _unique_bytes(
+        self, namespace: bytes, cache: Cache, versions: Sequence[CacheVersion]
+    ) -> int:
+        """Bytes of the chunks of ``versions``, each chunk counted once."""
+        keys: dict[ChunkKey, None] = {}
+        for v in versions:
+            keys.update(
+                dict.fromkeys(self._cache_keys(namespace, cache, bytes_to_tokens(v.token_ids)))
+            )
+        if not keys:
+            return 0
+        try:
+            return sum(n or 0 for n in await self.store.sizes_many(list(keys)))
+        except StoreError:
+            return max((v.stored_bytes for v in versions), default=0)
+
+    async def _fail(self, session: AsyncSession, job: PrefillJob, reason: str) -> None:
+        """Transition: the prefill of ``job.version`` failed. A failed create fails the cache;
+        a failed extend leaves the cache at its previous version. The version's manifest is
+        released first: a version seen ``failed`` holds no chunks."""
+        await self._release(job.tag, job.cache_id, [job.version], job.keys)
+        cache = await session.get(Cache, job.cache_id, populate_existing=True, with_for_update=True)
+        row = await session.get(CacheVersion, (job.cache_id, job.version), populate_existing=True)
+        if row is not None and row.status == "pending":
+            row.status = "failed"
+            row.failure_reason = reason
+        if cache is not None:
+            if job.version == 1 and cache.status == "pending":
+                cache.status = "failed"
+                cache.failure_reason = reason
+            cache.reserved_tokens = 0
+            cache.reserved_bytes = 0
+        await session.commit()
+
+    async def _release(
+        self,
+        tag: str,
+        cache_id: str,
+        versions: Sequence[int] | None = None,
+        written: Sequence[ChunkKey] = (),
+    ) -> None:
+        """Release the manifests of ``versions`` (default: every stored one) so garbage
+        collection can take the chunks no other manifest references. ``written``: chunks a
+        prefill may have written after a concurrent release; they are queued for collection
+        too."""
+        # known gap: on a store outage the manifests (and so their chunks) stay referenced
+        with contextlib.suppress(StoreError):
+            if versions is None:
+                versions = await self.store.list_versions(tag, cache_id)
+            for v in versions:
+                await self.store.delete_manifest(tag, cache_id, v)
+            if written:
+                await self.store.refs.requeue_unreferenced(list(written))
+
+    async def _expire(self, session: AsyncSession, tenant: Tenant, cache: Cache) -> None:
+        """Transition: the cache passed ``expires_at``."""
+        await self._retire(session, cache, "expired", utcnow())
+        await session.commit()
+        await self._release(self._tag(tenant), cache.id)
+
+    async def _retire(
+        self, session: AsyncSession, cache: Cache, status: str, now: datetime
+    ) -> None:
+        """The database side of deletion and expiry (the caller commits)."""
+        cache.status = status
+        cache.reserved_tokens = 0
+        cache.reserved_bytes = 0
+        cache.updated_at = now
+        await session.execute(
+            update(CacheVersion)
+            .where(CacheVersion.cache_id == cache.id, CacheVersion.status != "deleted")
+            .values(status="deleted", deleted_at=now)
+        )
+        await session.execute(delete(CacheTag).where(CacheTag.cache_id == cache.id))
+        # storage is metered until the deletion, or until ``expires_at`` for an expiry
+        await metering.on_cache_ended(session, cache, status, now if status == "deleted" else None)

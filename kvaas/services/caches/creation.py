@@ -1,0 +1,325 @@
+"""Create and extend: a new cache (version 1) or version ``n + 1``, prefilled by the engine and
+stored, synchronously or as a background job the service owns.
+
+Transitions committed here: :meth:`CreateOps._begin_create` / :meth:`CreateOps._begin_extend`
+(rows inserted ``pending``, quota reserved) and :meth:`CreateOps._complete` (a version became
+``ready``, its usage metered in the same transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from kvaas.billing.budget import check_create_allowed
+from kvaas.db.base import utcnow
+from kvaas.db.models import Cache, CacheVersion, Tenant
+from kvaas.engine import EngineError, Generation, Sampling
+from kvaas.errors import Conflict, NotFound, ServiceUnavailable
+from kvaas.metering import hooks as metering
+from kvaas.metering.ledger import record_usage
+from kvaas.services import quotas
+from kvaas.services.caches.core import CacheCore
+from kvaas.services.caches.identity import (
+    PrefillJob,
+    bytes_to_tokens,
+    prefix_sha256,
+    tokens_to_bytes,
+)
+from kvaas.services.caches.records import (
+    NOT_FOUND,
+    SHUTDOWN_REASON,
+    CreateResult,
+    CreateSpec,
+)
+from kvaas.services.prompts import Prompt
+from kvaas.store.errors import StoreError
+
+log = logging.getLogger("kvaas.caches")
+
+
+class CreateOps(CacheCore):
+    """Create, extend and the prefills behind them."""
+
+    async def create(
+        self, session: AsyncSession, tenant: Tenant, spec: CreateSpec, *, wait: bool = True
+    ) -> CreateResult:
+        """Create a cache. ``wait``: prefill now and answer when it is stored (503 if that
+        fails); otherwise answer at once with the ``pending`` cache and prefill in the
+        background."""
+        eng = self._engine()
+        s = self.settings
+        self.prompts.check_model(spec.model)
+        ids = await self.prompts.tokenize(spec.prompt, continuation=False)
+        self.prompts.require_tokens(ids)
+        self.prompts.check_cacheable(ids)
+        ttl = self._ttl(spec.ttl_seconds)
+        compression = spec.compression or s.default_compression
+        storage_class = spec.storage_class or s.default_storage_class
+        keys = self._keys(tenant, ids, compression)
+        now = utcnow()
+        cache = Cache(
+            tenant_id=tenant.id,
+            name=spec.name,
+            model=eng.model.name,
+            model_fingerprint=eng.model.fingerprint,
+            status="pending",
+            version=1,
+            tokens=len(ids),
+            token_ids=tokens_to_bytes(ids),
+            prefix_sha256=prefix_sha256(ids),
+            chunk_tokens=s.chunk_tokens,
+            compression=compression,
+            storage_class=storage_class,
+            meta=dict(spec.metadata),
+            hit_count=0,
+            stored_chunks=0,
+            stored_bytes=0,
+            reserved_tokens=0,
+            reserved_bytes=self._reserve_bytes(compression, s.chunk_tokens, len(keys)),
+            ttl_seconds=int(ttl.total_seconds()),
+            refresh_on_hit=spec.refresh_on_hit,
+            expires_at=now + ttl,
+            created_at=now,
+        )
+        await check_create_allowed(session, tenant, self.settings)
+        await self._begin_create(session, tenant, cache)
+        job = self._job(tenant, cache, 1, ids, keys)
+        if not wait:
+            self._spawn(job)
+            return CreateResult(cache, None, None)
+        gen = await self._prefill(session, job)  # completes `cache` (the same row object)
+        return CreateResult(cache, gen.prompt_tokens - gen.cached_tokens, gen.ttft_ms)
+
+    async def _begin_create(self, session: AsyncSession, tenant: Tenant, cache: Cache) -> None:
+        """Transition: a new cache and its version 1 exist, ``pending``, their storage
+        reserved against the tenant's quotas."""
+        async with self._quota_guard(session, tenant) as used:
+            quotas.check(
+                tenant,
+                used,
+                new_cache=True,
+                tokens=cache.tokens,
+                nbytes=cache.reserved_bytes,
+                default_max_caches=self.settings.default_max_caches,
+            )
+            session.add(cache)
+            await session.flush()  # the cache row first: the version references it
+            session.add(
+                CacheVersion(
+                    cache_id=cache.id,
+                    version=1,
+                    status="pending",
+                    tokens=cache.tokens,
+                    token_ids=cache.token_ids,
+                    prefix_sha256=cache.prefix_sha256,
+                    chunks=cache.tokens // cache.chunk_tokens,
+                    stored_bytes=0,
+                    created_at=cache.created_at,
+                )
+            )
+            await session.commit()
+
+    async def extend(
+        self, session: AsyncSession, tenant: Tenant, cache_id: str, prompt: Prompt
+    ) -> CreateResult:
+        """Create version ``n + 1`` = the latest version's tokens + ``prompt``'s. Only the new
+        tokens are computed and only the new chunks written."""
+        self._engine()  # 503 without an engine, before any lookup
+        cache = await self.get_live(session, tenant, cache_id)
+        self._require_current(cache)
+        new = await self.prompts.tokenize(prompt, continuation=True, generation_prompt=False)
+        self.prompts.require_tokens(new, "the extension is empty")
+        base = bytes_to_tokens(cache.token_ids)
+        ids = base + new
+        self.prompts.check_cacheable(ids)
+        keys = self._cache_keys(tenant, cache, ids)
+        n_base = len(base) // cache.chunk_tokens  # the parent's chunks: the same keys
+        try:  # reuse what the store still holds; anything missing is computed and written
+            skip = await self.store.longest_prefix(keys[:n_base]) if n_base else 0
+        except StoreError:
+            skip = 0
+        reserve_bytes = self._reserve_bytes(
+            cache.compression, cache.chunk_tokens, len(keys) - n_base
+        )
+        version = await self._begin_extend(session, tenant, cache, ids, len(new), reserve_bytes)
+        job = self._job(tenant, cache, version, ids, keys, skip)
+        gen = await self._prefill(session, job)
+        return CreateResult(cache, gen.prompt_tokens - gen.cached_tokens, gen.ttft_ms)
+
+    async def _begin_extend(
+        self,
+        session: AsyncSession,
+        tenant: Tenant,
+        cache: Cache,
+        ids: list[int],
+        new_tokens: int,
+        reserve_bytes: int,
+    ) -> int:
+        """Transition: version ``n + 1`` exists, ``pending``, its new tokens and chunks reserved
+        against the tenant's quotas. Returns the version number."""
+        async with self._quota_guard(session, tenant) as used:
+            pending = await self._pending_version(session, cache.id)
+            if pending is not None:
+                raise Conflict(
+                    f"cache {cache.id!r} is already being extended (version {pending})",
+                    param="cache_id",
+                )
+            quotas.check(
+                tenant,
+                used,
+                new_cache=False,
+                tokens=new_tokens,
+                nbytes=reserve_bytes,
+                default_max_caches=self.settings.default_max_caches,
+            )
+            last = (
+                await session.execute(
+                    select(CacheVersion.version)
+                    .where(CacheVersion.cache_id == cache.id)
+                    .order_by(CacheVersion.version.desc())
+                    .limit(1)
+                )
+            ).scalar_one()
+            version = last + 1  # numbers are never reused, even after a version is deleted
+            session.add(
+                CacheVersion(
+                    cache_id=cache.id,
+                    version=version,
+                    status="pending",
+                    tokens=len(ids),
+                    token_ids=tokens_to_bytes(ids),
+                    prefix_sha256=prefix_sha256(ids),
+                    chunks=len(ids) // cache.chunk_tokens,
+                    stored_bytes=0,
+                    created_at=utcnow(),
+                )
+            )
+            cache.reserved_tokens = new_tokens
+            cache.reserved_bytes = reserve_bytes
+            await session.commit()
+        return version
+
+    async def _prefill(self, session: AsyncSession, job: PrefillJob) -> Generation:
+        """Store the manifest, run the engine with a save plan, check the chunks and complete
+        the version; on failure mark it failed and raise 503."""
+        eng = self._engine()
+        try:
+            await self.store.put_manifest(job.manifest())
+            once = Sampling(max_tokens=1, temperature=0.0, cache_salt=job.tag)
+            gen = await eng.generate(job.ids, once, job.plan())
+            sizes = await self.store.sizes_many(job.keys)
+        except (StoreError, EngineError) as e:
+            await self._fail(session, job, str(e))
+            raise ServiceUnavailable(f"the cache could not be stored: {e}") from e
+        if not all(sizes):
+            n = sum(1 for x in sizes if x)
+            reason = f"only {n} of {len(job.keys)} chunks reached the store"
+            await self._fail(session, job, reason)
+            raise ServiceUnavailable(f"the cache could not be stored: {reason}")
+        prefilled = max(0, gen.prompt_tokens - gen.cached_tokens)
+        await self._complete(session, job, sum(x or 0 for x in sizes), prefilled)
+        return gen
+
+    async def _complete(
+        self, session: AsyncSession, job: PrefillJob, stored_bytes: int, prefill_tokens: int
+    ) -> None:
+        """Transition: version ``job.version`` is stored and ``ready`` (a create when it is
+        version 1, else an extend); it becomes the cache's latest version and the reservation
+        is replaced by the bytes stored. If the cache or version was deleted (or expired)
+        meanwhile, its manifest is released instead (404)."""
+        # the cache row is locked (PostgreSQL) until the commit: a concurrent delete either
+        # happened before (this version is released here) or sees the version ready
+        cache = await session.get(Cache, job.cache_id, populate_existing=True, with_for_update=True)
+        row = await session.get(CacheVersion, (job.cache_id, job.version), populate_existing=True)
+        if (
+            cache is None
+            or row is None
+            or row.status != "pending"
+            or cache.status not in ("pending", "ready")
+        ):
+            await session.commit()
+            await self._release(job.tag, job.cache_id, [job.version], job.keys)
+            raise NotFound(NOT_FOUND.format(id=job.cache_id), param="cache_id")
+        row.status = "ready"
+        row.stored_bytes = stored_bytes
+        ready = [*await self._ready_versions(session, cache.id), row]
+        cache.stored_bytes = await self._unique_bytes(job.namespace, cache, ready)
+        cache.status = "ready"
+        cache.version = job.version
+        cache.tokens = row.tokens
+        cache.token_ids = row.token_ids
+        cache.prefix_sha256 = row.prefix_sha256
+        cache.stored_chunks = row.chunks
+        cache.reserved_tokens = 0
+        cache.reserved_bytes = 0
+        await self._meter_stored(session, cache, job.version, prefill_tokens)
+        await session.commit()
+
+    @staticmethod
+    async def _meter_stored(
+        session: AsyncSession, cache: Cache, version: int, prefill_tokens: int
+    ) -> None:
+        """Usage of a completed prefill, in the transaction that completes it: a create
+        starts metering storage; an extend resizes it and meters its own prefill."""
+        now = utcnow()
+        if version == 1:
+            await metering.on_create(session, cache, prefill_tokens, None, now)
+            await metering.on_cache_ready(session, cache, now)
+            return
+        await metering.on_cache_extended(session, cache, now)
+        if prefill_tokens > 0:
+            await record_usage(
+                session,
+                idempotency_key=f"extend:{cache.id}:v{version}:prefill_tokens",
+                tenant_id=cache.tenant_id,
+                meter="prefill_tokens",
+                quantity=prefill_tokens,
+                occurred_at=now,
+                cache_id=cache.id,
+                details={"op": "extend", "version": version},
+            )
+
+    def _spawn(self, job: PrefillJob) -> None:
+        key = (job.cache_id, job.version)
+        task = asyncio.create_task(self._background(job), name=f"prefill {key}")
+        self._jobs[key] = task
+        task.add_done_callback(lambda _t: self._jobs.pop(key, None))
+
+    async def _background(self, job: PrefillJob) -> None:
+        try:
+            async with self.db.session() as session:
+                await self._prefill(session, job)
+        except asyncio.CancelledError:
+            async with self.db.session() as session:
+                await self._fail(session, job, SHUTDOWN_REASON)
+            raise
+        except (ServiceUnavailable, NotFound) as e:  # marked failed / released already
+            log.info("background prefill of %s v%d: %s", job.cache_id, job.version, e.message)
+        except Exception as e:
+            log.exception("background prefill of %s v%d failed", job.cache_id, job.version)
+            with contextlib.suppress(Exception):
+                async with self.db.session() as session:
+                    await self._fail(session, job, f"internal error: {type(e).__name__}")
+
+    @property
+    def running_jobs(self) -> int:
+        return len(self._jobs)
+
+    async def drain(self, grace_s: float = 10.0) -> None:
+        """Wait up to ``grace_s`` for background prefills, then cancel the rest; each cancelled
+        one marks its cache (or version) ``failed`` before it ends."""
+        tasks = list(self._jobs.values())
+        if not tasks:
+            return
+        if grace_s > 0:
+            _, still = await asyncio.wait(tasks, timeout=grace_s)
+        else:
+            still = set(tasks)
+        for t in still:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,85 @@
+"""Cache identity and prefill plans: a prompt's token ids as stored bytes and hash, its chunk
+keys in the tenant's namespace (model, scheme and chunk size included), and :class:`PrefillJob`,
+one version to prefill with the manifest and transfer plan it writes."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvaas import codec
+from kvaas.connector.params import TransferPlan
+from kvaas.store.keys import ChunkKey, chunk_keys, namespace_tag
+from kvaas.store.manifest import Manifest
+
+
+@dataclass
+class PrefillJob:
+    """One version to prefill and store: its tokens, keys and where they go. It holds plain
+    values only (the tenant's namespace, not its row): a background prefill outlives the
+    request's session."""
+
+    namespace: bytes
+    cache_id: str
+    version: int
+    ids: list[int]
+    keys: list[ChunkKey]
+    skip: int  # leading chunks already stored (the parent version's), loaded not computed
+    chunk_tokens: int
+    compression: str
+    storage_class: str
+    fingerprint: str
+
+    @property
+    def tag(self) -> str:
+        return namespace_tag(self.namespace)
+
+    def manifest(self) -> Manifest:
+        return Manifest(
+            cache_id=self.cache_id,
+            version=self.version,
+            namespace_tag=self.tag,
+            chunk_keys=tuple(self.keys),
+            token_count=len(self.ids),
+            chunk_tokens=self.chunk_tokens,
+            codec=self.compression,
+            model_fingerprint=self.fingerprint,
+            storage_class=self.storage_class,  # type: ignore[arg-type]
+        )
+
+    def plan(self) -> TransferPlan:
+        return TransferPlan(
+            "save",
+            tuple(self.keys),
+            self.chunk_tokens,
+            self.compression,
+            self.storage_class,
+            skip=self.skip,
+        )
+
+
+def tokens_to_bytes(ids: Sequence[int]) -> bytes:
+    return np.asarray(ids, dtype="<i4").tobytes()
+
+
+def bytes_to_tokens(raw: bytes) -> list[int]:
+    return np.frombuffer(raw, dtype="<i4").tolist()
+
+
+def prefix_sha256(ids: Sequence[int]) -> str:
+    return hashlib.sha256(tokens_to_bytes(ids)).hexdigest()
+
+
+def keys_for(
+    namespace: bytes, ids: Sequence[int], compression: str, fingerprint: str, chunk_tokens: int
+) -> list[ChunkKey]:
+    return chunk_keys(
+        ids,
+        namespace=namespace,
+        model_fingerprint=fingerprint,
+        codec_id=f"{compression}:{codec.scheme_id(compression)}",
+        chunk_tokens=chunk_tokens,
+    )

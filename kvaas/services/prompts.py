@@ -1,0 +1,126 @@
+"""The prompt policy: what request text the engine accepts, and how it becomes token ids.
+
+One rule set for every route that runs or sizes a prompt (cache create, extend and attach, the
+OpenAI-compatible completions, the cost estimate):
+
+- an engine must be running (``503 engine_unavailable`` otherwise), and a ``model`` named in a
+  request must be the one it serves;
+- a prompt is exactly one of ``prompt`` (text), ``messages`` (chat, through the model's chat
+  template) or ``token_ids`` (each in ``[0, vocabulary size)``);
+- it is not empty;
+- it fits the model: a cached prefix holds at most ``max_model_len - 1`` tokens (one is left to
+  generate), and a generation's prompt plus ``max_tokens`` at most ``max_model_len``.
+
+Tokenizing and chat templating run in a worker thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvaas.engine import Engine
+from kvaas.errors import APIError, BadRequest, ServiceUnavailable
+
+
+class EngineUnavailable(ServiceUnavailable):
+    type = "engine_unavailable"
+    description = "No engine is running to serve this request."
+
+
+@dataclass
+class Prompt:
+    """Request text in one of its three forms (exactly one is set)."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    token_ids: list[int] | None = None
+
+    @property
+    def given(self) -> bool:
+        """Whether any of the three forms is set."""
+        return any(x is not None for x in (self.prompt, self.messages, self.token_ids))
+
+
+class PromptPolicy:
+    """The policy above, bound to the engine this gateway runs (``None``: no engine)."""
+
+    def __init__(self, engine: Engine | None) -> None:
+        self._engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        """The running engine; ``503 engine_unavailable`` when the gateway has none."""
+        if self._engine is None:
+            raise EngineUnavailable("this gateway runs without an engine (KVAAS_ENGINE=none)")
+        return self._engine
+
+    def check_model(self, model: str | None, error: type[APIError] = BadRequest) -> None:
+        """``model``, when given, is the served one; else ``error`` (the API answers 400, the
+        OpenAI-compatible routes 404 as OpenAI does)."""
+        served = self.engine.model.name
+        if model is not None and model != served:
+            raise error(
+                f"model {model!r} is not served here; this service runs {served!r}", param="model"
+            )
+
+    async def tokenize(
+        self,
+        p: Prompt,
+        *,
+        continuation: bool,
+        generation_prompt: bool | None = None,
+        ids_param: str = "token_ids",
+    ) -> list[int]:
+        """Token ids of ``p``. ``continuation``: they follow earlier tokens (no BOS); chat
+        messages then end with the assistant's turn unless ``generation_prompt`` says otherwise.
+        ``ids_param``: the request field that carried token ids (named in errors)."""
+        eng = self.engine
+        given = [x for x in (p.prompt, p.messages, p.token_ids) if x is not None]
+        if len(given) != 1:
+            raise BadRequest("give exactly one of `prompt`, `messages` or `token_ids`")
+        if p.token_ids is not None:
+            vocab = len(eng.model.tokenizer)
+            if any(t < 0 or t >= vocab for t in p.token_ids):
+                raise BadRequest(f"token ids must lie in [0, {vocab})", param=ids_param)
+            return list(p.token_ids)
+        if p.messages is not None:
+            gen = continuation if generation_prompt is None else generation_prompt
+            return await asyncio.to_thread(
+                eng.model.encode_messages,
+                p.messages,
+                add_generation_prompt=gen,
+                continuation=continuation,
+            )
+        assert p.prompt is not None
+        return await asyncio.to_thread(
+            eng.model.encode, p.prompt, add_special_tokens=not continuation
+        )
+
+    @staticmethod
+    def require_tokens(
+        ids: Sequence[int], message: str = "the prompt is empty", param: str | None = None
+    ) -> None:
+        """A prompt (or extension) must hold at least one token."""
+        if not ids:
+            raise BadRequest(message, param=param)
+
+    def check_cacheable(self, ids: Sequence[int], param: str = "prompt") -> None:
+        """A cached prefix leaves one position of the model's context to generate."""
+        limit = self.engine.max_model_len - 1
+        if len(ids) > limit:
+            raise BadRequest(
+                f"the prompt has {len(ids)} tokens; this model caches at most {limit}",
+                param=param,
+            )
+
+    def check_generation(self, prompt_tokens: int, max_tokens: int, what: str) -> None:
+        """``prompt_tokens`` + ``max_tokens`` fit the model's context; ``what`` names the
+        prompt's parts in the error (e.g. ``"prompt (12)"``)."""
+        limit = self.engine.max_model_len
+        if prompt_tokens + max_tokens > limit:
+            raise BadRequest(
+                f"{what} + max_tokens ({max_tokens}) tokens exceed the model's {limit}",
+                param="max_tokens",
+            )
