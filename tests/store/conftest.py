@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kvtest.prereq import require, require_program
 from kvtest.services import REDIS_URL
 
 from kvaas.codec import scheme_id
@@ -195,11 +195,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A 3-primary Redis Cluster started once for the test session (on demand); yields its
-    entry URL. Skipped only when ``redis-server`` is not installed."""
-    server = shutil.which("redis-server")
-    cli = shutil.which("redis-cli")
-    if server is None or cli is None:
-        pytest.skip("redis-server is not installed")
+    entry URL. Needs ``redis-server`` and ``redis-cli`` (see :func:`kvtest.prereq.require`)."""
+    server = require_program("redis-server")
+    cli = require_program("redis-cli")
     root = tmp_path_factory.mktemp("cluster")
     ports = [_free_port() for _ in range(3)]
     procs: list[subprocess.Popen[bytes]] = []
@@ -278,24 +276,21 @@ def _wait_cluster_ok(cli: str, ports: list[int]) -> None:
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[tuple[Path, bool]]:
-    """``(directory, mounted)``: a 1 MiB tmpfs (a filesystem that really fills up) when this
-    process may mount one, else a plain directory (``mounted`` False)."""
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A mounted 1 MiB tmpfs: a filesystem that really fills up (ENOSPC). Needs root and
+    ``mount`` (see :func:`kvtest.prereq.require`)."""
+    require(os.geteuid() == 0, "root (to mount a 1 MiB tmpfs for a real ENOSPC)")
+    mount = require_program("mount")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    mounted = (
-        os.geteuid() == 0
-        and shutil.which("mount") is not None
-        and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
-        ).returncode
-        == 0
+    r = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
     )
+    require(r.returncode == 0, f"permission to mount a tmpfs ({r.stderr.strip()})")
     try:
-        yield mnt, mounted
+        yield mnt
     finally:
-        if mounted:
-            subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["umount", str(mnt)], check=True)
 
 
 @pytest.fixture
@@ -319,10 +314,8 @@ class PrivateRedis:
     """A ``redis-server`` of this test alone, on a free port: it can be killed and restarted."""
 
     def __init__(self, root: Path, *args: str) -> None:
-        server = shutil.which("redis-server")
-        if server is None:
-            pytest.skip("redis-server is not installed")
-        self.server = server
+        self.server = require_program("redis-server")
+        self.cli = require_program("redis-cli")
         self.root = root
         self.args = args
         self.port = _free_port()
@@ -336,8 +329,7 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        cli = shutil.which("redis-cli") or "redis-cli"
-        _wait_ping(cli, self.port)
+        _wait_ping(self.cli, self.port)
 
     def kill(self) -> None:
         """SIGKILL: the server dies without closing anything cleanly."""

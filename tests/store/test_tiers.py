@@ -167,18 +167,29 @@ async def test_disk_writes_are_atomic_and_reopen_rebuilds(
 
 
 async def test_disk_full_filesystem_leaves_no_partial_file(
-    small_fs: tuple[Path, bool], tenant: object, blob: Callable[..., bytes]
+    small_fs: Path, tenant: object, blob: Callable[..., bytes]
 ) -> None:
-    """A real ENOSPC (a 1 MiB tmpfs) fails the write cleanly: the chunks written before it
-    stay whole, the failing one leaves neither a final nor a temporary file."""
-    mnt, mounted = small_fs
-    capacity = 64 << 20 if mounted else 1 << 20  # without tmpfs the budget plays the disk
-    t = DiskTier(mnt, capacity)
+    """A real ENOSPC (a 1 MiB tmpfs under a far larger budget) fails the write cleanly."""
+    await _full_write_leaves_no_partial_file(DiskTier(small_fs, 64 << 20), tenant, blob)
+
+
+async def test_disk_budget_full_leaves_no_partial_file(
+    tmp_path: Path, tenant: object, blob: Callable[..., bytes]
+) -> None:
+    """The byte budget running out fails the write the same way as a full filesystem."""
+    await _full_write_leaves_no_partial_file(DiskTier(tmp_path / "d", 1 << 20), tenant, blob)
+
+
+async def _full_write_leaves_no_partial_file(
+    t: DiskTier, tenant: object, blob: Callable[..., bytes]
+) -> None:
+    """Three 400 kB chunks into 1 MiB: the write fails with StorageFull; the chunks written
+    before it stay whole, the failing one leaves neither a final nor a temporary file."""
     keys = tenant.keys(3)  # type: ignore[attr-defined]
     items = [(k, blob(400_000)) for k in keys]
     with pytest.raises(StorageFull):
         await t.put_many(items)
-    files = [p for p in mnt.rglob("*") if p.is_file()]
+    files = [p for p in t.root.rglob("*") if p.is_file()]
     assert not [p for p in files if p.name.endswith(".tmp")]
     for k, b in items:
         p = t.path_of(k)
