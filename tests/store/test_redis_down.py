@@ -1,6 +1,13 @@
 """Redis going away mid-test (a TCP proxy in front of the real server is cut), or hanging: reads
 keep serving from the other tiers, health says down, writes that need Redis fail fast with a
-typed error, and everything recovers when Redis comes back."""
+typed error, and everything recovers when Redis comes back.
+
+"Fail fast" is checked on the failure mode, not on elapsed time (speed lives in
+``bench/store.py``): once a call has found Redis down the circuit breaker is open, and every
+later call is refused by the breaker without touching the network: no new connection, no new
+failure recorded. The breakers here run on a hand-driven clock, so they stay open until the
+test moves the clock past their retry time.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +15,73 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from kvtest.services import REDIS_URL
 from kvtest.tcpproxy import TcpProxy
 from prometheus_client import REGISTRY
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kvaas.store import RedisConnection, StorageFull, TieredStore, TierUnavailable
 from kvaas.store.breaker import CircuitBreaker
 
 
+class ManualClock:
+    """A clock for :class:`CircuitBreaker` that only moves when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def held_breaker(clock: ManualClock) -> CircuitBreaker:
+    return CircuitBreaker(base_delay=1.0, max_delay=1.0, probe_timeout=1.0, clock=clock)
+
+
+def via(url: str, port: int) -> str:
+    """``url`` with its host and port replaced by ``127.0.0.1:port`` (credentials, database
+    and options kept)."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 @pytest.fixture
 async def proxy() -> AsyncIterator[TcpProxy]:
-    p = TcpProxy("127.0.0.1", 6379)
+    """A proxy in front of the test Redis (``KVAAS_TEST_REDIS_URL``)."""
+    target = urlsplit(REDIS_URL)
+    p = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
     await p.start()
     yield p
     await p.stop()
 
 
-async def wait_until_ok(store: TieredStore, within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
+async def wait_until_ok(store: TieredStore, clock: ManualClock | None = None) -> None:
+    """Poll health until every tier is ok (moving ``clock`` past the breakers' retry time
+    first); a generous bound only guards against a hang."""
+    if clock is not None:
+        clock.advance(60)
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if all(h.status == "ok" for h in (await store.health()).values()):
             return
+        if clock is not None:
+            clock.advance(60)
         await asyncio.sleep(0.05)
     raise AssertionError(f"store did not recover: {await store.health()}")
+
+
+def refused_by_breaker(e: TierUnavailable) -> bool:
+    """Whether the error came from the open breaker, not from a network call that failed (those
+    chain the client's error)."""
+    return e.__cause__ is None and "is down" in e.message
 
 
 async def test_redis_cut_mid_test(
@@ -40,7 +90,8 @@ async def test_redis_cut_mid_test(
     make_store: Callable[..., TieredStore],
     tenant: Any,
 ) -> None:
-    conn = make_conn(f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=1.0)
+    clock = ManualClock()
+    conn = make_conn(via(REDIS_URL, proxy.port), socket_timeout=1.0, breaker=held_breaker(clock))
     store = make_store(memory=None, conn=conn)
     await store.open()
     warm, cold = tenant.chunks(3), tenant.chunks(3, start=10)
@@ -49,11 +100,14 @@ async def test_redis_cut_mid_test(
     await store.put_chunks(warm, "standard")  # in Redis only
     await store.put_manifest(tenant.manifest(cold_keys, "cold", storage_class="cold"))
     await store.put_chunks(cold, "cold")  # on disk only
+    assert conn.breaker.state == "closed" and conn.breaker.failures == 0
 
     await proxy.stop()  # Redis vanishes: open connections drop, new ones are refused
 
-    t0 = time.monotonic()
     assert await store.get_prefix(cold_keys) == [b for _, b in cold]  # disk keeps serving
+    # that read found Redis gone: the breaker is open, and stays so (the clock stands still)
+    assert conn.breaker.state == "open" and conn.breaker.failures >= 1
+    failures = conn.breaker.failures
     assert await store.get_prefix(warm_keys) == []  # a miss, not an error
     assert await store.longest_prefix(cold_keys) == 3
     health = await store.health()
@@ -63,15 +117,19 @@ async def test_redis_cut_mid_test(
     with pytest.raises(TierUnavailable) as e:
         await store.put_chunks(tenant.chunks(1, start=20), "hot")
     assert e.value.status_code == 503 and e.value.tier == "redis"
-    with pytest.raises(TierUnavailable):
+    assert refused_by_breaker(e.value)
+    with pytest.raises(TierUnavailable) as e:
         await store.put_manifest(tenant.manifest(cold_keys, "new", storage_class="cold"))
+    assert refused_by_breaker(e.value)
     # standard overflows to disk when its Redis tier cannot take the write
     spill = tenant.chunks(1, start=30)
     assert await store.put_chunks(spill, "standard") == len(spill[0][1])
-    assert time.monotonic() - t0 < 3.0  # fail fast: no hangs, no long retry loops
+    # fail fast: every call after the first was refused by the breaker, none went to the network
+    assert conn.breaker.state == "open" and conn.breaker.failures == failures
 
     await proxy.start()  # Redis is back: the breaker lets a probe through and closes
-    await wait_until_ok(store)
+    await wait_until_ok(store, clock)
+    assert conn.breaker.state == "closed"
     assert await store.put_chunks(tenant.chunks(1, start=20), "hot") > 0
     assert await store.get_prefix(warm_keys) == [b for _, b in warm]
     assert await store.get_prefix([k for k, _ in spill]) == [spill[0][1]]
@@ -81,7 +139,9 @@ async def test_redis_cut_mid_test(
 async def test_hung_redis_times_out_with_a_typed_error(
     make_conn: Callable[..., RedisConnection], make_store: Callable[..., TieredStore], tenant: Any
 ) -> None:
-    """A server that accepts connections and never answers (not merely refused)."""
+    """A server that accepts connections and never answers (not merely refused): the write
+    that needs Redis ends in a timeout mapped to TierUnavailable, and later calls do not wait
+    on the server again (no new connection to it)."""
     held: list[asyncio.StreamWriter] = []
 
     async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -91,26 +151,34 @@ async def test_hung_redis_times_out_with_a_typed_error(
 
     server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
+    clock = ManualClock()
     try:
         conn = make_conn(
             f"redis://127.0.0.1:{port}/0",
             socket_timeout=0.3,
             connect_timeout=0.3,
-            breaker=CircuitBreaker(base_delay=5.0),
+            breaker=held_breaker(clock),
         )
         store = make_store(memory=1 << 20, conn=conn)
         await store.open()
         chunks = tenant.chunks(2)
         await store.tier("disk").put_many(chunks)
-        t0 = time.monotonic()
-        with pytest.raises(TierUnavailable):
+        with pytest.raises(TierUnavailable) as e:
             await store.put_chunks(tenant.chunks(1, start=5), "hot")
-        assert time.monotonic() - t0 < 2.0
-        # reads skip it (the breaker is open now: no second wait)
-        t0 = time.monotonic()
+        assert e.value.tier == "redis" and e.value.status_code == 503
+        # the server never answered: the call ended on a timeout (a socket timeout or the
+        # overall deadline), not on a refused connection
+        assert isinstance(e.value.__cause__, TimeoutError | RedisTimeoutError), e.value.__cause__
+        assert conn.breaker.state == "open"
+        failures, connections = conn.breaker.failures, len(held)
+        assert connections >= 1
+        # reads skip Redis now (the breaker is open: no second wait, no new connection)
         assert await store.get_prefix([k for k, _ in chunks]) == [b for _, b in chunks]
-        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(TierUnavailable) as e:
+            await store.put_chunks(tenant.chunks(1, start=6), "hot")
+        assert refused_by_breaker(e.value)
         assert (await store.health())["redis"].status == "down"
+        assert conn.breaker.failures == failures and len(held) == connections
     finally:
         server.close()
         for w in held:
@@ -126,21 +194,24 @@ async def test_redis_killed_and_restarted(
 ) -> None:
     """SIGKILL of a real redis-server (its data is gone), then a restart on the same port."""
     server = private_redis()
-    store = make_store(conn=make_conn(server.url, socket_timeout=1.0))
+    clock = ManualClock()
+    conn = make_conn(server.url, socket_timeout=1.0, breaker=held_breaker(clock))
+    store = make_store(conn=conn)
     await store.open()
     chunks = tenant.chunks(2)
     keys = [k for k, _ in chunks]
     await store.put_manifest(tenant.manifest(keys, storage_class="cold"))
     await store.put_chunks(chunks, "cold")
     server.kill()
-    t0 = time.monotonic()
     assert await store.get_prefix(keys) == [b for _, b in chunks]
-    with pytest.raises(TierUnavailable):
+    assert conn.breaker.state == "open"
+    failures = conn.breaker.failures
+    with pytest.raises(TierUnavailable) as e:
         await store.put_chunks(tenant.chunks(1, start=9), "hot")
-    assert time.monotonic() - t0 < 3.0
+    assert refused_by_breaker(e.value) and conn.breaker.failures == failures
     assert (await store.health())["redis"].status == "down"
     server.start()
-    await wait_until_ok(store)
+    await wait_until_ok(store, clock)
     assert await store.put_chunks(tenant.chunks(1, start=9), "hot") > 0
 
 
@@ -172,7 +243,7 @@ async def test_gc_with_a_tier_down_retries_later(
 ) -> None:
     """A tier that cannot be cleaned makes the collector give the claim back: the chunks stay
     candidates and a later pass, with Redis back, deletes them everywhere."""
-    conn = make_conn(f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=1.0)
+    conn = make_conn(via(REDIS_URL, proxy.port), socket_timeout=1.0)
     store = make_store(conn=conn, index="sqlite")
     await store.open()
     chunks = tenant.chunks(2)
