@@ -159,6 +159,7 @@ def test_sync_store_from_four_threads(
         th.start()
     for th in threads:
         th.join(60)
+        assert not th.is_alive(), f"{th.name} still running after 60 s"
     assert not errors, errors
     assert set(store.usage()) == {"memory", "redis", "disk"}
     assert all(h.status == "ok" for h in store.health().values())

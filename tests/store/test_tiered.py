@@ -283,7 +283,10 @@ async def test_versions_share_chunks_and_gc_deletes_only_unreferenced(
 
 @pytest.mark.parametrize("index", ["sqlite", "redis"])
 async def test_put_manifest_waits_for_a_collector(
-    index: str, make_store: Callable[..., TieredStore], tenant: Any
+    index: str,
+    make_store: Callable[..., TieredStore],
+    tenant: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = make_store(index=index, tombstone_wait_s=0.3)
     await store.open()
@@ -295,16 +298,30 @@ async def test_put_manifest_waits_for_a_collector(
     await store.delete_manifest(m.namespace_tag, m.cache_id, m.version)
     claim = await store.refs.claim_garbage(grace_s=0, limit=10, lease_s=30)
     assert set(claim.keys) == set(keys)
-    # a writer re-referencing the chunks now must wait for the collector
+    # a writer re-referencing the chunks now must wait for the collector: past its bound
+    # (tombstone_wait_s) it gives up with a StoreError
     with pytest.raises(StoreError, match="garbage-collected"):
         await store.put_manifest(m)
+    # within its bound it waits: it polls the tombstones until the collector is done (the
+    # bound is raised so that only a hang, never a slow machine, can run it out)
+    store.tombstone_wait_s = 300
+    polled = asyncio.Event()
+    tombstoned = store.refs.tombstoned
+
+    async def watched(keys: list[Any]) -> list[bool]:
+        flags = await tombstoned(keys)
+        if any(flags):
+            polled.set()  # the writer saw a tombstone and keeps waiting
+        return flags
+
+    monkeypatch.setattr(store.refs, "tombstoned", watched)
     waiter = asyncio.create_task(store.put_manifest(m))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(polled.wait(), 60)
     assert not waiter.done()
     for t in store.tiers:
         await t.delete_many(keys)
     await store.refs.finish_claim(claim)
-    await asyncio.wait_for(waiter, 2)
+    await asyncio.wait_for(waiter, 60)
     assert await store.exists_many(keys) == [False, False]  # the writer now writes them
     await store.put_chunks(chunks, "standard")
     assert await store.get_prefix(keys) == [b for _, b in chunks]
