@@ -5,8 +5,8 @@ Every setting is read from an environment variable with the prefix ``KVAAS_`` (f
 embedded ones: a SQLite file under the data directory, local storage tiers and the built-in
 ``tiny`` model, so the service starts with no server to run beside it.
 
-The README's configuration table is generated from this class (``kvaas config --markdown``)
-and a test checks that the two agree.
+The configuration table of ``docs/configuration.md`` is generated from this class
+(``kvaas config markdown``) and a test checks that the two agree.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def get_settings() -> Settings:
 
 
 def settings_markdown_table() -> str:
-    """The README's configuration table: variable, default, description."""
+    """The configuration table of ``docs/configuration.md``: variable, default, description."""
     rows = ["| Variable | Default | Description |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         default = field.get_default(call_default_factory=True)

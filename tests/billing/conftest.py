@@ -1,5 +1,5 @@
 """The metering fixtures (a migrated database on SQLite and PostgreSQL, tenants, cache
-objects), a gateway without an engine, and the README's worked example."""
+objects), a gateway without an engine, and the worked example of ``docs/billing.md``."""
 
 from __future__ import annotations
 
@@ -55,9 +55,9 @@ EXAMPLE_START = datetime(2026, 10, 5, 10, 0, tzinfo=UTC)
 
 
 async def seed_example(db: Database, tenant_id: str, cache_id: str = "cache_example") -> None:
-    """The README's example: a cache of 100,000 tokens kept 3 hours in ``standard`` and
-    attached 20 times (each attach: 100,000 cached tokens, a 500-token question, 200 output
-    tokens), in October 2026. Calling it again replays the same events."""
+    """The example of ``docs/billing.md``: a cache of 100,000 tokens kept 3 hours in
+    ``standard`` and attached 20 times (each attach: 100,000 cached tokens, a 500-token
+    question, 200 output tokens), in October 2026. Calling it again replays the same events."""
     from datetime import timedelta
 
     from kvaas.metering import hooks

@@ -1,5 +1,5 @@
-"""The README's worked example is computed by the billing code: this test recomputes it and
-checks the README shows exactly these numbers."""
+"""The billing page's worked example (``docs/billing.md``) is computed by the billing code:
+this test recomputes it and checks the page shows exactly these numbers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from kvaas.billing.invoices import draft_invoice, parse_period
 from kvaas.billing.pricebook import from_minor, load_pricebook
 from kvaas.db.session import Database
 
-README = Path(__file__).parents[2] / "README.md"
+PAGE = Path(__file__).parents[2] / "docs" / "billing.md"
 START, END = "<!-- billing-example:start -->", "<!-- billing-example:end -->"
 
 
@@ -44,11 +44,11 @@ async def example_markdown(db: Database, tenant_id: str) -> str:
     return "\n".join(rows)
 
 
-async def test_readme_shows_the_computed_example(db: Database, make_tenant, seed) -> None:
+async def test_billing_page_shows_the_computed_example(db: Database, make_tenant, seed) -> None:
     t = await make_tenant("acme")
     await seed(t.id)
     expected = await example_markdown(db, t.id)
-    text = README.read_text()
-    assert START in text and END in text, "README lacks the billing example markers"
+    text = PAGE.read_text()
+    assert START in text and END in text, "docs/billing.md lacks the billing example markers"
     shown = text.split(START, 1)[1].split(END, 1)[0].strip()
-    assert shown == expected, f"README example is stale; it should read:\n{expected}"
+    assert shown == expected, f"docs/billing.md example is stale; it should read:\n{expected}"

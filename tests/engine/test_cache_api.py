@@ -221,8 +221,8 @@ async def test_chat_messages_and_streaming(gateway) -> None:  # type: ignore[no-
 
 
 async def test_int4_divergence_through_vllm(gateway) -> None:  # type: ignore[no-untyped-def]
-    """int4 is lossy: measure how far the first token's distribution moves (reported in the
-    README); it must stay close on this model."""
+    """int4 is lossy: measure how far the first token's distribution moves (reported in
+    docs/architecture.md); it must stay close on this model."""
     ids = corpus_ids(gateway)[5000:6024]
     extra = corpus_ids(gateway)[6024:6040]
     ref = await cold(gateway, ids + extra)
