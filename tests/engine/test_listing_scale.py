@@ -1,10 +1,10 @@
 """Listing stays fast for a tenant with 100k caches: keyset pages off a partial index (no
-OFFSET, no COUNT, no sort), checked on PostgreSQL's plans and timed."""
+OFFSET, no COUNT, no sort), checked on the SQL and on PostgreSQL's plans. How fast it is gets
+measured in ``bench/gateway.py``, not here."""
 
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime
 from typing import Any
 
@@ -52,12 +52,8 @@ async def test_listing_100k_caches(gateway) -> None:  # type: ignore[no-untyped-
         await s.commit()
     live = N - N // 20  # deleted ones are not listed
     try:
-        timings: dict[str, float] = {}
-
-        async def page(label: str, **params: Any) -> dict[str, Any]:
-            t0 = time.perf_counter()
+        async def page(**params: Any) -> dict[str, Any]:
             r = await cl.request("GET", "/v1/caches", params=params)
-            timings[label] = max(timings.get(label, 0.0), (time.perf_counter() - t0) * 1e3)
             assert r.status_code == 200, r.text
             return r.json()
 
@@ -65,14 +61,14 @@ async def test_listing_100k_caches(gateway) -> None:  # type: ignore[no-untyped-
         seen: list[tuple[str, str]] = []
         cursor = None
         for _ in range(20):
-            body = await page("page of 100", limit=100, **({"after": cursor} if cursor else {}))
+            body = await page(limit=100, **({"after": cursor} if cursor else {}))
             seen += [(c["created_at"], c["id"]) for c in body["data"]]
             cursor = body["next_cursor"]
         assert len(seen) == 2000 == len(set(seen))
         key = [(datetime.fromisoformat(t.replace("Z", "+00:00")), i) for t, i in seen]
         assert key == sorted(key, reverse=True)
 
-        # a page deep in the list costs the same as the first
+        # a page deep in the list is a keyset page like the first (its plan is checked below)
         async with db.session() as s:
             mid = (
                 await s.execute(
@@ -84,18 +80,18 @@ async def test_listing_100k_caches(gateway) -> None:  # type: ignore[no-untyped-
                 )
             ).one()
         deep = encode_cursor(mid[0].isoformat(), mid[1])
-        body = await page("deep page", limit=100, after=deep)
+        body = await page(limit=100, after=deep)
         assert len(body["data"]) == 100 and body["has_more"]
-        body = await page("asc deep page", limit=100, after=deep, order="asc")
+        body = await page(limit=100, after=deep, order="asc")
         assert len(body["data"]) == 100
 
-        body = await page("name filter", name="doc-7", limit=100)
+        body = await page(name="doc-7", limit=100)
         assert len(body["data"]) == 100 and not body["has_more"]
-        body = await page("name filter", name="doc-20", limit=100)
+        body = await page(name="doc-20", limit=100)
         assert body["data"] == []  # its 100 caches are all deleted
-        body = await page("metadata filter", limit=100, **{"metadata[shard]": "3"})
+        body = await page(limit=100, **{"metadata[shard]": "3"})
         assert len(body["data"]) == 100
-        body = await page("status filter", limit=100, status="failed")
+        body = await page(limit=100, status="failed")
         assert {c["status"] for c in body["data"]} == {"failed"}
 
         # the plans: index range scans of the partial indexes, no sort, no full scan
@@ -116,14 +112,15 @@ async def test_listing_100k_caches(gateway) -> None:  # type: ignore[no-untyped-
         finally:
             event.remove(db.engine.sync_engine, "before_cursor_execute", capture)
         assert len(statements) == 3
-        plans = []
+        for stmt, _ in statements:
+            assert "OFFSET" not in stmt.upper() and "COUNT(" not in stmt.upper(), stmt
         async with db.engine.connect() as conn:
             for (stmt, params), index in zip(
                 statements,
                 ("ix_caches_tenant_listed", "ix_caches_tenant_listed", "ix_caches_tenant_name"),
                 strict=True,
             ):
-                raw = await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + stmt, params)
+                raw = await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + stmt, params)
                 doc = raw.scalar_one()
                 plan = (json.loads(doc) if isinstance(doc, str) else doc)[0]
                 nodes = _nodes(plan["Plan"])
@@ -131,21 +128,9 @@ async def test_listing_100k_caches(gateway) -> None:  # type: ignore[no-untyped-
                 assert "Sort" not in kinds and "Seq Scan" not in kinds, kinds
                 used = {n.get("Index Name") for n in nodes}
                 assert index in used, (kinds, used)
-                plans.append(plan["Execution Time"])
         async with db.session() as s:
-            t0 = time.perf_counter()
             used = await quotas.usage(s, cl.tenant_id)
-            timings["quota usage (sum over live caches)"] = (time.perf_counter() - t0) * 1e3
         assert used.caches == N - 2 * (N // 20) and used.tokens == used.caches * 300
-        print(
-            f"\n{N} caches: API page times (ms, max) "
-            + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
-            + "; SQL execution (ms) "
-            + ", ".join(f"{t:.2f}" for t in plans)
-        )
-        # generous bounds (shared CI machines); the plan shape above is the real guarantee
-        assert max(plans) < 250
-        assert timings["page of 100"] < 2000 and timings["deep page"] < 2000
     finally:
         async with db.session() as s:
             await s.execute(text("SET LOCAL statement_timeout = 0"))
