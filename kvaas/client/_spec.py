@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T", bound=APIObject)
-M = TypeVar("M", bound=APIObject)
 
 
 @dataclass(frozen=True)
@@ -117,12 +116,12 @@ def page_items(page: Any) -> tuple[list[Any], str | None]:
     return list(data), cursor
 
 
-def items_of(cls: type[M]) -> Callable[[Any], list[M]]:
+def items_of(cls: type[T]) -> Callable[[Any], list[T]]:
     """A parser of a one-page list answer into ``cls`` objects."""
     return lambda page: [cls.model_validate(x) for x in page_items(page)[0]]
 
 
-def optional(cls: type[M]) -> Callable[[Any], M | None]:
+def optional(cls: type[T]) -> Callable[[Any], T | None]:
     """A parser of an answer that may be empty (``204``): ``None`` then."""
     return lambda out: cls.model_validate(out) if out else None
 
