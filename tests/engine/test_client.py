@@ -7,6 +7,7 @@ import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from kvtest.serve import serve
 from kvtest.services import REDIS_URL, PgSchema
 
 from kvaas.app import create_app
+from kvaas.billing.invoices import Draft, issue_invoice, parse_period
 from kvaas.client import (
     AsyncKVaaS,
     AuthenticationError,
@@ -28,6 +30,7 @@ from kvaas.client import (
     ValidationError,
 )
 from kvaas.config import Settings
+from kvaas.engine import Sampling
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
@@ -35,22 +38,37 @@ DOC = Path(os.__file__).read_text()[:4000]
 
 
 async def test_async_client_create_attach_stream(gateway, served_gateway: str) -> None:  # type: ignore[no-untyped-def]
+    model = gateway.app.state.engine.model
+    prefix, suffix = model.encode(DOC), model.encode("\nclass", add_special_tokens=False)
+    chunk = gateway.settings.chunk_tokens
     async with AsyncKVaaS(served_gateway, gateway.api_key) as kv:
-        cache = await kv.create_cache(prompt=DOC, name="doc", metadata={"k": "v"})
+        cache = await kv.create_cache(
+            prompt=DOC, name="doc", metadata={"k": "v"}, compression="none"
+        )
         assert cache.id.startswith("cache_") and cache.status == "ready"
         assert cache.name == "doc" and cache.metadata == {"k": "v"}
-        assert cache.stored_tokens and cache.stored_tokens >= 256
+        assert cache.tokens == len(prefix) and cache.compression == "none"
+        assert cache.stored_tokens == len(prefix) // chunk * chunk >= 256
         out = await kv.attach(cache.id, prompt="\nclass", max_tokens=8, temperature=0)
         assert out.cache.hit and out.cache.id == cache.id
-        assert out.usage.cached_tokens >= cache.stored_tokens
-        assert out.usage.output_tokens == len(out.choices[0].token_ids) >= 1
+        assert out.usage.cached_tokens == cache.stored_tokens
+        assert out.usage.prompt_tokens == len(prefix) + len(suffix)
+        assert out.usage.prefill_tokens == out.usage.prompt_tokens - out.usage.cached_tokens
+        ref = await gateway.app.state.engine.generate(
+            prefix + suffix, Sampling(max_tokens=8, temperature=0.0)
+        )
+        assert out.choices[0].token_ids == ref.token_ids  # what a cold run generates
+        assert out.usage.output_tokens == len(ref.token_ids) >= 1
         chunks = [
             c
             async for c in kv.attach_stream(cache.id, prompt="\nclass", max_tokens=8, temperature=0)
         ]
         assert "".join(c.text for c in chunks) == out.text
-        assert chunks[-1].usage is not None and chunks[-1].usage.cached_tokens > 0
-        assert chunks[-1].cache is not None and chunks[-1].cache.hit
+        assert [t for c in chunks for ch in c.choices for t in ch.token_ids] == ref.token_ids
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.cached_tokens == out.usage.cached_tokens
+        assert chunks[-1].cache is not None and chunks[-1].cache.id == cache.id
+        assert chunks[-1].cache.hit
         assert [m.id for m in await kv.models()] == ["tiny"]
 
 
@@ -61,8 +79,10 @@ async def test_sync_client_and_errors(gateway, served_gateway: str) -> None:  # 
             assert cache.storage_class == "cold" and cache.compression == "int8"
             out = kv.attach(cache.id, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
             assert out.cache.hit and out.usage.prompt_tokens > cache.tokens  # type: ignore[operator]
-            text = "".join(c.text for c in kv.attach_stream(cache.id, prompt="x", max_tokens=3))
-            assert isinstance(text, str)
+            plain = kv.attach(cache.id, prompt="x", max_tokens=3, temperature=0)
+            stream = kv.attach_stream(cache.id, prompt="x", max_tokens=3, temperature=0)
+            assert "".join(c.text for c in stream) == plain.text
+            assert plain.usage.output_tokens == len(plain.choices[0].token_ids) >= 1
 
             with pytest.raises(NotFoundError) as e:
                 kv.attach("cache_" + "0" * 24, prompt="x")
@@ -180,28 +200,63 @@ async def test_lifecycle_tags_and_listing(gateway, served_gateway: str) -> None:
         patched = await kv.update_cache(made[0].id, metadata={"team": "x"})
         assert patched.metadata == {"team": "x"}
         tag = f"t-{secrets.token_hex(4)}"
-        await kv.put_tag(tag, made[1].id)
+        put = await kv.put_tag(tag, made[1].id)
+        assert (put.name, put.cache_id) == (tag, made[1].id)  # type: ignore[attr-defined]
         assert (await kv.get_tag(tag)).cache_id == made[1].id  # type: ignore[attr-defined]
         assert tag in [t.name async for t in kv.list_tags()]  # type: ignore[attr-defined]
         out = await kv.attach(tag=tag, prompt="x", max_tokens=2)
         assert out.cache.id == made[1].id
-        await kv.delete_tag(tag)
+        gone = await kv.delete_tag(tag)
+        assert gone is not None and gone.model_dump() == {
+            "object": "tag",
+            "name": tag,
+            "deleted": True,
+        }
         with pytest.raises(NotFoundError):
             await kv.get_tag(tag)
         versions = await kv.list_versions(made[2].id)
         assert [v.version for v in versions] == [1]  # type: ignore[attr-defined]
-        await kv.delete_cache(made[2].id)
+        deleted = await kv.delete_cache(made[2].id)
+        assert deleted is not None and deleted.id == made[2].id  # type: ignore[attr-defined]
+        assert deleted.status == "deleted"  # type: ignore[attr-defined]
         with pytest.raises(NotFoundError):
             await kv.get_cache(made[2].id)
 
 
 async def test_estimate_usage_invoices(gateway, served_gateway: str) -> None:  # type: ignore[no-untyped-def]
-    async with AsyncKVaaS(served_gateway, gateway.api_key) as kv:
+    """A fresh tenant: the estimate of a prompt matches the cache created from it, its usage
+    counts that one creation, and it lists exactly the invoice issued to it."""
+    tenant, key = await new_tenant(gateway.client, f"billed-{secrets.token_hex(4)}")
+    async with AsyncKVaaS(served_gateway, key) as kv:
         est = await kv.estimate(prompt=DOC[:2000], ttl_seconds=3600, expected_attaches=10)
-        assert est.model_dump()  # an object with fields
+        cache = await kv.create_cache(prompt=DOC[:2000], ttl_seconds=3600)
+        sized = est.model_dump()
+        assert sized["object"] == "cache_estimate" and sized["ttl_seconds"] == 3600
+        assert (sized["tokens"], sized["stored_tokens"]) == (cache.tokens, cache.stored_tokens)
+        assert (sized["storage_class"], sized["compression"]) == (
+            cache.storage_class,
+            cache.compression,
+        )
+
         usage = await kv.usage(granularity="day")
-        assert usage.object == "usage"  # type: ignore[attr-defined]
-        invoices = await kv.list_invoices()
-        assert isinstance(invoices, list)
+        assert usage.object == "usage" and usage.granularity == "day"  # type: ignore[attr-defined]
+        assert usage.totals["cache_creations"] == 1  # type: ignore[attr-defined]
+        # ``from_`` goes out as ``from``: two empty days long before the tenant existed
+        past = await kv.usage(
+            granularity="day", from_="2020-01-01T00:00:00Z", to="2020-01-03T00:00:00Z"
+        )
+        assert datetime.fromisoformat(past.model_dump()["from"]) == datetime(2020, 1, 1, tzinfo=UTC)
+        assert len(past.buckets) == 2 and past.totals["cache_creations"] == 0  # type: ignore[attr-defined]
+
+        assert await kv.list_invoices() == []
+        start, end = parse_period("2020-01")
+        book = gateway.app.state.pricebook
+        draft = Draft(tenant["id"], "2020-01", start, end, book.versions[0].version, book.currency)
+        async with gateway.app.state.db.session() as s:
+            invoice = await issue_invoice(s, draft)
+        assert invoice is not None
+        assert [i.id for i in await kv.list_invoices()] == [invoice.id]  # type: ignore[attr-defined]
+        got = (await kv.get_invoice(invoice.id)).model_dump()
+        assert (got["id"], got["period"], got["total_minor"]) == (invoice.id, "2020-01", 0)
         with pytest.raises(NotFoundError):
             await kv.get_invoice("inv_" + "0" * 24)
