@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -45,6 +46,43 @@ def test_version_and_help(tmp_path: Path) -> None:
         r = kvaas(*cmd, "--help", env={}, cwd=tmp_path)
         assert r.returncode == 0, (cmd, r.stderr)
         assert "Usage" in r.stdout
+
+
+def test_every_command_module_is_registered(tmp_path: Path) -> None:
+    groups = {
+        "tenants": ["create", "list", "disable", "enable"],
+        "keys": ["create", "list", "revoke"],
+        "config": ["show", "markdown"],
+        "engine": ["command"],
+        "models": ["list", "build"],
+        "codec": ["eval"],
+        "invoices": ["run", "sync"],
+    }
+    r = kvaas("--help", env={}, cwd=tmp_path)
+    listed = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("│ ")]
+    assert listed[-10:] == ["serve", "migrate", "openapi", *groups]
+    for group, commands in groups.items():
+        r = kvaas(group, "--help", env={}, cwd=tmp_path)
+        assert r.returncode == 0, (group, r.stderr)
+        listed = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("│ ")]
+        assert listed[-len(commands) :] == commands, group
+
+
+def test_only_the_entry_point_imports_the_cli() -> None:
+    """Library code never imports ``kvaas.cli`` (the command line depends on it, not back)."""
+    offenders = []
+    for path in (ROOT / "kvaas").rglob("*.py"):
+        if (ROOT / "kvaas" / "cli") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            if any(n == "kvaas.cli" or n.startswith("kvaas.cli.") for n in names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
 
 
 async def test_tenant_key_lifecycle_from_the_cli(database_url: str, tmp_path: Path) -> None:

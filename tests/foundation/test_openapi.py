@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from kvaas.app import create_app
-from kvaas.cli import _openapi_text
+from kvaas.cli.openapi import openapi_text
 from kvaas.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_committed_spec_is_current() -> None:
     committed = (ROOT / "api_spec" / "openapi.json").read_text()
-    assert committed == _openapi_text(), "run `kvaas openapi` and commit api_spec/openapi.json"
+    assert committed == openapi_text(), "run `kvaas openapi` and commit api_spec/openapi.json"
 
 
 def test_every_operation_is_documented() -> None:

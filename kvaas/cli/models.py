@@ -6,16 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvaas.cli.root import app, err, fail, out
 from kvaas.model_presets.builder import build_model, get_preset
 from kvaas.model_presets.presets import PRESETS
 
 models_app = typer.Typer(help="Build and list built-in models.", no_args_is_help=True)
-_out = Console()
-_err = Console(stderr=True)
+app.add_typer(models_app, name="models")
 
 
 @models_app.command("list")
@@ -35,7 +34,7 @@ def list_presets() -> None:
             "yes" if p.train else "no (random)",
             p.description,
         )
-    _out.print(table)
+    out.print(table)
 
 
 @models_app.command("build")
@@ -54,14 +53,13 @@ def build(
     try:
         p = get_preset(preset)
     except ValueError as e:
-        _err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2) from e
+        raise fail(str(e), 2) from e
     target = out or Path(".kvaas") / "models" / p.dir_name
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TimeElapsedColumn(),
-        console=_err,
+        console=err,
         transient=False,
     ) as bar:
         task = bar.add_task(f"building {preset}", total=1.0)

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from kvaas.cli.root import app, err, fail, out
+
 codec_app = typer.Typer(help="KV codec tools.", no_args_is_help=True)
-_out = Console()
-_err = Console(stderr=True)
+app.add_typer(codec_app, name="codec")
 
 
 @codec_app.command("eval")
@@ -35,13 +35,11 @@ def eval_cmd(
     names = scheme or list(SCHEMES)
     unknown = [n for n in names if n not in SCHEMES]
     if unknown:
-        _err.print(f"[bold red]error:[/] unknown scheme(s) {unknown}; known: {list(SCHEMES)}")
-        raise typer.Exit(2)
+        raise fail(f"unknown scheme(s) {unknown}; known: {list(SCHEMES)}", 2)
     try:
         model_dir = resolve_model(model, data_dir)
     except ValueError as e:
-        _err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2) from e
+        raise fail(str(e), 2) from e
     lm = LoadedModel(model_dir)
     table = Table(
         "scheme",
@@ -55,7 +53,7 @@ def eval_cmd(
     )
     rows = []
     for name in names:
-        _err.print(f"evaluating {name} …")
+        err.print(f"evaluating {name} …")
         r = evaluate_scheme(
             lm,
             name,
@@ -73,6 +71,6 @@ def eval_cmd(
             f"{r.delta_log_ppl:+.4f}",
             f"{r.passkey_original} → {r.passkey_decoded}",
         )
-    _out.print(table)
+    out.print(table)
     if json_path:
         json_path.write_text(json.dumps(rows, indent=2) + "\n")

@@ -1,0 +1,39 @@
+"""``kvaas engine command``: engine helpers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kvaas.cli.root import app, load_settings
+
+engine_app = typer.Typer(help="Engine helpers.", no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
+
+
+@engine_app.command("command")
+def engine_command(
+    port: Annotated[int, typer.Option(help="Port the node listens on.")] = 8100,
+) -> None:
+    """Print the `vllm serve` command of a remote engine node for the current settings."""
+    import shlex
+
+    from kvaas.engine import kv_dtype
+    from kvaas.engine.remote import serve_command
+    from kvaas.model_presets import resolve_model
+    from kvaas.store.factory import StoreConfig
+
+    s = load_settings()
+    model_dir = resolve_model(s.model, s.data_dir / "models")
+    cmd = serve_command(
+        str(model_dir.resolve()),
+        s.model if "/" not in s.model else model_dir.name,
+        StoreConfig.from_settings(s).to_dict(),
+        port=port,
+        dtype=kv_dtype(model_dir, s.engine_dtype),
+        max_model_len=s.engine_max_model_len,
+        max_num_batched_tokens=s.engine_max_batched_tokens,
+        prefix_caching=s.engine_prefix_caching,
+    )
+    typer.echo(shlex.join(cmd))
