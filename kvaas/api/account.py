@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
 
 from kvaas.api.deps import Auth
 from kvaas.api.errors import error_responses
+from kvaas.api.schemas.account import Me
 from kvaas.auth.keys import display_prefix
 from kvaas.errors import AuthenticationError, PermissionDenied
 
 router = APIRouter(prefix="/v1", tags=["account"])
-
-
-class Me(BaseModel):
-    object: str = "tenant"
-    tenant_id: str
-    tenant_name: str
-    status: str
-    storage_quota_tokens: int | None
-    storage_quota_bytes: int | None
-    key_id: str
-    key_display: str = Field(description="The calling key as shown in listings.")
-    scopes: list[str]
 
 
 @router.get(

@@ -5,276 +5,35 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvaas.api.deps import Auth, SessionDep
+from kvaas.api.deps import Auth, CacheServiceDep, SessionDep
 from kvaas.api.errors import error_responses
+from kvaas.api.schemas.caches import (
+    AttachCacheInfo,
+    AttachRequest,
+    AttachResponse,
+    AttachUsage,
+    CacheObject,
+    CacheUsage,
+    Choice,
+    CreateCacheRequest,
+)
 from kvaas.billing.budget import BudgetExceeded
-from kvaas.db.models import Cache
-from kvaas.engine import Sampling
 from kvaas.errors import AuthenticationError, BadRequest, NotFound, PermissionDenied
 from kvaas.services.caches import (
     AttachOutcome,
     CacheMiss,
-    CacheService,
     CreateSpec,
     EngineUnavailable,
     Progress,
-    Prompt,
 )
 from kvaas.services.quotas import CacheLimitExceeded, QuotaExceeded
 
 router = APIRouter(prefix="/v1", tags=["caches"])
-
-StorageClass = Literal["hot", "standard", "cold"]
-Compression = Literal["none", "lossless", "int8", "int4"]
-MAX_PROMPT_CHARS = 1_000_000
-MAX_TOKEN_IDS = 131_072
-TAG_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
-
-
-class PromptFields(BaseModel):
-    """Exactly one of ``prompt``, ``messages``, ``token_ids``."""
-
-    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Plain text.")
-    messages: list[ChatMessage] | None = Field(
-        None, max_length=1024, description="Chat messages, rendered with the model's template."
-    )
-    token_ids: list[int] | None = Field(
-        None, max_length=MAX_TOKEN_IDS, description="Token ids of the served model."
-    )
-
-    def to_prompt(self) -> Prompt:
-        return Prompt(
-            prompt=self.prompt,
-            messages=[m.model_dump() for m in self.messages] if self.messages is not None else None,
-            token_ids=self.token_ids,
-        )
-
-
-class CreateCacheRequest(PromptFields):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"prompt": "You are a helpful assistant. <long document>", "ttl_seconds": 3600}
-            ]
-        },
-    )
-    model: str | None = Field(None, max_length=128, description="Must name the served model.")
-    name: str | None = Field(None, max_length=128, description="A label of your choice.")
-    ttl_seconds: int | None = Field(
-        None, description="Lifetime in seconds (bounds: KVAAS_MIN/MAX_TTL_SECONDS)."
-    )
-    storage_class: StorageClass | None = Field(None, description="Where the KV is kept.")
-    compression: Compression | None = Field(None, description="Codec of the stored KV.")
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] = Field(
-        default_factory=dict, max_length=16, description="Up to 16 string key/value pairs."
-    )
-    refresh_on_hit: bool = Field(
-        False, description="Each attach pushes `expires_at` to now + the cache's TTL."
-    )
-    wait: bool = Field(
-        True,
-        description="`true`: answer `201` once the KV is stored. `false`: answer `202` with "
-        "the `pending` cache at once and prefill in the background (poll `GET /v1/caches/{id}`).",
-    )
-
-    @model_validator(mode="after")
-    def _one_prompt(self) -> CreateCacheRequest:
-        if sum(x is not None for x in (self.prompt, self.messages, self.token_ids)) != 1:
-            raise ValueError("give exactly one of `prompt`, `messages` or `token_ids`")
-        return self
-
-
-class CacheUsage(BaseModel):
-    prefill_tokens: int
-    ttft_ms: float | None
-
-
-class CacheProgress(BaseModel):
-    tokens_done: int = Field(description="Tokens whose KV is stored (whole chunks).")
-    tokens_total: int
-
-
-class CacheObject(BaseModel):
-    id: str
-    object: Literal["cache"] = "cache"
-    status: str
-    name: str | None
-    model: str
-    version: int
-    tokens: int = Field(description="Tokens of the cached prefix.")
-    stored_tokens: int = Field(description="Tokens whose KV is stored (whole chunks).")
-    stored_bytes: int
-    compression: str
-    storage_class: str
-    prefix_sha256: str = Field(description="sha256 of the prefix's token ids (int32 LE).")
-    metadata: dict[str, str]
-    tags: list[str] = Field(default_factory=list, description="Tags pointing at this cache.")
-    hit_count: int
-    ttl_seconds: int = Field(description="Lifetime granted by the last TTL change.")
-    refresh_on_hit: bool = Field(description="Each attach pushes `expires_at` to now + TTL.")
-    last_used_at: datetime | None
-    expires_at: datetime
-    created_at: datetime
-    failure_reason: str | None = None
-    progress: CacheProgress | None = Field(
-        None, description="Prefill progress (`pending` and `ready` caches)."
-    )
-    usage: CacheUsage | None = None
-
-    @classmethod
-    def of(
-        cls,
-        c: Cache,
-        usage: CacheUsage | None = None,
-        *,
-        tags: list[str] | None = None,
-        progress: Progress | None = None,
-    ) -> CacheObject:
-        return cls(
-            id=c.id,
-            status=c.status,
-            name=c.name,
-            model=c.model,
-            version=c.version,
-            tokens=c.tokens,
-            stored_tokens=c.stored_chunks * c.chunk_tokens,
-            stored_bytes=c.stored_bytes,
-            compression=c.compression,
-            storage_class=c.storage_class,
-            prefix_sha256=c.prefix_sha256,
-            metadata=dict(c.meta),
-            tags=list(tags or ()),
-            hit_count=c.hit_count,
-            ttl_seconds=c.ttl_seconds,
-            refresh_on_hit=c.refresh_on_hit,
-            last_used_at=c.last_used_at,
-            expires_at=c.expires_at,
-            created_at=c.created_at,
-            failure_reason=c.failure_reason,
-            progress=CacheProgress(
-                tokens_done=progress.tokens_done, tokens_total=progress.tokens_total
-            )
-            if progress is not None
-            else None,
-            usage=usage,
-        )
-
-
-class AttachRequest(PromptFields):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "cache_id": "cache_0123456789abcdef01234567",
-                    "prompt": "Q: ...",
-                    "max_tokens": 64,
-                },
-                {"tag": "contract-latest", "version": 2, "prompt": "Q: ..."},
-            ]
-        },
-    )
-    cache_id: str | None = Field(None, max_length=64, description="The cache (or give `tag`).")
-    tag: str | None = Field(None, pattern=TAG_PATTERN, description="A tag naming the cache.")
-    version: int | None = Field(None, ge=1, description="Version to attach (default: latest).")
-    max_tokens: int = Field(16, ge=1, le=8192)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
-    logprobs: int | None = Field(None, ge=0, le=20, description="Top log-probabilities per token.")
-    stream: bool = Field(False, description="Stream tokens as server-sent events.")
-    require_hit: bool = Field(False, description="Answer 409 instead of recomputing on a miss.")
-
-    @model_validator(mode="after")
-    def _at_most_one_prompt(self) -> AttachRequest:
-        if (self.cache_id is None) == (self.tag is None):
-            raise ValueError("give exactly one of `cache_id` or `tag`")
-        if sum(x is not None for x in (self.prompt, self.messages, self.token_ids)) > 1:
-            raise ValueError("give at most one of `prompt`, `messages` or `token_ids`")
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("at most 4 stop strings")
-        return self
-
-    def sampling(self) -> Sampling:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return Sampling(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop=stop,
-            logprobs=self.logprobs,
-        )
-
-
-class AttachUsage(BaseModel):
-    prompt_tokens: int = Field(description="Cache tokens + request tokens.")
-    cached_tokens: int = Field(description="Prompt tokens whose KV was reused, not computed.")
-    prefill_tokens: int = Field(description="Prompt tokens computed by this request.")
-    output_tokens: int
-    ttft_ms: float | None = Field(description="Time to first token inside the engine.")
-
-
-class AttachCacheInfo(BaseModel):
-    id: str
-    hit: bool
-    miss_reason: Literal["too_short", "evicted", "load_failed"] | None = None
-
-
-class Choice(BaseModel):
-    index: int = 0
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[dict[str, float]] | None = Field(
-        None, description="Per generated token: top candidates, token id → log-probability."
-    )
-
-
-class AttachResponse(BaseModel):
-    id: str
-    object: Literal["cache.attach"] = "cache.attach"
-    model: str
-    choices: list[Choice]
-    usage: AttachUsage
-    cache: AttachCacheInfo
-
-
-def get_cache_service(request: Request) -> CacheService:
-    return request.app.state.cache_service
-
-
-Service = Annotated[CacheService, Depends(get_cache_service)]
-
-
-def _usage(o: AttachOutcome) -> AttachUsage:
-    g = o.generation
-    return AttachUsage(
-        prompt_tokens=o.prompt_tokens,
-        cached_tokens=o.cached_tokens,
-        prefill_tokens=o.prompt_tokens - o.cached_tokens,
-        output_tokens=len(g.token_ids),
-        ttft_ms=round(g.ttft_ms, 3) if g.ttft_ms is not None else None,
-    )
-
-
-def _cache_info(o: AttachOutcome) -> AttachCacheInfo:
-    return AttachCacheInfo(id=o.cache.id, hit=o.hit, miss_reason=o.miss_reason)  # type: ignore[arg-type]
 
 
 @router.post(
@@ -298,7 +57,11 @@ def _cache_info(o: AttachOutcome) -> AttachCacheInfo:
     },
 )
 async def create_cache(
-    body: CreateCacheRequest, auth: Auth, session: SessionDep, service: Service, response: Response
+    body: CreateCacheRequest,
+    auth: Auth,
+    session: SessionDep,
+    service: CacheServiceDep,
+    response: Response,
 ) -> CacheObject:
     result = await service.create(
         session,
@@ -349,7 +112,7 @@ async def create_cache(
     },
 )
 async def attach_cache(
-    body: AttachRequest, auth: Auth, session: SessionDep, service: Service
+    body: AttachRequest, auth: Auth, session: SessionDep, service: CacheServiceDep
 ) -> AttachResponse:
     rid = f"att_{uuid.uuid4().hex[:24]}"
     if body.stream:
@@ -364,7 +127,7 @@ async def attach_cache(
             version=body.version,
         )
         return StreamingResponse(  # type: ignore[return-value]
-            _sse(rid, service, outcome, deltas), media_type="text/event-stream"
+            _sse(rid, outcome, deltas), media_type="text/event-stream"
         )
     o = await service.attach(
         session,
@@ -390,14 +153,16 @@ async def attach_cache(
                 else None,
             )
         ],
-        usage=_usage(o),
-        cache=_cache_info(o),
+        usage=AttachUsage.of(o),
+        cache=AttachCacheInfo.of(o),
     )
 
 
 async def _sse(
-    rid: str, service: CacheService, outcome: AttachOutcome, deltas: AsyncIterator[Any]
+    rid: str, outcome: AttachOutcome, deltas: AsyncIterator[Any]
 ) -> AsyncIterator[bytes]:
+    """Server-sent events of an attach: one chunk per delta (the last with ``usage`` and
+    ``cache``), then ``[DONE]``; a failure mid-stream is reported in-band."""
     try:
         async for d in deltas:
             chunk: dict[str, Any] = {
@@ -414,8 +179,8 @@ async def _sse(
                 ],
             }
             if d.finish_reason is not None:
-                chunk["usage"] = _usage(outcome).model_dump()
-                chunk["cache"] = _cache_info(outcome).model_dump()
+                chunk["usage"] = AttachUsage.of(outcome).model_dump()
+                chunk["cache"] = AttachCacheInfo.of(outcome).model_dump()
             yield f"data: {json.dumps(chunk)}\n\n".encode()
     except Exception as e:  # the status line is gone: report in-band
         err = {"error": {"type": "internal_error", "message": f"generation failed: {e}"}}

@@ -127,7 +127,13 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_responses(*errors: type[APIError]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the given error classes (always with 5xx)."""
     out: dict[int | str, dict[str, Any]] = {}
-    for cls in (*errors, ValidationFailed, InternalError, ServiceUnavailable):
+    classes: tuple[type[APIError], ...] = (
+        *errors,
+        ValidationFailed,
+        InternalError,
+        ServiceUnavailable,
+    )
+    for cls in classes:
         status = cls.status_code
         if status in out:
             out[status]["description"] += f" / {cls.description}"

@@ -9,39 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from pydantic import BaseModel, Field
 
 from kvaas import __version__
+from kvaas.api.deps import HealthCheck, HealthChecksDep
+from kvaas.api.schemas.health import ComponentStatus, Liveness, Readiness
 
 router = APIRouter(tags=["health"])
 
-HealthCheck = Callable[[], Awaitable[str | None]]
 PROBE_TIMEOUT_SECONDS = 3.0
-
-
-class ComponentStatus(BaseModel):
-    status: Literal["ok", "down"]
-    detail: str | None = None
-    latency_ms: float
-
-
-class Readiness(BaseModel):
-    status: Literal["ok", "down"]
-    version: str
-    components: dict[str, ComponentStatus] = Field(
-        description="Each checked component: database, redis when configured, engine when loaded."
-    )
-
-
-class Liveness(BaseModel):
-    status: Literal["ok"] = "ok"
-    version: str
 
 
 async def _probe(check: HealthCheck) -> ComponentStatus:
@@ -68,8 +48,7 @@ async def healthz() -> Liveness:
     summary="Readiness: every component the service needs answers",
     responses={503: {"model": Readiness, "description": "At least one component is down."}},
 )
-async def readyz(request: Request) -> JSONResponse:
-    checks: dict[str, HealthCheck] = request.app.state.health_checks
+async def readyz(checks: HealthChecksDep) -> JSONResponse:
     names = list(checks)
     results = await asyncio.gather(*(_probe(checks[n]) for n in names))
     components = dict(zip(names, results, strict=True))

@@ -17,6 +17,8 @@ Responses that say "try again" are not stored, so a retry runs anew: 5xx, 429, a
 that failed or was cut off before its response was complete. A key held by a request that
 died with its process is taken over after :data:`IN_FLIGHT_LEASE`. Requests whose API key does
 not authenticate pass straight to the application (which answers 401/403) and store nothing.
+The middleware resolves the API key once (:mod:`kvaas.auth.resolver`) and leaves the result in
+the request's scope, where the application's ``authenticate`` takes it instead of resolving again.
 
 Records live in the metadata database (table ``idempotency_keys``), so every gateway worker
 sees them, on SQLite and PostgreSQL alike. :class:`IdempotencyMiddleware` is plain ASGI: it
@@ -37,10 +39,9 @@ from sqlalchemy import delete, exc, or_, update
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvaas.api.asgi import error_response_messages, header
-from kvaas.auth.keys import parse_key, secret_matches
+from kvaas.auth.resolver import AuthContext, Resolution, bearer_credential, resolve, stash
 from kvaas.db.base import utcnow
 from kvaas.db.models import IdempotencyRecord
-from kvaas.db.repositories import ApiKeyRepository
 from kvaas.db.session import Database, DatabaseUnavailable
 from kvaas.errors import APIError, Conflict, RateLimited, ServiceUnavailable, ValidationFailed
 
@@ -92,24 +93,13 @@ def request_hash(scope: Scope, body: bytes) -> str:
     return h.hexdigest()
 
 
-async def _tenant_of(db: Database, scope: Scope) -> str | None:
-    """The tenant id of the request's API key when it authenticates, else ``None``."""
-    auth = header(scope, b"authorization") or ""
-    scheme, _, credential = auth.partition(" ")
-    parsed = parse_key(credential.strip()) if scheme.lower() == "bearer" else None
-    if parsed is None:
-        return None
-    prefix, secret = parsed
+async def _resolve(db: Database, scope: Scope) -> Resolution:
+    """The caller of the request, resolved once: kept in the scope for ``authenticate``."""
+    credential = bearer_credential(header(scope, b"authorization"))
     async with db.session() as session:
-        found = await ApiKeyRepository(session).get_with_tenant(prefix)
-    if found is None:
-        return None
-    key, tenant = found
-    if key.revoked_at is not None or tenant.status != "active":
-        return None
-    if not secret_matches(secret, key.secret_hash):
-        return None
-    return tenant.id
+        resolution = await resolve(session, credential)
+    stash(scope, resolution)
+    return resolution
 
 
 class IdempotencyMiddleware:
@@ -141,12 +131,14 @@ class IdempotencyMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            tenant_id = await _tenant_of(db, scope)
-        except DatabaseUnavailable:
-            tenant_id = None  # the app answers 503 itself
-        if tenant_id is None:  # the app answers 401/403; nothing to remember
+            resolution = await _resolve(db, scope)
+        except DatabaseUnavailable:  # the app answers 503 itself
             await self.app(scope, receive, send)
             return
+        if not isinstance(resolution, AuthContext):  # the app answers 401/403; nothing stored
+            await self.app(scope, receive, send)
+            return
+        tenant_id = resolution.tenant.id
 
         body = await _read_body(receive)
         digest = request_hash(scope, body)
@@ -157,10 +149,10 @@ class IdempotencyMiddleware:
             await _answer(scope, send, error_response_messages(scope, e))
             return
         except DatabaseUnavailable:
-            err = ServiceUnavailable(
+            down = ServiceUnavailable(
                 "the metadata database is unavailable; retry later", headers={"Retry-After": "5"}
             )
-            await _answer(scope, send, error_response_messages(scope, err))
+            await _answer(scope, send, error_response_messages(scope, down))
             return
         if not claimed:
             assert record is not None

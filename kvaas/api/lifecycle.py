@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from kvaas.api.caches import CacheObject, CacheUsage, PromptFields, Service, StorageClass
-from kvaas.api.deps import Auth, SessionDep
+from kvaas.api.deps import Auth, CacheServiceDep, SessionDep
 from kvaas.api.errors import error_responses
-from kvaas.db.models import Cache, CacheVersion, Tenant
+from kvaas.api.schemas.caches import CacheObject, CacheUsage
+from kvaas.api.schemas.lifecycle import (
+    CacheList,
+    CachePatchRequest,
+    CacheVersionList,
+    CacheVersionObject,
+    ExtendRequest,
+)
+from kvaas.db.models import Cache, Tenant
 from kvaas.errors import (
     AuthenticationError,
     BadRequest,
@@ -22,7 +28,7 @@ from kvaas.errors import (
     PermissionDenied,
     ValidationFailed,
 )
-from kvaas.services.caches import UNSET, CachePatch, CacheService, EngineUnavailable, Progress
+from kvaas.services.caches import CacheService, EngineUnavailable, Progress
 from kvaas.services.listing import MAX_LIMIT, CacheFilter
 from kvaas.services.quotas import QuotaExceeded
 
@@ -32,100 +38,8 @@ CacheId = Annotated[str, Path(description="The cache's id (`cache_…`).", max_l
 _METADATA_PARAM = re.compile(r"^metadata\[(.{1,128})\]$")
 
 
-class CacheList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[CacheObject]
-    has_more: bool
-    next_cursor: str | None = Field(
-        description="Pass as `after` for the next page; `null` on the last page."
-    )
-
-
-class CachePatchRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"ttl_seconds": 86400, "storage_class": "cold"}]},
-    )
-    name: str | None = Field(None, max_length=128, description="`null` clears it.")
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
-        None, max_length=16, description="Replaces the metadata (up to 16 pairs)."
-    )
-    ttl_seconds: int | None = Field(None, description="New lifetime, from now.")
-    expires_at: AwareDatetime | None = Field(None, description="New expiry (instead of a TTL).")
-    storage_class: StorageClass | None = Field(None, description="Moves the stored chunks.")
-    refresh_on_hit: bool | None = Field(None, description="Each attach re-grants the TTL.")
-
-    @model_validator(mode="after")
-    def _check(self) -> CachePatchRequest:
-        given = self.model_fields_set
-        if {"ttl_seconds", "expires_at"} <= given:
-            raise ValueError("give `ttl_seconds` or `expires_at`, not both")
-        for f in ("metadata", "ttl_seconds", "expires_at", "storage_class", "refresh_on_hit"):
-            if f in given and getattr(self, f) is None:
-                raise ValueError(f"`{f}` cannot be null")
-        return self
-
-    def to_patch(self) -> CachePatch:
-        given = self.model_fields_set
-        return CachePatch(
-            **{
-                f: getattr(self, f) if f in given else UNSET
-                for f in CachePatch.__dataclass_fields__
-            }
-        )
-
-
-class ExtendRequest(PromptFields):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"prompt": "\n\nAppendix B: ..."}]},
-    )
-
-    @model_validator(mode="after")
-    def _one_prompt(self) -> ExtendRequest:
-        if sum(x is not None for x in (self.prompt, self.messages, self.token_ids)) != 1:
-            raise ValueError("give exactly one of `prompt`, `messages` or `token_ids`")
-        return self
-
-
-class CacheVersionObject(BaseModel):
-    object: Literal["cache.version"] = "cache.version"
-    cache_id: str
-    version: int
-    status: Literal["pending", "ready", "failed", "deleted"]
-    tokens: int
-    stored_tokens: int = Field(description="Tokens whose KV is stored (whole chunks).")
-    stored_bytes: int = Field(description="Bytes of this version's chunks (shared ones too).")
-    prefix_sha256: str
-    created_at: datetime
-    deleted_at: datetime | None = None
-    failure_reason: str | None = None
-
-    @classmethod
-    def of(cls, v: CacheVersion, chunk_tokens: int) -> CacheVersionObject:
-        return cls(
-            cache_id=v.cache_id,
-            version=v.version,
-            status=v.status,  # type: ignore[arg-type]
-            tokens=v.tokens,
-            stored_tokens=v.chunks * chunk_tokens if v.status == "ready" else 0,
-            stored_bytes=v.stored_bytes,
-            prefix_sha256=v.prefix_sha256,
-            created_at=v.created_at,
-            deleted_at=v.deleted_at,
-            failure_reason=v.failure_reason,
-        )
-
-
-class CacheVersionList(BaseModel):
-    object: Literal["list"] = "list"
-    cache_id: str
-    latest: int = Field(description="The version attached by default.")
-    data: list[CacheVersionObject]
-
-
 async def cache_objects(
-    service: CacheService, session: SessionDep, tenant: Tenant, caches: Sequence[Cache]
+    service: CacheService, session: AsyncSession, tenant: Tenant, caches: Sequence[Cache]
 ) -> list[CacheObject]:
     """API objects of ``caches`` with their tags and progress (two batched lookups)."""
     tags = await service.tags_of(session, caches)
@@ -160,7 +74,7 @@ async def list_caches(
     request: Request,
     auth: Auth,
     session: SessionDep,
-    service: Service,
+    service: CacheServiceDep,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size.")] = 20,
     after: Annotated[
         str | None, Query(max_length=512, description="`next_cursor` of the previous page.")
@@ -201,7 +115,7 @@ async def list_caches(
     responses=error_responses(*_READ_ERRORS),
 )
 async def get_cache(
-    cache_id: CacheId, auth: Auth, session: SessionDep, service: Service
+    cache_id: CacheId, auth: Auth, session: SessionDep, service: CacheServiceDep
 ) -> CacheObject:
     cache = await service.get_live(session, auth.tenant, cache_id)
     return (await cache_objects(service, session, auth.tenant, [cache]))[0]
@@ -213,7 +127,11 @@ async def get_cache(
     responses=error_responses(BadRequest, *_READ_ERRORS, Conflict),
 )
 async def update_cache(
-    cache_id: CacheId, body: CachePatchRequest, auth: Auth, session: SessionDep, service: Service
+    cache_id: CacheId,
+    body: CachePatchRequest,
+    auth: Auth,
+    session: SessionDep,
+    service: CacheServiceDep,
 ) -> CacheObject:
     cache = await service.update(session, auth.tenant, cache_id, body.to_patch())
     return (await cache_objects(service, session, auth.tenant, [cache]))[0]
@@ -225,7 +143,7 @@ async def update_cache(
     responses=error_responses(*_READ_ERRORS),
 )
 async def delete_cache(
-    cache_id: CacheId, auth: Auth, session: SessionDep, service: Service
+    cache_id: CacheId, auth: Auth, session: SessionDep, service: CacheServiceDep
 ) -> CacheObject:
     cache = await service.delete(session, auth.tenant, cache_id)
     return CacheObject.of(cache)
@@ -240,7 +158,11 @@ async def delete_cache(
     ),
 )
 async def extend_cache(
-    cache_id: CacheId, body: ExtendRequest, auth: Auth, session: SessionDep, service: Service
+    cache_id: CacheId,
+    body: ExtendRequest,
+    auth: Auth,
+    session: SessionDep,
+    service: CacheServiceDep,
 ) -> CacheObject:
     result = await service.extend(session, auth.tenant, cache_id, body.to_prompt())
     c = result.cache
@@ -262,7 +184,7 @@ async def extend_cache(
     responses=error_responses(*_READ_ERRORS),
 )
 async def list_cache_versions(
-    cache_id: CacheId, auth: Auth, session: SessionDep, service: Service
+    cache_id: CacheId, auth: Auth, session: SessionDep, service: CacheServiceDep
 ) -> CacheVersionList:
     cache, versions = await service.versions(session, auth.tenant, cache_id)
     return CacheVersionList(
@@ -282,7 +204,7 @@ async def delete_cache_version(
     version: Annotated[int, Path(ge=1, le=2**31 - 1)],
     auth: Auth,
     session: SessionDep,
-    service: Service,
+    service: CacheServiceDep,
 ) -> CacheVersionObject:
     cache, row = await service.delete_version(session, auth.tenant, cache_id, version)
     return CacheVersionObject.of(row, cache.chunk_tokens)

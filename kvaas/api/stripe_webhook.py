@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import APIRouter, Header, Request
-from pydantic import BaseModel
 
-from kvaas.api.deps import SessionDep
+from kvaas.api.deps import SessionDep, SettingsDep
 from kvaas.api.errors import error_responses
+from kvaas.api.schemas.stripe import WebhookAck
 from kvaas.billing.stripe_sync import WebhookSignatureError, apply_event, verify_event
 from kvaas.errors import AuthenticationError, BadRequest, PermissionDenied
 
 router = APIRouter(prefix="/v1", tags=["billing"])
-
-
-class WebhookAck(BaseModel):
-    received: bool = True
-    outcome: Literal["applied", "ignored", "duplicate"]
 
 
 @router.post(
@@ -30,9 +23,10 @@ class WebhookAck(BaseModel):
 async def stripe_webhook(
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     stripe_signature: str | None = Header(None, alias="Stripe-Signature"),
 ) -> WebhookAck:
-    secret = request.app.state.settings.stripe_webhook_secret
+    secret = settings.stripe_webhook_secret
     if secret is None:
         raise PermissionDenied("Stripe webhooks are not configured (KVAAS_STRIPE_WEBHOOK_SECRET)")
     if not stripe_signature:
@@ -42,4 +36,4 @@ async def stripe_webhook(
         event = verify_event(payload, stripe_signature, secret.get_secret_value())
     except WebhookSignatureError as e:
         raise BadRequest(str(e), param="Stripe-Signature") from e
-    return WebhookAck(outcome=await apply_event(session, event))  # type: ignore[arg-type]
+    return WebhookAck(outcome=await apply_event(session, event))

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
-from pydantic import BaseModel, ConfigDict, Field
 
-from kvaas.api.caches import TAG_PATTERN, Service
-from kvaas.api.deps import Auth, SessionDep
+from kvaas.api.deps import Auth, CacheServiceDep, SessionDep
 from kvaas.api.errors import error_responses
-from kvaas.db.models import CacheTag
+from kvaas.api.schemas.caches import TAG_PATTERN
+from kvaas.api.schemas.tags import TagDeleted, TagList, TagObject, TagPut
 from kvaas.errors import AuthenticationError, Conflict, NotFound, PermissionDenied
 from kvaas.services import listing
 
@@ -27,48 +25,13 @@ TagName = Annotated[
 _ERRORS = (AuthenticationError, PermissionDenied, NotFound)
 
 
-class TagObject(BaseModel):
-    object: Literal["tag"] = "tag"
-    name: str
-    cache_id: str
-    created_at: datetime
-    updated_at: datetime
-
-    @classmethod
-    def of(cls, t: CacheTag) -> TagObject:
-        return cls(
-            name=t.name, cache_id=t.cache_id, created_at=t.created_at, updated_at=t.updated_at
-        )
-
-
-class TagList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[TagObject]
-    has_more: bool
-    next_cursor: str | None
-
-
-class TagPut(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"cache_id": "cache_0123456789abcdef01234567"}]},
-    )
-    cache_id: str = Field(max_length=64, description="The cache the tag points at from now on.")
-
-
-class TagDeleted(BaseModel):
-    object: Literal["tag"] = "tag"
-    name: str
-    deleted: bool = True
-
-
 @router.put(
     "/tags/{tag}",
     summary="Point a tag at a cache (create it, or re-point it atomically)",
     responses=error_responses(*_ERRORS, Conflict),
 )
 async def put_tag(
-    tag: TagName, body: TagPut, auth: Auth, session: SessionDep, service: Service
+    tag: TagName, body: TagPut, auth: Auth, session: SessionDep, service: CacheServiceDep
 ) -> TagObject:
     return TagObject.of(await service.put_tag(session, auth.tenant, tag, body.cache_id))
 
@@ -93,11 +56,15 @@ async def list_tags(
 
 
 @router.get("/tags/{tag}", summary="Get a tag", responses=error_responses(*_ERRORS))
-async def get_tag(tag: TagName, auth: Auth, session: SessionDep, service: Service) -> TagObject:
+async def get_tag(
+    tag: TagName, auth: Auth, session: SessionDep, service: CacheServiceDep
+) -> TagObject:
     return TagObject.of(await service.get_tag(session, auth.tenant, tag))
 
 
 @router.delete("/tags/{tag}", summary="Delete a tag", responses=error_responses(*_ERRORS))
-async def delete_tag(tag: TagName, auth: Auth, session: SessionDep, service: Service) -> TagDeleted:
+async def delete_tag(
+    tag: TagName, auth: Auth, session: SessionDep, service: CacheServiceDep
+) -> TagDeleted:
     await service.delete_tag(session, auth.tenant, tag)
     return TagDeleted(name=tag)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -25,7 +25,7 @@ from kvaas.billing.pricing import PricedLine, price_usage
 from kvaas.billing.render import render_html, render_pdf
 from kvaas.db.base import utcnow
 from kvaas.db.models import Invoice, InvoiceLine, Tenant
-from kvaas.errors import ValidationFailed
+from kvaas.errors import NotFound, ValidationFailed
 from kvaas.metering.storage import Usage, event_ids, meter_usage, tenants_with_activity
 
 #: At most this many event ids are listed on a line; the line's query finds them all.
@@ -204,6 +204,50 @@ async def write_files(
     await asyncio.to_thread(_write_atomically, folder, files)
     inv.html_path = str(folder / f"{inv.id}.html")
     inv.pdf_path = str(folder / f"{inv.id}.pdf")
+
+
+async def tenant_invoices(session: AsyncSession, tenant_id: str) -> Sequence[Invoice]:
+    """The tenant's invoices, newest period first."""
+    rows = await session.scalars(
+        select(Invoice).where(Invoice.tenant_id == tenant_id).order_by(Invoice.period.desc())
+    )
+    return rows.all()
+
+
+async def tenant_invoice(session: AsyncSession, tenant_id: str, invoice_id: str) -> Invoice:
+    """The tenant's invoice ``invoice_id``; 404 when there is none (or it is another's)."""
+    inv = await session.get(Invoice, invoice_id)
+    if inv is None or inv.tenant_id != tenant_id:
+        raise NotFound(f"no invoice with id {invoice_id!r}", param="invoice_id")
+    return inv
+
+
+def _read(path: str | None) -> bytes | None:
+    if path and Path(path).is_file():
+        return Path(path).read_bytes()
+    return None
+
+
+async def invoice_file(
+    session: AsyncSession,
+    inv: Invoice,
+    kind: Literal["pdf", "html"],
+    pricebook: PriceBook,
+    data_dir: Path,
+) -> bytes:
+    """The stored rendering of ``inv``; rendered again (stored and committed) when this node
+    lacks the file."""
+
+    def path() -> str | None:
+        return inv.pdf_path if kind == "pdf" else inv.html_path
+
+    data = await asyncio.to_thread(_read, path())
+    if data is None:
+        await write_files(session, inv, pricebook, data_dir)
+        await session.commit()
+        data = await asyncio.to_thread(_read, path())
+    assert data is not None
+    return data
 
 
 async def issue_invoice(session: AsyncSession, draft: Draft) -> Invoice | None:

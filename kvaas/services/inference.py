@@ -1,0 +1,139 @@
+"""Generation for the OpenAI-compatible routes: on a stored cache, or plainly on the engine.
+
+A request names a cache (:class:`CacheRef`) or not. With one, the cache service attaches it
+(the cache's tokens first, the request's after them, with its hit/miss and metering rules).
+Without one the request's prompt runs on the engine as it is: tokenized and checked by the
+prompt policy (``service.prompts``: an engine must run, the prompt is one non-empty form,
+prompt + ``max_tokens`` fit the model), with the tenant's salt so no tenant reuses another's
+engine-side prefix cache. An engine failure before the first token is ``503``.
+
+A :class:`Run` carries the generation and its counts; a streamed run's generation fills up
+as its deltas are consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from kvaas.db.models import Tenant
+from kvaas.engine import EngineError, Generation, Sampling
+from kvaas.errors import ServiceUnavailable
+from kvaas.services.caches import AttachOutcome, CacheService, Prompt
+
+
+@dataclass(frozen=True)
+class CacheRef:
+    """The cache a request attaches: by id or by tag (neither: none), which version (``None``:
+    the latest), and whether a miss is refused (``409``) instead of recomputed."""
+
+    cache_id: str | None = None
+    tag: str | None = None
+    version: int | None = None
+    require_hit: bool = False
+
+    @property
+    def attached(self) -> bool:
+        return self.cache_id is not None or self.tag is not None
+
+
+@dataclass
+class Run:
+    """One request's generation, with or without a cache (``outcome``), and its counts."""
+
+    outcome: AttachOutcome | None
+    generation: Generation = field(default_factory=Generation)
+    plain_prompt_tokens: int = 0  # the prompt's tokens when no cache is attached
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the whole prompt (an attached cache's included)."""
+        return self.outcome.prompt_tokens if self.outcome else self.plain_prompt_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV was reused instead of computed."""
+        return self.outcome.cached_tokens if self.outcome else self.generation.cached_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.generation.token_ids)
+
+
+async def _plain_ids(service: CacheService, prompt: Prompt, sampling: Sampling) -> list[int]:
+    """Token ids of a request without a cache, checked against the model's limits."""
+    policy = service.prompts
+    ids = await policy.tokenize(
+        prompt, continuation=False, generation_prompt=True, ids_param="prompt"
+    )
+    policy.require_tokens(ids, param="prompt")
+    policy.check_generation(len(ids), sampling.max_tokens, f"prompt ({len(ids)})")
+    return ids
+
+
+async def generate(
+    service: CacheService,
+    session: AsyncSession,
+    tenant: Tenant,
+    ref: CacheRef,
+    prompt: Prompt,
+    sampling: Sampling,
+) -> Run:
+    """Run the request to its end."""
+    if ref.attached:
+        outcome = await service.attach(
+            session,
+            tenant,
+            ref.cache_id,
+            prompt,
+            sampling,
+            require_hit=ref.require_hit,
+            tag=ref.tag,
+            version=ref.version,
+        )
+        return Run(outcome, outcome.generation)
+    engine = service.prompts.engine
+    ids = await _plain_ids(service, prompt, sampling)
+    try:
+        gen = await engine.generate(ids, service.salted(tenant, sampling))
+    except EngineError as e:
+        raise ServiceUnavailable(f"the engine failed: {e}") from e
+    return Run(None, gen, len(ids))
+
+
+async def generate_stream(
+    service: CacheService,
+    session: AsyncSession,
+    tenant: Tenant,
+    ref: CacheRef,
+    prompt: Prompt,
+    sampling: Sampling,
+) -> tuple[Run, AsyncIterator[Generation]]:
+    """Start the request: its run, and its deltas as the engine produces them (the run's
+    generation absorbs each delta when no cache is attached; the cache service keeps an
+    attached run's outcome current itself)."""
+    if ref.attached:
+        outcome, stream = await service.attach_stream(
+            session,
+            tenant,
+            ref.cache_id,
+            prompt,
+            sampling,
+            require_hit=ref.require_hit,
+            tag=ref.tag,
+            version=ref.version,
+        )
+        return Run(outcome, outcome.generation), stream
+    engine = service.prompts.engine
+    ids = await _plain_ids(service, prompt, sampling)
+    salted = service.salted(tenant, sampling)
+    run = Run(None, Generation(), len(ids))
+
+    async def deltas() -> AsyncIterator[Generation]:
+        async for d in engine.stream(ids, salted):
+            run.generation.absorb(d)
+            yield d
+
+    return run, deltas()
