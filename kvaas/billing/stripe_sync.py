@@ -85,7 +85,7 @@ class _Syncer:
         kind: str,
         local_ref: str,
         key: str,
-        call: Callable[[dict[str, Any]], Any],
+        call: Callable[[stripe.RequestOptions], Any],
         params: dict[str, Any],
     ) -> str:
         """Do one idempotent request unless already recorded; record it; the Stripe id."""
@@ -94,7 +94,7 @@ class _Syncer:
             return done.stripe_id
         self.requests += 1
         try:
-            obj = await asyncio.to_thread(call, {"idempotency_key": key})
+            obj = await asyncio.to_thread(call, stripe.RequestOptions(idempotency_key=key))
         except stripe.StripeError as e:
             raise StripeSyncError(f"{kind} {local_ref}: {e.user_message or e}") from e
         self.session.add(

@@ -183,9 +183,8 @@ def evaluate_scheme(
         kv, _ = lm.prefill(ids[:cut])
         dec, _ = roundtrip(kv, scheme, chunk_tokens)
         n_answer = len(lm.tokenizer(answer, add_special_tokens=False).input_ids)
-        decode = lm.tokenizer.decode
-        got_o = decode(lm.greedy_from(kv, ids[cut:], n_answer))
-        got_d = decode(lm.greedy_from(dec, ids[cut:], n_answer))
+        got_o = str(lm.tokenizer.decode(lm.greedy_from(kv, ids[cut:], n_answer)))
+        got_d = str(lm.tokenizer.decode(lm.greedy_from(dec, ids[cut:], n_answer)))
         report.passkey_original = got_o.startswith(answer)
         report.passkey_decoded = got_d.startswith(answer)
         report.details["passkey_outputs"] = {"original": got_o, "decoded": got_d}

@@ -254,7 +254,7 @@ class QuantScheme(Scheme):
         self, kv: torch.Tensor, gk: int | None = None, gv: int | None = None, **_: Any
     ) -> tuple[dict[str, Any], bytes]:
         gk = int(gk or self.gk)
-        L, _, T, H, D = kv.shape
+        L, _two, T, H, D = kv.shape
         gv = self._value_group(D, int(gv or self.gv))
         lo, hi = torch.aminmax(kv) if kv.numel() else (kv.new_zeros(()), kv.new_zeros(()))
         big = max(-float(lo), float(hi))

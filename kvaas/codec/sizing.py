@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 #: Measured compression of each scheme against bf16 KV (``bench/results/codec.json``,
 #: Qwen2.5-0.5B-shaped chunks). Only ``lossless``'s is used: the others are exact.
@@ -27,12 +27,21 @@ MEASURED_RATIO_VS_BF16 = {"none": 1.0, "lossless": 1.8149, "int8": 1.9541, "int4
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def kv_dtype(model_dir: Path, dtype: str) -> str:
-    """The dtype the engine keeps KV in for the setting ``dtype`` (``auto``: the checkpoint's)."""
-    if dtype != "auto":
-        return dtype
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+KVDtype = Literal["float32", "float16", "bfloat16"]
+_DTYPE_ALIASES = {"float": "float32", "half": "float16"}
+
+
+def kv_dtype(model_dir: Path, dtype: str) -> KVDtype:
+    """The dtype the engine keeps KV in for the setting ``dtype`` (``auto``: the checkpoint's).
+    ``ValueError`` for a dtype the codec cannot store."""
+    name = dtype
+    if dtype == "auto":
+        cfg = json.loads((model_dir / "config.json").read_text())
+        name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in get_args(KVDtype):
+        raise ValueError(f"KV dtype {name!r} is not supported; use one of {get_args(KVDtype)}")
+    return cast(KVDtype, name)
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,8 @@ class _SaveState:
 
 
 def _store_config(vllm_config: VllmConfig) -> StoreConfig:
-    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    transfer = vllm_config.kv_transfer_config
+    extra = (transfer.kv_connector_extra_config if transfer is not None else None) or {}
     if "store" not in extra:
         raise ValueError("KVaaSConnector needs kv_connector_extra_config['store']")
     return StoreConfig.from_dict(extra["store"])
@@ -132,7 +133,7 @@ class KVaaSConnector(KVConnectorBase_V1):
         self,
         vllm_config: VllmConfig,
         role: KVConnectorRole,
-        kv_cache_config: KVCacheConfig | None = None,
+        kv_cache_config: KVCacheConfig,
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._block_size = vllm_config.cache_config.block_size

@@ -14,6 +14,7 @@ at offset ``p % block_size``. Every copy is one vectorised index operation per l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ class PagedLayout:
 
 
 def slots(
-    block_ids: list[int] | torch.Tensor, start: int, end: int, block_size: int
+    block_ids: Sequence[int] | torch.Tensor, start: int, end: int, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(block index, offset) of token positions ``start..end-1``."""
     pos = torch.arange(start, end)

@@ -10,8 +10,9 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
+from kvaas.codec.sizing import KVDtype
 from kvaas.connector import transfer_config
 from kvaas.connector.params import TransferPlan
 from kvaas.engine.base import Engine, EngineError, Generation, Sampling
@@ -45,7 +46,7 @@ class InProcessEngine(Engine):
         model: ModelInfo,
         *,
         store: dict[str, Any],
-        dtype: str = "auto",
+        dtype: KVDtype | Literal["auto"] = "auto",
         max_model_len: int = 4096,
         max_num_batched_tokens: int = 2048,
         prefix_caching: bool = True,

@@ -92,14 +92,14 @@ def check(
                 "delete caches (or let them expire) first",
                 extra={"limit": "caches", "current": current.caches, "maximum": maximum},
             )
-    for limit, used, add, maximum in (
+    for limit, used, add, quota in (
         ("storage_tokens", current.tokens, tokens, tenant.storage_quota_tokens),
         ("storage_bytes", current.bytes, nbytes, tenant.storage_quota_bytes),
     ):
-        if maximum is not None and used + add > maximum:
+        if quota is not None and used + add > quota:
             raise QuotaExceeded(
-                f"{limit}: {used} used + {add} requested exceeds the quota of {maximum}",
-                extra={"limit": limit, "current": used, "maximum": maximum, "requested": add},
+                f"{limit}: {used} used + {add} requested exceeds the quota of {quota}",
+                extra={"limit": limit, "current": used, "maximum": quota, "requested": add},
             )
 
 

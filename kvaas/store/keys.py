@@ -145,7 +145,7 @@ def chunk_keys(
     for row in blocks:  # one hash per chunk: each key chains its parent
         h = base.copy()
         h.update(parent)
-        h.update(row)
+        h.update(row.data)
         parent = tag + h.digest(KEY_BYTES - TAG_BYTES)
         keys.append(ChunkKey(parent))
     return keys

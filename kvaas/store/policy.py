@@ -27,7 +27,7 @@ STORAGE_CLASSES: tuple[StorageClass, ...] = get_args(StorageClass)
 def check_storage_class(value: str) -> StorageClass:
     if value not in STORAGE_CLASSES:
         raise ValueError(f"unknown storage class {value!r}; choose one of {STORAGE_CLASSES}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,10 +26,11 @@ raced in, so a tag with candidates is never forgotten.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.exceptions import NoScriptError
 
@@ -179,6 +180,11 @@ return added
 _MAX_RETRIES = 20
 
 
+
+async def _zrange(c: RedisClient, *, name: str, stop: int = -1) -> list[bytes]:
+    """Members ``0..stop`` (inclusive; -1: all) of the sorted set ``name``, lowest score first."""
+    return cast(list[bytes], await c.zrange(name, 0, stop, withscores=False))
+
 class _Script:
     """A Lua script run with ``EVALSHA`` (falling back to ``EVAL`` on ``NOSCRIPT``)."""
 
@@ -241,12 +247,12 @@ class RedisRefIndex(RefIndex):
 
     async def _get_raw(self, tag: str, cache_id: str, version: int) -> bytes | None:
         name = self.keys.manifest(tag, cache_id, version)
-        raw: bytes | None = await self.conn.run(lambda c: c.get(name))
-        return raw
+        raw = await self.conn.run(lambda c: c.get(name))
+        return raw.encode() if isinstance(raw, str) else raw
 
     async def list_versions(self, tag: str, cache_id: str) -> list[int]:
         name = self.keys.versions(tag, cache_id)
-        members = await self.conn.run(lambda c: c.zrange(name, 0, -1))
+        members = await self.conn.run(functools.partial(_zrange, name=name))
         return sorted(int(v) for v in members)
 
     async def delete_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
@@ -338,8 +344,8 @@ class RedisRefIndex(RefIndex):
                 continue
             zname = self.keys.garbage(tag)
             want = limit - len(claimed)
-            members = await self.conn.run(
-                lambda c, z=zname, w=want: c.zrange(z, 0, w - 1, withscores=False)
+            members: list[bytes] = await self.conn.run(
+                functools.partial(_zrange, name=zname, stop=want - 1)
             )
             if not members:
                 await self._forget_tag_if_empty(tag)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kvaas.store.errors import ManifestConflict, ManifestNotFound, StoreError
 from kvaas.store.keys import ChunkKey
@@ -85,8 +85,8 @@ class SqliteRefIndex(RefIndex):
         return await self._call(tx)
 
     @staticmethod
-    def _in(db: sqlite3.Connection, sql: str, keys: Sequence[bytes]) -> list[tuple]:  # type: ignore[type-arg]
-        rows: list[tuple] = []  # type: ignore[type-arg]
+    def _in(db: sqlite3.Connection, sql: str, keys: Sequence[bytes]) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
         for i in range(0, len(keys), _BATCH):
             part = keys[i : i + _BATCH]
             marks = ",".join("?" * len(part))
