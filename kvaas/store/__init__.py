@@ -30,9 +30,9 @@ from kvaas.store.keys import (
     chunk_keys,
     derive_namespace,
     key_from_hex,
-    key_tag,
+    key_slot,
     longest_stored_prefix,
-    namespace_tag,
+    namespace_slot,
     trailing_tokens,
     validate_chunk_tokens,
 )
@@ -93,9 +93,9 @@ __all__ = [
     "chunk_keys",
     "derive_namespace",
     "key_from_hex",
-    "key_tag",
+    "key_slot",
     "longest_stored_prefix",
-    "namespace_tag",
+    "namespace_slot",
     "trailing_tokens",
     "validate_chunk_tokens",
 ]

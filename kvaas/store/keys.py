@@ -3,7 +3,7 @@
 Token ids are cut into chunks of ``chunk_tokens`` tokens. Chunk ``i`` is named by::
 
     digest_i = blake3(len‖namespace ‖ len‖model_fingerprint ‖ len‖codec_id ‖ parent ‖ tokens_i)
-    key_i    = tag(namespace) ‖ digest_i[:28]          (32 bytes)
+    key_i    = slot(namespace) ‖ digest_i[:28]          (32 bytes)
 
 where ``parent`` is ``key_{i-1}`` (32 zero bytes for the first chunk), every variable-length
 field is prefixed by its little-endian u32 length, and ``tokens_i`` are the chunk's token ids as
@@ -13,10 +13,10 @@ up to and including its chunk.
 
 ``namespace`` comes from a per-tenant secret (:func:`derive_namespace`), so two tenants never
 produce the same keys and one tenant cannot compute (probe for) another's. The first
-:data:`TAG_BYTES` bytes of every key are a tag derived from the namespace: every chunk, reference
-count and manifest of a tenant shares one Redis Cluster hash slot (``kvaas:{<tag>}:...``), so a
-prefix lookup or a manifest update touches a single slot. The tag reveals nothing about the
-namespace (it is a hash of it).
+:data:`SLOT_BYTES` bytes of every key are the namespace's *slot prefix*: every chunk, reference
+count and manifest of a tenant shares one Redis Cluster hash slot (``kvaas:{<slot>}:...``), so a
+prefix lookup or a manifest update touches a single slot. The slot prefix reveals nothing about
+the namespace (it is a hash of it).
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ import blake3
 import numpy as np
 
 ChunkKey = NewType("ChunkKey", bytes)
-"""A 32-byte chunk key (``TAG_BYTES`` namespace tag, then 28 bytes of blake3 digest)."""
+"""A 32-byte chunk key (``SLOT_BYTES`` namespace slot, then 28 bytes of blake3 digest)."""
 
 KEY_BYTES = 32
-TAG_BYTES = 4
+SLOT_BYTES = 4
 ROOT_PARENT = b"\x00" * KEY_BYTES
 DEFAULT_CHUNK_TOKENS = 256
 
 _NAMESPACE_CONTEXT = "kvaas 2025-01 tenant chunk namespace v1"
-_TAG_CONTEXT = "kvaas 2025-01 namespace slot tag v1"
+_SLOT_CONTEXT = "kvaas 2025-01 namespace slot tag v1"  # fixed: keys derive from it
 _INT32 = np.dtype("<i4")
 
 
@@ -56,19 +56,19 @@ def derive_namespace(tenant_secret: bytes) -> bytes:
     return blake3.blake3(bytes(tenant_secret), derive_key_context=_NAMESPACE_CONTEXT).digest()
 
 
-def namespace_tag_bytes(namespace: bytes) -> bytes:
-    """The :data:`TAG_BYTES`-byte slot tag every key of ``namespace`` starts with."""
-    return blake3.blake3(namespace, derive_key_context=_TAG_CONTEXT).digest(TAG_BYTES)
+def namespace_slot_bytes(namespace: bytes) -> bytes:
+    """The :data:`SLOT_BYTES`-byte slot every key of ``namespace`` starts with."""
+    return blake3.blake3(namespace, derive_key_context=_SLOT_CONTEXT).digest(SLOT_BYTES)
 
 
-def namespace_tag(namespace: bytes) -> str:
-    """The slot tag of ``namespace`` as hex (what manifests are filed under)."""
-    return namespace_tag_bytes(namespace).hex()
+def namespace_slot(namespace: bytes) -> str:
+    """The slot of ``namespace`` as hex (what manifests are filed under)."""
+    return namespace_slot_bytes(namespace).hex()
 
 
-def key_tag(key: ChunkKey) -> str:
-    """The hex slot tag of a chunk key."""
-    return key[:TAG_BYTES].hex()
+def key_slot(key: ChunkKey) -> str:
+    """The hex slot of a chunk key."""
+    return key[:SLOT_BYTES].hex()
 
 
 def key_from_hex(text: str) -> ChunkKey:
@@ -137,7 +137,7 @@ def chunk_keys(
         return []
     fp = model_fingerprint.encode() if isinstance(model_fingerprint, str) else model_fingerprint
     base = blake3.blake3(_field(namespace) + _field(bytes(fp)) + _field(str(codec_id).encode()))
-    tag = namespace_tag_bytes(namespace)
+    slot = namespace_slot_bytes(namespace)
     # little-endian int32 bytes of each chunk (blake3 takes byte buffers only)
     blocks = arr[: n_full * chunk_tokens].view(np.uint8).reshape(n_full, 4 * chunk_tokens)
     keys: list[ChunkKey] = []
@@ -146,7 +146,7 @@ def chunk_keys(
         h = base.copy()
         h.update(parent)
         h.update(row.data)
-        parent = tag + h.digest(KEY_BYTES - TAG_BYTES)
+        parent = slot + h.digest(KEY_BYTES - SLOT_BYTES)
         keys.append(ChunkKey(parent))
     return keys
 

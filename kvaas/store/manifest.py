@@ -17,11 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kvaas.store.keys import KEY_BYTES, TAG_BYTES, ChunkKey, key_from_hex
+from kvaas.store.keys import KEY_BYTES, SLOT_BYTES, ChunkKey, key_from_hex
 from kvaas.store.policy import StorageClass, check_storage_class
 
 _CACHE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-_TAG = re.compile(r"^[0-9a-f]{%d}$" % (2 * TAG_BYTES))  # noqa: UP031
+_SLOT = re.compile(r"^[0-9a-f]{%d}$" % (2 * SLOT_BYTES))  # noqa: UP031
 FORMAT = 1
 
 
@@ -31,13 +31,13 @@ class Manifest:
 
     ``chunk_keys`` cover the first ``len(chunk_keys) * chunk_tokens`` tokens; ``token_count`` is
     the version's full token count (a trailing partial chunk is not stored). Every key must carry
-    ``namespace_tag`` (all chunks of a manifest belong to one tenant). ``bytes_per_tier`` is
+    ``namespace_slot`` (all chunks of a manifest belong to one tenant). ``bytes_per_tier`` is
     informational, as measured by the writer (see ``TieredStore.usage`` for current numbers).
     """
 
     cache_id: str
     version: int
-    namespace_tag: str
+    namespace_slot: str
     chunk_keys: tuple[ChunkKey, ...]
     token_count: int
     chunk_tokens: int
@@ -52,8 +52,8 @@ class Manifest:
             raise ValueError(f"invalid cache id {self.cache_id!r} (1-128 of [A-Za-z0-9_.-])")
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
             raise ValueError(f"version must be a non-negative int, got {self.version!r}")
-        if not _TAG.match(self.namespace_tag):
-            raise ValueError(f"invalid namespace tag {self.namespace_tag!r}")
+        if not _SLOT.match(self.namespace_slot):
+            raise ValueError(f"invalid namespace slot {self.namespace_slot!r}")
         check_storage_class(self.storage_class)
         if self.chunk_tokens <= 0:
             raise ValueError("chunk_tokens must be positive")
@@ -62,11 +62,11 @@ class Manifest:
                 f"token_count {self.token_count} is below the {len(self.chunk_keys)} chunks' "
                 f"{len(self.chunk_keys) * self.chunk_tokens} tokens"
             )
-        tag = bytes.fromhex(self.namespace_tag)
+        slot = bytes.fromhex(self.namespace_slot)
         object.__setattr__(self, "chunk_keys", tuple(self.chunk_keys))
         for k in self.chunk_keys:
-            if len(k) != KEY_BYTES or k[:TAG_BYTES] != tag:
-                raise ValueError("every chunk key must be 32 bytes and carry the namespace tag")
+            if len(k) != KEY_BYTES or k[:SLOT_BYTES] != slot:
+                raise ValueError("every chunk key must be 32 bytes and carry the namespace slot")
         object.__setattr__(self, "bytes_per_tier", dict(self.bytes_per_tier))
 
     def to_json(self) -> bytes:
@@ -75,7 +75,7 @@ class Manifest:
             "format": FORMAT,
             "cache_id": self.cache_id,
             "version": self.version,
-            "namespace_tag": self.namespace_tag,
+            "namespace_slot": self.namespace_slot,
             "chunk_keys": [k.hex() for k in self.chunk_keys],
             "token_count": self.token_count,
             "chunk_tokens": self.chunk_tokens,
@@ -97,7 +97,7 @@ class Manifest:
             return cls(
                 cache_id=doc["cache_id"],
                 version=doc["version"],
-                namespace_tag=doc["namespace_tag"],
+                namespace_slot=doc["namespace_slot"],
                 chunk_keys=tuple(key_from_hex(h) for h in doc["chunk_keys"]),
                 token_count=doc["token_count"],
                 chunk_tokens=doc["chunk_tokens"],

@@ -11,17 +11,17 @@ Every call goes through :meth:`RedisConnection.run`, which
   reply to :class:`~kvaas.store.errors.StorageFull`, and other server errors to
   :class:`~kvaas.store.errors.StoreError`.
 
-Key layout (``prefix`` defaults to ``kvaas``; ``tag`` is the namespace slot tag, so everything
+Key layout (``prefix`` defaults to ``kvaas``; ``slot`` is the namespace slot, so everything
 of one tenant hashes to one Redis Cluster slot)::
 
-    <prefix>:{<tag>}:c:<key hex>                  chunk blob
-    <prefix>:{<tag>}:b                            bytes of chunk blobs under this tag
-    <prefix>:{<tag>}:r:<key hex>                  reference counts (hash: hot/standard/cold)
-    <prefix>:{<tag>}:t:<key hex>                  GC tombstone (chunk being collected)
-    <prefix>:{<tag>}:z                            GC candidates (zset: key hex → time unreferenced)
-    <prefix>:{<tag>}:m:<cache id>:<version>       manifest (JSON)
-    <prefix>:{<tag>}:v:<cache id>                 stored versions of a cache (zset: score = version)
-    <prefix>:gc-tags                              tags that may have GC candidates (set)
+    <prefix>:{<slot>}:c:<key hex>                  chunk blob
+    <prefix>:{<slot>}:b                            bytes of chunk blobs under this slot
+    <prefix>:{<slot>}:r:<key hex>                  reference counts (hash: hot/standard/cold)
+    <prefix>:{<slot>}:t:<key hex>                  GC tombstone (chunk being collected)
+    <prefix>:{<slot>}:z                            GC candidates (zset: key hex → time unreferenced)
+    <prefix>:{<slot>}:m:<cache id>:<version>       manifest (JSON)
+    <prefix>:{<slot>}:v:<cache id>                 stored versions of a cache (zset: score=version)
+    <prefix>:gc-slots                              slots that may have GC candidates (set)
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kvaas.store.breaker import CircuitBreaker
 from kvaas.store.errors import ConfigurationError, StorageFull, StoreError, TierUnavailable
-from kvaas.store.keys import TAG_BYTES, ChunkKey
+from kvaas.store.keys import SLOT_BYTES, ChunkKey
 from kvaas.store.tier import TierHealth
 
 T = TypeVar("T")
@@ -74,38 +74,38 @@ class RedisKeys:
             raise ConfigurationError(f"invalid Redis key prefix {prefix!r}")
         self.prefix = prefix
 
-    def tag_base(self, tag: str) -> str:
-        return f"{self.prefix}:{{{tag}}}:"
+    def slot_base(self, slot: str) -> str:
+        return f"{self.prefix}:{{{slot}}}:"
 
     def chunk(self, key: ChunkKey) -> str:
         h = key.hex()
-        return f"{self.prefix}:{{{h[: 2 * TAG_BYTES]}}}:c:{h}"
+        return f"{self.prefix}:{{{h[: 2 * SLOT_BYTES]}}}:c:{h}"
 
     def refs(self, key: ChunkKey) -> str:
         h = key.hex()
-        return f"{self.prefix}:{{{h[: 2 * TAG_BYTES]}}}:r:{h}"
+        return f"{self.prefix}:{{{h[: 2 * SLOT_BYTES]}}}:r:{h}"
 
     def tombstone(self, key: ChunkKey) -> str:
         h = key.hex()
-        return f"{self.prefix}:{{{h[: 2 * TAG_BYTES]}}}:t:{h}"
+        return f"{self.prefix}:{{{h[: 2 * SLOT_BYTES]}}}:t:{h}"
 
-    def counter(self, tag: str) -> str:
-        return f"{self.prefix}:{{{tag}}}:b"
+    def counter(self, slot: str) -> str:
+        return f"{self.prefix}:{{{slot}}}:b"
 
-    def garbage(self, tag: str) -> str:
-        return f"{self.prefix}:{{{tag}}}:z"
+    def garbage(self, slot: str) -> str:
+        return f"{self.prefix}:{{{slot}}}:z"
 
-    def manifest(self, tag: str, cache_id: str, version: int) -> str:
-        return f"{self.prefix}:{{{tag}}}:m:{cache_id}:{version}"
+    def manifest(self, slot: str, cache_id: str, version: int) -> str:
+        return f"{self.prefix}:{{{slot}}}:m:{cache_id}:{version}"
 
-    def versions(self, tag: str, cache_id: str) -> str:
-        return f"{self.prefix}:{{{tag}}}:v:{cache_id}"
+    def versions(self, slot: str, cache_id: str) -> str:
+        return f"{self.prefix}:{{{slot}}}:v:{cache_id}"
 
-    def manifest_pattern(self, tag: str, cache_id: str) -> str:
-        return f"{self.prefix}:{{{tag}}}:m:{cache_id}:*"
+    def manifest_pattern(self, slot: str, cache_id: str) -> str:
+        return f"{self.prefix}:{{{slot}}}:m:{cache_id}:*"
 
-    def gc_tags(self) -> str:
-        return f"{self.prefix}:gc-tags"
+    def gc_slots(self) -> str:
+        return f"{self.prefix}:gc-slots"
 
     def chunk_pattern(self) -> str:
         return f"{self.prefix}:{{*}}:c:*"
@@ -119,11 +119,11 @@ class RedisKeys:
         return ChunkKey(bytes.fromhex(text.rsplit(":", 1)[1]))
 
 
-def group_by_tag(keys: Iterable[ChunkKey]) -> dict[str, list[int]]:
-    """Positions of ``keys`` grouped by slot tag (one Redis Cluster slot per group)."""
+def group_by_slot(keys: Iterable[ChunkKey]) -> dict[str, list[int]]:
+    """Positions of ``keys`` grouped by slot (one Redis Cluster slot per group)."""
     groups: dict[str, list[int]] = {}
     for i, k in enumerate(keys):
-        groups.setdefault(k[:TAG_BYTES].hex(), []).append(i)
+        groups.setdefault(k[:SLOT_BYTES].hex(), []).append(i)
     return groups
 
 

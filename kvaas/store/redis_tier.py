@@ -1,13 +1,13 @@
 """The Redis tier: chunks as Redis strings, shared by every engine node.
 
 Works against a standalone Redis or a Redis Cluster (``RedisConnection(cluster=True)``). Chunk
-keys are hash-tagged with the tenant's namespace tag, so a prefix's chunks live in one slot; a
-batch is one pipeline (one round trip; per node in a cluster), holding one command per tag where
+keys are hash-tagged with the tenant's namespace slot, so a prefix's chunks live in one slot; a
+batch is one pipeline (one round trip; per node in a cluster), holding one command per slot where
 Redis has a multi-key form (``MGET``; a small Lua script for existence), since the Python
 client's per-command cost dominates a 128-key prefix lookup otherwise.
 
 Writes use ``SET NX`` (content addressed: an existing chunk is kept) together with an
-``INCRBY`` of the tag's byte counter in the same pipeline; a chunk that turned out to exist
+``INCRBY`` of the slot's byte counter in the same pipeline; a chunk that turned out to exist
 already is subtracted again in a rare second round trip. ``ttl_s`` sets an idle expiry: writes
 set it and reads refresh it (``GETEX``). Chunks that expire by TTL are not subtracted from the
 counters until :meth:`RedisTier.recount` runs, so ``bytes_used`` can over-count under TTL.
@@ -23,7 +23,7 @@ from typing import Any
 
 from kvaas.store.errors import StoreError, TierUnavailable
 from kvaas.store.keys import ChunkKey
-from kvaas.store.redis_conn import RedisConnection, RedisKeys, chunked, group_by_tag
+from kvaas.store.redis_conn import RedisConnection, RedisKeys, chunked, group_by_slot
 from kvaas.store.tier import Blob, Tier, TierHealth
 
 _EXISTS_SCRIPT = """
@@ -49,7 +49,7 @@ class RedisTier(Tier):
         self.ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
 
     async def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:
-        """One round trip: an ``MGET`` per slot tag (or a ``GETEX`` per key under TTL, which
+        """One round trip: an ``MGET`` per slot (or a ``GETEX`` per key under TTL, which
         refreshes the expiry) in one pipeline."""
         if not keys:
             return []
@@ -63,7 +63,7 @@ class RedisTier(Tier):
                     pipe.getex(n, px=ttl)
 
             return await self.conn.pipelined(build_ex, nbytes=nbytes)
-        groups = list(group_by_tag(keys).values())
+        groups = list(group_by_slot(keys).values())
 
         def build(pipe: Any) -> None:
             for g in groups:  # (redis-py refuses .mget() in cluster pipelines; the raw
@@ -104,11 +104,11 @@ class RedisTier(Tier):
         return total - sum(len(b) for _, b in existed)
 
     async def exists_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        """One round trip: a small Lua script per slot tag answers every key of the tag (one
+        """One round trip: a small Lua script per slot answers every key of the slot (one
         command instead of one ``EXISTS`` each, which matters for long prefixes)."""
         if not keys:
             return []
-        groups = list(group_by_tag(keys).values())
+        groups = list(group_by_slot(keys).values())
 
         def build(pipe: Any) -> None:
             for g in groups:
@@ -158,7 +158,7 @@ class RedisTier(Tier):
         return len(gone)
 
     async def bytes_used(self) -> int:
-        """Sum of the per-tag byte counters (a scan of counter keys; not for hot paths)."""
+        """Sum of the per-slot byte counters (a scan of counter keys; not for hot paths)."""
         names = await self.conn.scan_keys(self.keys.counter_pattern())
         total = 0
         for batch in chunked(names, 1000):
@@ -173,7 +173,7 @@ class RedisTier(Tier):
     async def recount(self) -> int:
         """Rebuild the byte counters from the chunks actually stored; return the total."""
         names = await self.conn.scan_keys(self.keys.chunk_pattern())
-        per_tag: dict[str, int] = {}
+        per_slot: dict[str, int] = {}
         for batch in chunked(names, 1000):
 
             def build(pipe: Any, batch: Sequence[bytes] = batch) -> None:
@@ -182,18 +182,18 @@ class RedisTier(Tier):
 
             sizes = await self.conn.pipelined(build)
             for n, size in zip(batch, sizes, strict=True):
-                tag = RedisKeys.key_of_chunk_name(n)[:4].hex()
-                per_tag[tag] = per_tag.get(tag, 0) + int(size)
+                slot = RedisKeys.key_of_chunk_name(n)[:4].hex()
+                per_slot[slot] = per_slot.get(slot, 0) + int(size)
         stale = await self.conn.scan_keys(self.keys.counter_pattern())
 
         def build_set(pipe: Any) -> None:
             for n in stale:
                 pipe.delete(n)
-            for tag, size in per_tag.items():
-                pipe.set(self.keys.counter(tag), size)
+            for slot, size in per_slot.items():
+                pipe.set(self.keys.counter(slot), size)
 
         await self.conn.pipelined(build_set)
-        return sum(per_tag.values())
+        return sum(per_slot.values())
 
     async def idle_chunks(self, idle_s: float, limit: int = 10_000) -> list[ChunkKey]:
         """Chunks not read or written for at least ``idle_s`` seconds (``OBJECT IDLETIME``).

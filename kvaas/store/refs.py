@@ -109,24 +109,24 @@ class RefIndex(ABC):
 
         Idempotent for an identical manifest (no second reference). Raises
         :class:`~kvaas.store.errors.ManifestConflict` if a different one is stored under the same
-        ``(namespace_tag, cache_id, version)``. Returns the chunks currently being collected.
+        ``(namespace_slot, cache_id, version)``. Returns the chunks currently being collected.
         """
 
     @abstractmethod
-    async def get_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None: ...
+    async def get_manifest(self, slot: str, cache_id: str, version: int) -> Manifest | None: ...
 
     @abstractmethod
-    async def list_versions(self, tag: str, cache_id: str) -> list[int]:
+    async def list_versions(self, slot: str, cache_id: str) -> list[int]:
         """Versions of ``cache_id`` that have a stored manifest, ascending."""
 
     @abstractmethod
-    async def delete_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
+    async def delete_manifest(self, slot: str, cache_id: str, version: int) -> Manifest | None:
         """Remove the manifest and release its references, atomically; return it (``None`` if
         it was not stored: deleting twice releases once)."""
 
     @abstractmethod
     async def set_storage_class(
-        self, tag: str, cache_id: str, version: int, storage_class: StorageClass
+        self, slot: str, cache_id: str, version: int, storage_class: StorageClass
     ) -> tuple[Manifest, list[RefCounts]]:
         """Move the manifest's references to ``storage_class``; return the updated manifest and
         each chunk's counts afterwards. Raises ``ManifestNotFound``."""

@@ -1,6 +1,6 @@
 """Reference index in Redis (standalone or Cluster), shared by every engine node.
 
-Each mutation is **one Lua script call** whose keys all carry the namespace tag of one tenant,
+Each mutation is **one Lua script call** whose keys all carry the namespace slot of one tenant,
 so it runs atomically on one Redis Cluster slot (see :mod:`kvaas.store.redis_conn` for the key
 layout). The protocol is the one documented in :mod:`kvaas.store.refs`, with the same semantics
 as :class:`~kvaas.store.refs_sqlite.SqliteRefIndex`:
@@ -13,15 +13,15 @@ as :class:`~kvaas.store.refs_sqlite.SqliteRefIndex`:
   checks the manifest is still the one read (optimistic concurrency: if another client changed
   it in between, the call is retried), so the script knows every key it touches up front (Redis
   Cluster wants keys declared, not computed inside the script).
-- Released chunks whose counts all reach zero enter the tag's candidate zset with the server's
+- Released chunks whose counts all reach zero enter the slot's candidate zset with the server's
   time (``TIME``); collectors compare against the same clock.
 - Tombstones are ``SET ... PX lease`` values holding the claim token: they expire by themselves
   when a collector dies.
 
-``<prefix>:gc-tags`` (a set of tags that may have candidates) lives in another slot, so it is
+``<prefix>:gc-slots`` (a set of slots that may have candidates) lives in another slot, so it is
 updated with a separate command after the script: ``SADD`` after a release, and a collector
-that finds a tag empty does ``SREM`` then re-checks the zset and re-adds the tag if a release
-raced in, so a tag with candidates is never forgotten.
+that finds a slot empty does ``SREM`` then re-checks the zset and re-adds the slot if a release
+raced in, so a slot with candidates is never forgotten.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from typing import Any, cast
 from redis.exceptions import NoScriptError
 
 from kvaas.store.errors import ManifestConflict, ManifestNotFound, StoreError
-from kvaas.store.keys import TAG_BYTES, ChunkKey
+from kvaas.store.keys import SLOT_BYTES, ChunkKey
 from kvaas.store.manifest import Manifest
 from kvaas.store.policy import STORAGE_CLASSES, StorageClass, check_storage_class
-from kvaas.store.redis_conn import RedisClient, RedisConnection, group_by_tag
+from kvaas.store.redis_conn import RedisClient, RedisConnection, group_by_slot
 from kvaas.store.refs import GarbageClaim, RefCounts, RefIndex, new_claim_token
 from kvaas.store.tier import TierHealth
 
@@ -225,11 +225,11 @@ class RedisRefIndex(RefIndex):
     async def put_manifest(self, manifest: Manifest) -> list[ChunkKey]:
         m = manifest
         k = self.keys
-        tag = m.namespace_tag
+        slot = m.namespace_slot
         keys = [
-            k.manifest(tag, m.cache_id, m.version),
-            k.versions(tag, m.cache_id),
-            k.garbage(tag),
+            k.manifest(slot, m.cache_id, m.version),
+            k.versions(slot, m.cache_id),
+            k.garbage(slot),
             *(k.refs(c) for c in m.chunk_keys),
             *(k.tombstone(c) for c in m.chunk_keys),
         ]
@@ -241,31 +241,31 @@ class RedisRefIndex(RefIndex):
             )
         return [m.chunk_keys[int(i) - 1] for i in reply[1:]]
 
-    async def get_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
-        raw = await self._get_raw(tag, cache_id, version)
+    async def get_manifest(self, slot: str, cache_id: str, version: int) -> Manifest | None:
+        raw = await self._get_raw(slot, cache_id, version)
         return None if raw is None else Manifest.from_json(raw)
 
-    async def _get_raw(self, tag: str, cache_id: str, version: int) -> bytes | None:
-        name = self.keys.manifest(tag, cache_id, version)
+    async def _get_raw(self, slot: str, cache_id: str, version: int) -> bytes | None:
+        name = self.keys.manifest(slot, cache_id, version)
         raw = await self.conn.run(lambda c: c.get(name))
         return raw.encode() if isinstance(raw, str) else raw
 
-    async def list_versions(self, tag: str, cache_id: str) -> list[int]:
-        name = self.keys.versions(tag, cache_id)
+    async def list_versions(self, slot: str, cache_id: str) -> list[int]:
+        name = self.keys.versions(slot, cache_id)
         members = await self.conn.run(functools.partial(_zrange, name=name))
         return sorted(int(v) for v in members)
 
-    async def delete_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
+    async def delete_manifest(self, slot: str, cache_id: str, version: int) -> Manifest | None:
         k = self.keys
         for _ in range(_MAX_RETRIES):
-            raw = await self._get_raw(tag, cache_id, version)
+            raw = await self._get_raw(slot, cache_id, version)
             if raw is None:
                 return None
             m = Manifest.from_json(raw)
             keys = [
-                k.manifest(tag, cache_id, version),
-                k.versions(tag, cache_id),
-                k.garbage(tag),
+                k.manifest(slot, cache_id, version),
+                k.versions(slot, cache_id),
+                k.garbage(slot),
                 *(k.refs(c) for c in m.chunk_keys),
             ]
             args = [raw, m.storage_class, version, *(c.hex() for c in m.chunk_keys)]
@@ -273,23 +273,23 @@ class RedisRefIndex(RefIndex):
             if reply == 0:
                 return None
             if reply > 0:
-                if reply > 1:  # candidates were added: let collectors find this tag
-                    await self._mark_tag(tag)
+                if reply > 1:  # candidates were added: let collectors find this slot
+                    await self._mark_slot(slot)
                 return m
         raise StoreError(f"manifest of cache {cache_id!r} version {version} keeps changing")
 
     async def set_storage_class(
-        self, tag: str, cache_id: str, version: int, storage_class: StorageClass
+        self, slot: str, cache_id: str, version: int, storage_class: StorageClass
     ) -> tuple[Manifest, list[RefCounts]]:
         check_storage_class(storage_class)
         k = self.keys
         for _ in range(_MAX_RETRIES):
-            raw = await self._get_raw(tag, cache_id, version)
+            raw = await self._get_raw(slot, cache_id, version)
             if raw is None:
                 raise ManifestNotFound(f"no manifest for cache {cache_id!r} version {version}")
             old = Manifest.from_json(raw)
             new = old.with_storage_class(storage_class)
-            keys = [k.manifest(tag, cache_id, version), *(k.refs(c) for c in old.chunk_keys)]
+            keys = [k.manifest(slot, cache_id, version), *(k.refs(c) for c in old.chunk_keys)]
             args = [raw, new.to_json(), old.storage_class, new.storage_class]
             reply = await self._eval(self._set_class, keys, args)
             if reply == 0:
@@ -325,30 +325,30 @@ class RedisRefIndex(RefIndex):
         return [bool(r) for r in await self.conn.pipelined(build)]
 
     # -- garbage collection ------------------------------------------------------------------
-    async def _mark_tag(self, tag: str) -> None:
-        name = self.keys.gc_tags()
-        await self.conn.run(lambda c: c.sadd(name, tag))
+    async def _mark_slot(self, slot: str) -> None:
+        name = self.keys.gc_slots()
+        await self.conn.run(lambda c: c.sadd(name, slot))
 
     async def claim_garbage(self, *, grace_s: float, limit: int, lease_s: float) -> GarbageClaim:
         token = new_claim_token()
         started = time.monotonic()
         lease_ms = max(1, int(lease_s * 1000))
-        gc_tags = self.keys.gc_tags()
-        raw_tags = await self.conn.run(lambda c: c.smembers(gc_tags))
+        gc_slots = self.keys.gc_slots()
+        raw_slots = await self.conn.run(lambda c: c.smembers(gc_slots))
         claimed: list[ChunkKey] = []
-        for raw_tag in sorted(raw_tags):
+        for raw_slot in sorted(raw_slots):
             if len(claimed) >= limit:
                 break
-            tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
-            if len(tag) != 2 * TAG_BYTES:
+            slot = raw_slot.decode() if isinstance(raw_slot, bytes) else str(raw_slot)
+            if len(slot) != 2 * SLOT_BYTES:
                 continue
-            zname = self.keys.garbage(tag)
+            zname = self.keys.garbage(slot)
             want = limit - len(claimed)
             members: list[bytes] = await self.conn.run(
                 functools.partial(_zrange, name=zname, stop=want - 1)
             )
             if not members:
-                await self._forget_tag_if_empty(tag)
+                await self._forget_slot_if_empty(slot)
                 continue
             candidates = [ChunkKey(bytes.fromhex(m.decode())) for m in members]
             keys = [
@@ -361,15 +361,15 @@ class RedisRefIndex(RefIndex):
             claimed.extend(candidates[int(i) - 1] for i in reply)
         return GarbageClaim(token=token, keys=tuple(claimed), deadline=started + lease_s)
 
-    async def _forget_tag_if_empty(self, tag: str) -> None:
-        gc_tags = self.keys.gc_tags()
-        zname = self.keys.garbage(tag)
-        await self.conn.run(lambda c: c.srem(gc_tags, tag))
-        if await self.conn.run(lambda c: c.zcard(zname)):  # a release raced in: keep the tag
-            await self._mark_tag(tag)
+    async def _forget_slot_if_empty(self, slot: str) -> None:
+        gc_slots = self.keys.gc_slots()
+        zname = self.keys.garbage(slot)
+        await self.conn.run(lambda c: c.srem(gc_slots, slot))
+        if await self.conn.run(lambda c: c.zcard(zname)):  # a release raced in: keep the slot
+            await self._mark_slot(slot)
 
     async def finish_claim(self, claim: GarbageClaim) -> None:
-        for _tag, positions in group_by_tag(claim.keys).items():
+        for _slot, positions in group_by_slot(claim.keys).items():
             keys = [self.keys.tombstone(claim.keys[i]) for i in positions]
             await self._eval(self._finish, keys, [claim.token])
 
@@ -381,17 +381,17 @@ class RedisRefIndex(RefIndex):
 
     async def _requeue(self, keys: Sequence[ChunkKey], token: str) -> int:
         total = 0
-        for tag, positions in group_by_tag(keys).items():
+        for slot, positions in group_by_slot(keys).items():
             chunks = [keys[i] for i in positions]
             names = [
-                self.keys.garbage(tag),
+                self.keys.garbage(slot),
                 *(self.keys.refs(c) for c in chunks),
                 *(self.keys.tombstone(c) for c in chunks),
             ]
             args = [token, *(c.hex() for c in chunks)]
             added = int(await self._eval(self._abandon, names, args))
             if added:
-                await self._mark_tag(tag)
+                await self._mark_slot(slot)
             total += added
         return total
 

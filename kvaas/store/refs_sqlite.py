@@ -27,8 +27,8 @@ T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifests (
-    tag TEXT NOT NULL, cache_id TEXT NOT NULL, version INTEGER NOT NULL,
-    body BLOB NOT NULL, PRIMARY KEY (tag, cache_id, version)
+    slot TEXT NOT NULL, cache_id TEXT NOT NULL, version INTEGER NOT NULL,
+    body BLOB NOT NULL, PRIMARY KEY (slot, cache_id, version)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS refs (
     key BLOB NOT NULL, storage_class TEXT NOT NULL, n INTEGER NOT NULL,
@@ -100,8 +100,8 @@ class SqliteRefIndex(RefIndex):
 
         def tx(db: sqlite3.Connection) -> list[ChunkKey]:
             row = db.execute(
-                "SELECT body FROM manifests WHERE tag=? AND cache_id=? AND version=?",
-                (m.namespace_tag, m.cache_id, m.version),
+                "SELECT body FROM manifests WHERE slot=? AND cache_id=? AND version=?",
+                (m.namespace_slot, m.cache_id, m.version),
             ).fetchone()
             if row is not None and bytes(row[0]) != body:
                 raise ManifestConflict(
@@ -109,8 +109,8 @@ class SqliteRefIndex(RefIndex):
                 )
             if row is None:
                 db.execute(
-                    "INSERT INTO manifests (tag, cache_id, version, body) VALUES (?,?,?,?)",
-                    (m.namespace_tag, m.cache_id, m.version, body),
+                    "INSERT INTO manifests (slot, cache_id, version, body) VALUES (?,?,?,?)",
+                    (m.namespace_slot, m.cache_id, m.version, body),
                 )
                 db.executemany(
                     "INSERT INTO refs (key, storage_class, n) VALUES (?,?,1) "
@@ -129,36 +129,36 @@ class SqliteRefIndex(RefIndex):
         rows = self._in(db, "SELECT key, expires FROM tombstones WHERE key IN ({marks})", keys)
         return {bytes(r[0]) for r in rows if r[1] > now}
 
-    async def get_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
+    async def get_manifest(self, slot: str, cache_id: str, version: int) -> Manifest | None:
         row = await self._call(
             lambda db: db.execute(
-                "SELECT body FROM manifests WHERE tag=? AND cache_id=? AND version=?",
-                (tag, cache_id, version),
+                "SELECT body FROM manifests WHERE slot=? AND cache_id=? AND version=?",
+                (slot, cache_id, version),
             ).fetchone()
         )
         return None if row is None else Manifest.from_json(bytes(row[0]))
 
-    async def list_versions(self, tag: str, cache_id: str) -> list[int]:
+    async def list_versions(self, slot: str, cache_id: str) -> list[int]:
         rows = await self._call(
             lambda db: db.execute(
-                "SELECT version FROM manifests WHERE tag=? AND cache_id=? ORDER BY version",
-                (tag, cache_id),
+                "SELECT version FROM manifests WHERE slot=? AND cache_id=? ORDER BY version",
+                (slot, cache_id),
             ).fetchall()
         )
         return [int(r[0]) for r in rows]
 
-    async def delete_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
+    async def delete_manifest(self, slot: str, cache_id: str, version: int) -> Manifest | None:
         def tx(db: sqlite3.Connection) -> Manifest | None:
             row = db.execute(
-                "SELECT body FROM manifests WHERE tag=? AND cache_id=? AND version=?",
-                (tag, cache_id, version),
+                "SELECT body FROM manifests WHERE slot=? AND cache_id=? AND version=?",
+                (slot, cache_id, version),
             ).fetchone()
             if row is None:
                 return None
             m = Manifest.from_json(bytes(row[0]))
             db.execute(
-                "DELETE FROM manifests WHERE tag=? AND cache_id=? AND version=?",
-                (tag, cache_id, version),
+                "DELETE FROM manifests WHERE slot=? AND cache_id=? AND version=?",
+                (slot, cache_id, version),
             )
             self._release(db, m.chunk_keys, m.storage_class)
             return m
@@ -190,12 +190,12 @@ class SqliteRefIndex(RefIndex):
         db.executemany("DELETE FROM refs WHERE key=? AND storage_class=? AND n <= 0", rows)
 
     async def set_storage_class(
-        self, tag: str, cache_id: str, version: int, storage_class: StorageClass
+        self, slot: str, cache_id: str, version: int, storage_class: StorageClass
     ) -> tuple[Manifest, list[RefCounts]]:
         def tx(db: sqlite3.Connection) -> tuple[Manifest, list[RefCounts]]:
             row = db.execute(
-                "SELECT body FROM manifests WHERE tag=? AND cache_id=? AND version=?",
-                (tag, cache_id, version),
+                "SELECT body FROM manifests WHERE slot=? AND cache_id=? AND version=?",
+                (slot, cache_id, version),
             ).fetchone()
             if row is None:
                 raise ManifestNotFound(f"no manifest for cache {cache_id!r} version {version}")
@@ -203,8 +203,8 @@ class SqliteRefIndex(RefIndex):
             new = old.with_storage_class(storage_class)
             if new.storage_class != old.storage_class:
                 db.execute(
-                    "UPDATE manifests SET body=? WHERE tag=? AND cache_id=? AND version=?",
-                    (new.to_json(), tag, cache_id, version),
+                    "UPDATE manifests SET body=? WHERE slot=? AND cache_id=? AND version=?",
+                    (new.to_json(), slot, cache_id, version),
                 )
                 self._decrement(db, old.chunk_keys, old.storage_class)
                 db.executemany(

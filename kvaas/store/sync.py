@@ -95,19 +95,19 @@ class SyncTieredStore:
     def put_manifest(self, manifest: Manifest) -> None:
         self._call(self.store.put_manifest, manifest)
 
-    def get_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
-        return self._call(self.store.get_manifest, tag, cache_id, version)
+    def get_manifest(self, slot: str, cache_id: str, version: int) -> Manifest | None:
+        return self._call(self.store.get_manifest, slot, cache_id, version)
 
-    def list_versions(self, tag: str, cache_id: str) -> list[int]:
-        return self._call(self.store.list_versions, tag, cache_id)
+    def list_versions(self, slot: str, cache_id: str) -> list[int]:
+        return self._call(self.store.list_versions, slot, cache_id)
 
-    def delete_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
-        return self._call(self.store.delete_manifest, tag, cache_id, version)
+    def delete_manifest(self, slot: str, cache_id: str, version: int) -> Manifest | None:
+        return self._call(self.store.delete_manifest, slot, cache_id, version)
 
     def set_storage_class(
-        self, tag: str, cache_id: str, version: int, storage_class: str
+        self, slot: str, cache_id: str, version: int, storage_class: str
     ) -> Manifest:
-        return self._call(self.store.set_storage_class, tag, cache_id, version, storage_class)
+        return self._call(self.store.set_storage_class, slot, cache_id, version, storage_class)
 
     def collect_garbage(
         self, *, grace_s: float = 0.0, limit: int = 1000, lease_s: float = 60.0

@@ -513,29 +513,29 @@ class TieredStore:
             flags = await self.refs.tombstoned(stoned)
             stoned = [k for k, f in zip(stoned, flags, strict=True) if f]
 
-    async def get_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
+    async def get_manifest(self, slot: str, cache_id: str, version: int) -> Manifest | None:
         """The stored manifest, or ``None``."""
-        return await self.refs.get_manifest(tag, cache_id, version)
+        return await self.refs.get_manifest(slot, cache_id, version)
 
-    async def list_versions(self, tag: str, cache_id: str) -> list[int]:
+    async def list_versions(self, slot: str, cache_id: str) -> list[int]:
         """Stored versions of ``cache_id``, ascending."""
-        return await self.refs.list_versions(tag, cache_id)
+        return await self.refs.list_versions(slot, cache_id)
 
-    async def delete_manifest(self, tag: str, cache_id: str, version: int) -> Manifest | None:
+    async def delete_manifest(self, slot: str, cache_id: str, version: int) -> Manifest | None:
         """Remove the manifest and release its references (chunks that become unreferenced are
         deleted by a later :meth:`collect_garbage`); return it, or ``None`` if absent."""
-        return await self.refs.delete_manifest(tag, cache_id, version)
+        return await self.refs.delete_manifest(slot, cache_id, version)
 
     async def set_storage_class(
-        self, tag: str, cache_id: str, version: int, storage_class: str
+        self, slot: str, cache_id: str, version: int, storage_class: str
     ) -> Manifest:
         """Move a cache version to ``storage_class``: references first, then the chunks are
         copied into the new class's tiers and removed from shared tiers no remaining class
         needs. Idempotent (a retry after a failure finishes the move). Raises
         :class:`~kvaas.store.errors.ManifestNotFound`, and tier errors of the copy."""
         cls = check_storage_class(storage_class)
-        before = await self.refs.get_manifest(tag, cache_id, version)
-        manifest, counts = await self.refs.set_storage_class(tag, cache_id, version, cls)
+        before = await self.refs.get_manifest(slot, cache_id, version)
+        manifest, counts = await self.refs.set_storage_class(slot, cache_id, version, cls)
         old_cls = before.storage_class if before is not None else cls
         targets = [self.tier(n) for n in self.write_tiers[cls]]
         leave = set(self.write_tiers[old_cls]) | self._idle_target(old_cls)

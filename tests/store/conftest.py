@@ -32,7 +32,7 @@ from kvaas.store import (
     TieredStore,
     chunk_keys,
     derive_namespace,
-    namespace_tag,
+    namespace_slot,
 )
 from kvaas.store.breaker import CircuitBreaker
 
@@ -55,7 +55,7 @@ class Tenant:
 
     def __init__(self, secret: bytes | None = None) -> None:
         self.namespace = derive_namespace(secret or secrets.token_bytes(32))
-        self.tag = namespace_tag(self.namespace)
+        self.slot = namespace_slot(self.namespace)
 
     def keys(self, n: int, *, start: int = 0, chunk_tokens: int = 16) -> list[ChunkKey]:
         tokens = [(start * 7919 + i) % 50_000 for i in range(n * chunk_tokens)]
@@ -80,7 +80,7 @@ class Tenant:
         return Manifest(
             cache_id=cache_id,
             version=version,
-            namespace_tag=self.tag,
+            namespace_slot=self.slot,
             chunk_keys=tuple(keys),
             token_count=len(keys) * 16,
             chunk_tokens=16,

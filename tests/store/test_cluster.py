@@ -18,7 +18,7 @@ async def test_store_on_a_cluster(
 ) -> None:
     store = make_store(conn=cluster_conn)
     await store.open()
-    tenants = [new_tenant() for _ in range(4)]  # their tags map to different slots
+    tenants = [new_tenant() for _ in range(4)]  # their slots map to different slots
     per: list[tuple[Any, list[Any]]] = []
     for i, t in enumerate(tenants):
         chunks = t.chunks(5, size=4000)
@@ -31,8 +31,8 @@ async def test_store_on_a_cluster(
     for i, (t, chunks) in enumerate(per):
         keys = [k for k, _ in chunks]
         assert await store.get_prefix(keys) == [b for _, b in chunks]
-        assert await store.list_versions(t.tag, f"c{i}") == [1, 2]
-        assert (await store.get_manifest(t.tag, f"c{i}", 2)).chunk_keys == tuple(keys)  # type: ignore[union-attr]
+        assert await store.list_versions(t.slot, f"c{i}") == [1, 2]
+        assert (await store.get_manifest(t.slot, f"c{i}", 2)).chunk_keys == tuple(keys)  # type: ignore[union-attr]
         assert [c.total for c in await store.refs.ref_counts(keys)] == [2, 2, 2, 1, 1]
     assert (await store.usage())["redis"] == 4 * 5 * 4000
     health = await store.health()
@@ -42,7 +42,7 @@ async def test_store_on_a_cluster(
     for i in (0, 1):
         t = per[i][0]
         for v in (1, 2):
-            await store.delete_manifest(t.tag, f"c{i}", v)
+            await store.delete_manifest(t.slot, f"c{i}", v)
     result = await store.collect_garbage()
     assert result.claimed == 10 and result.deleted_per_tier["redis"] == 10
     for i, (_, chunks) in enumerate(per):
@@ -56,5 +56,5 @@ async def test_store_on_a_cluster(
     keys = [k for _, chunks in per[2:] for k, _ in chunks]
     assert await redis.exists_many(keys) == [False] * 10
     assert await store.tier("disk").exists_many(keys) == [True] * 10
-    assert await store.set_storage_class(per[2][0].tag, "c2", 2, "hot")
+    assert await store.set_storage_class(per[2][0].slot, "c2", 2, "hot")
     assert await redis.exists_many(keys[:5]) == [True] * 5

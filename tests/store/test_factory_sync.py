@@ -146,11 +146,11 @@ def test_sync_store_from_four_threads(
                 store.put_chunks(chunks, m.storage_class)
                 assert store.get_prefix(keys) == [b for _, b in chunks]
                 assert store.longest_prefix(keys) == 4
-                assert store.get_manifest(t.tag, f"t{i}", v) == m
+                assert store.get_manifest(t.slot, f"t{i}", v) == m
                 if v > 1:
-                    assert store.delete_manifest(t.tag, f"t{i}", v - 1) is not None
+                    assert store.delete_manifest(t.slot, f"t{i}", v - 1) is not None
                 store.collect_garbage()
-            assert store.list_versions(t.tag, f"t{i}") == [5]
+            assert store.list_versions(t.slot, f"t{i}") == [5]
         except BaseException as e:  # surfaced below
             errors.append(e)
 

@@ -80,7 +80,7 @@ async def test_gc_never_deletes_chunks_of_live_manifests(
             if len(mine) > 1:  # release the previous version: tail chunks flip in and out
                 old = mine.pop(0)
                 del live[(old.cache_id, old.version)]
-                assert await writer_store.delete_manifest(tenant.tag, old.cache_id, old.version)
+                assert await writer_store.delete_manifest(tenant.slot, old.cache_id, old.version)
             await asyncio.sleep(0)
 
     async def collector(c: int) -> None:
@@ -101,12 +101,12 @@ async def test_gc_never_deletes_chunks_of_live_manifests(
     assert stats["claimed"] > 0 and stats["passes"] > 10  # the collectors really collected
     assert stats["checked"] == WRITERS * ROUNDS
     for (cache_id, version), m in live.items():
-        assert await checker.get_manifest(tenant.tag, cache_id, version) == m
+        assert await checker.get_manifest(tenant.slot, cache_id, version) == m
         got = await checker.get_prefix(list(m.chunk_keys))
         assert got == [blobs[k] for k in m.chunk_keys], f"{cache_id} v{version} lost chunks"
     # and once everything is released, everything is collected
     for cache_id, version in list(live):
-        await writer_store.delete_manifest(tenant.tag, cache_id, version)
+        await writer_store.delete_manifest(tenant.slot, cache_id, version)
     while (await collector_store.collect_garbage(limit=10_000)).claimed:
         pass
     all_keys = [k for chain in chains for k in chain]

@@ -14,9 +14,9 @@ from kvaas.store import (
     chunk_keys,
     derive_namespace,
     key_from_hex,
-    key_tag,
+    key_slot,
     longest_stored_prefix,
-    namespace_tag,
+    namespace_slot,
     trailing_tokens,
     validate_chunk_tokens,
 )
@@ -78,10 +78,10 @@ def test_tenants_are_separated() -> None:
     a, b = keys_of(TOKENS), keys_of(TOKENS, secret=other)
     assert set(a).isdisjoint(b)
     ns_a, ns_b = derive_namespace(SECRET), derive_namespace(other)
-    assert namespace_tag(ns_a) != namespace_tag(ns_b)
-    # every key of a tenant carries its tag (one Redis Cluster slot), which is not the namespace
-    assert {key_tag(k) for k in a} == {namespace_tag(ns_a)}
-    assert bytes.fromhex(namespace_tag(ns_a)) not in ns_a
+    assert namespace_slot(ns_a) != namespace_slot(ns_b)
+    # every key of a tenant carries its slot (one Redis Cluster slot), which is not the namespace
+    assert {key_slot(k) for k in a} == {namespace_slot(ns_a)}
+    assert bytes.fromhex(namespace_slot(ns_a)) not in ns_a
     with pytest.raises(ValueError):
         derive_namespace(b"short")
 

@@ -251,7 +251,7 @@ async def test_gc_with_a_tier_down_retries_later(
     m = tenant.manifest(keys, storage_class="standard")
     await store.put_manifest(m)
     await store.put_chunks(chunks, "standard")
-    await store.delete_manifest(m.namespace_tag, m.cache_id, m.version)
+    await store.delete_manifest(m.namespace_slot, m.cache_id, m.version)
     await proxy.stop()
     result = await store.collect_garbage()
     assert result.claimed == 2 and result.skipped_tiers == ["redis"]

@@ -226,7 +226,7 @@ async def test_bottom_tier_never_drops_referenced_chunks(
     with pytest.raises(BlobTooLarge):
         await store.put_chunks(tenant.chunks(1, size=10_001, start=400), "cold")
     # releasing the cache and collecting makes room again
-    await store.delete_manifest(m.namespace_tag, m.cache_id, m.version)
+    await store.delete_manifest(m.namespace_slot, m.cache_id, m.version)
     assert (await store.collect_garbage()).claimed == 4
     await store.put_chunks(tenant.chunks(1, size=2000, start=300), "cold")
     assert await store.usage() == {"disk": 4000}
@@ -257,19 +257,19 @@ async def test_versions_share_chunks_and_gc_deletes_only_unreferenced(
     await store.put_manifest(v1)  # idempotent: no second reference
     with pytest.raises(ManifestConflict):
         await store.put_manifest(tenant.manifest(keys[:2], version=1))
-    assert await store.get_manifest(tenant.tag, "c1", 2) == v2
-    assert await store.get_manifest(tenant.tag, "c1", 3) is None
-    assert await store.list_versions(tenant.tag, "c1") == [1, 2]
+    assert await store.get_manifest(tenant.slot, "c1", 2) == v2
+    assert await store.get_manifest(tenant.slot, "c1", 3) is None
+    assert await store.list_versions(tenant.slot, "c1") == [1, 2]
     counts = await store.refs.ref_counts(keys)
     assert [c.total for c in counts] == [2, 2, 2, 1, 1]
 
-    assert await store.delete_manifest(tenant.tag, "c1", 1) == v1
-    assert await store.delete_manifest(tenant.tag, "c1", 1) is None  # releases once
+    assert await store.delete_manifest(tenant.slot, "c1", 1) == v1
+    assert await store.delete_manifest(tenant.slot, "c1", 1) is None  # releases once
     assert (await store.collect_garbage()).claimed == 0  # all still used by v2
     assert await store.get_prefix(keys) == [b for _, b in chunks]
 
-    await store.delete_manifest(tenant.tag, "c1", 2)
-    assert await store.list_versions(tenant.tag, "c1") == []
+    await store.delete_manifest(tenant.slot, "c1", 2)
+    assert await store.list_versions(tenant.slot, "c1") == []
     assert (await store.collect_garbage(grace_s=60)).claimed == 0  # too recent
     deleted = sample("kvaas_store_gc_chunks_deleted_total")
     result = await store.collect_garbage(limit=3)
@@ -295,7 +295,7 @@ async def test_put_manifest_waits_for_a_collector(
     m = tenant.manifest(keys)
     await store.put_manifest(m)
     await store.put_chunks(chunks, "standard")
-    await store.delete_manifest(m.namespace_tag, m.cache_id, m.version)
+    await store.delete_manifest(m.namespace_slot, m.cache_id, m.version)
     claim = await store.refs.claim_garbage(grace_s=0, limit=10, lease_s=30)
     assert set(claim.keys) == set(keys)
     # a writer re-referencing the chunks now must wait for the collector: past its bound
@@ -338,7 +338,7 @@ async def test_expired_lease_gives_the_claim_back(
     await store.put_chunks(chunks, "standard")
     m = tenant.manifest([k for k, _ in chunks])
     await store.put_manifest(m)
-    await store.delete_manifest(m.namespace_tag, m.cache_id, m.version)
+    await store.delete_manifest(m.namespace_slot, m.cache_id, m.version)
     result = await store.collect_garbage(lease_s=0.0)
     assert result.claimed == 2 and result.lease_expired and not result.deleted_per_tier
     assert await store.exists_many([k for k, _ in chunks]) == [True, True]
@@ -357,19 +357,19 @@ async def test_set_storage_class_moves_chunks(
     m = tenant.manifest(keys, storage_class="standard")
     await store.put_manifest(m)
     await store.put_chunks(chunks, "standard")
-    cold = await store.set_storage_class(tenant.tag, "c1", 1, "cold")
-    assert cold.storage_class == "cold" and (await store.get_manifest(tenant.tag, "c1", 1)) == cold
+    cold = await store.set_storage_class(tenant.slot, "c1", 1, "cold")
+    assert cold.storage_class == "cold" and (await store.get_manifest(tenant.slot, "c1", 1)) == cold
     assert await where(store, keys) == {"redis": [False] * 3, "disk": [True] * 3}
     assert [c.cold for c in await store.refs.ref_counts(keys)] == [1, 1, 1]
-    await store.set_storage_class(tenant.tag, "c1", 1, "hot")
+    await store.set_storage_class(tenant.slot, "c1", 1, "hot")
     assert await where(store, keys) == {"redis": [True] * 3, "disk": [False] * 3}
     # a chunk another version keeps cold stays on disk too
     await store.put_manifest(tenant.manifest(keys[:1], version=2, storage_class="cold"))
     await store.put_chunks(chunks[:1], "cold")
-    await store.set_storage_class(tenant.tag, "c1", 1, "standard")
+    await store.set_storage_class(tenant.slot, "c1", 1, "standard")
     assert await where(store, keys) == {"redis": [True] * 3, "disk": [True, False, False]}
     with pytest.raises(ManifestNotFound):
-        await store.set_storage_class(tenant.tag, "c1", 9, "hot")
+        await store.set_storage_class(tenant.slot, "c1", 9, "hot")
 
 
 async def test_demote_idle_moves_only_standard_chunks(

@@ -31,7 +31,7 @@ from kvaas.services.caches.identity import PrefillJob, bytes_to_tokens, keys_for
 from kvaas.services.caches.records import NOT_FOUND, TAG_NOT_FOUND, Progress
 from kvaas.services.prompts import PromptPolicy
 from kvaas.store.errors import StoreError
-from kvaas.store.keys import ChunkKey, derive_namespace, namespace_tag
+from kvaas.store.keys import ChunkKey, derive_namespace, namespace_slot
 from kvaas.store.tiered import TieredStore
 
 
@@ -86,10 +86,10 @@ class CacheCore:
     def salted(self, tenant: Tenant, sampling: Sampling) -> Sampling:
         """``sampling`` with the tenant's salt: the engine's own prefix cache never lets one
         tenant reuse (or time) another tenant's KV."""
-        return dataclasses.replace(sampling, cache_salt=self._tag(tenant))
+        return dataclasses.replace(sampling, cache_salt=self._slot(tenant))
 
-    def _tag(self, tenant: Tenant) -> str:
-        return namespace_tag(self._namespace(tenant))
+    def _slot(self, tenant: Tenant) -> str:
+        return namespace_slot(self._namespace(tenant))
 
     def _ttl(self, ttl: int | None, param: str = "ttl_seconds") -> timedelta:
         """A lifetime within the configured bounds (``param``: the field it came from)."""
@@ -255,7 +255,7 @@ class CacheCore:
         """Transition: the prefill of ``job.version`` failed. A failed create fails the cache;
         a failed extend leaves the cache at its previous version. The version's manifest is
         released first: a version seen ``failed`` holds no chunks."""
-        await self._release(job.tag, job.cache_id, [job.version], job.keys)
+        await self._release(job.slot, job.cache_id, [job.version], job.keys)
         cache = await session.get(Cache, job.cache_id, populate_existing=True, with_for_update=True)
         row = await session.get(CacheVersion, (job.cache_id, job.version), populate_existing=True)
         if row is not None and row.status == "pending":
@@ -293,7 +293,7 @@ class CacheCore:
         """Transition: the cache passed ``expires_at``."""
         await self._retire(session, cache, "expired", utcnow())
         await session.commit()
-        await self._release(self._tag(tenant), cache.id)
+        await self._release(self._slot(tenant), cache.id)
 
     async def _retire(
         self, session: AsyncSession, cache: Cache, status: str, now: datetime

@@ -210,7 +210,7 @@ class CreateOps(CacheCore):
         eng = self._engine()
         try:
             await self.store.put_manifest(job.manifest())
-            once = Sampling(max_tokens=1, temperature=0.0, cache_salt=job.tag)
+            once = Sampling(max_tokens=1, temperature=0.0, cache_salt=job.slot)
             gen = await eng.generate(job.ids, once, job.plan())
             sizes = await self.store.sizes_many(job.keys)
         except (StoreError, EngineError) as e:
@@ -243,7 +243,7 @@ class CreateOps(CacheCore):
             or cache.status not in ("pending", "ready")
         ):
             await session.commit()
-            await self._release(job.tag, job.cache_id, [job.version], job.keys)
+            await self._release(job.slot, job.cache_id, [job.version], job.keys)
             raise NotFound(NOT_FOUND.format(id=job.cache_id), param="cache_id")
         row.status = "ready"
         row.stored_bytes = stored_bytes

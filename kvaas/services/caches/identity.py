@@ -12,7 +12,7 @@ import numpy as np
 
 from kvaas import codec
 from kvaas.connector.params import TransferPlan
-from kvaas.store.keys import ChunkKey, chunk_keys, namespace_tag
+from kvaas.store.keys import ChunkKey, chunk_keys, namespace_slot
 from kvaas.store.manifest import Manifest
 
 
@@ -34,14 +34,14 @@ class PrefillJob:
     fingerprint: str
 
     @property
-    def tag(self) -> str:
-        return namespace_tag(self.namespace)
+    def slot(self) -> str:
+        return namespace_slot(self.namespace)
 
     def manifest(self) -> Manifest:
         return Manifest(
             cache_id=self.cache_id,
             version=self.version,
-            namespace_tag=self.tag,
+            namespace_slot=self.slot,
             chunk_keys=tuple(self.keys),
             token_count=len(self.ids),
             chunk_tokens=self.chunk_tokens,

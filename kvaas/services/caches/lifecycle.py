@@ -91,7 +91,7 @@ class LifecycleOps(CacheCore):
                 f"cache {cache.id!r} is being extended; change its storage class afterwards",
                 param="storage_class",
             )
-        tag = self._tag(tenant)
+        tag = self._slot(tenant)
         try:
             for v in await self._ready_versions(session, cache.id):
                 await self.store.set_storage_class(tag, cache.id, v.version, storage_class)
@@ -118,7 +118,7 @@ class LifecycleOps(CacheCore):
         await self._retire(session, cache, "deleted", now)
         cache.deleted_at = now
         await session.commit()
-        await self._release(self._tag(tenant), cache.id)
+        await self._release(self._slot(tenant), cache.id)
 
     async def delete_version(
         self, session: AsyncSession, tenant: Tenant, cache_id: str, version: int
@@ -164,7 +164,7 @@ class LifecycleOps(CacheCore):
             cache.stored_bytes = stored
         cache.updated_at = now
         await session.commit()
-        await self._release(self._tag(tenant), cache.id, [row.version])
+        await self._release(self._slot(tenant), cache.id, [row.version])
 
     async def put_tag(
         self, session: AsyncSession, tenant: Tenant, name: str, cache_id: str
