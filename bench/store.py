@@ -92,7 +92,7 @@ class Keys:
         tokens = list(range(self.n * 16, (self.n + count) * 16))
         self.n += count
         return chunk_keys(tokens, namespace=self.namespace, model_fingerprint="bench",
-                          codec_id="none", chunk_tokens=16)  # fmt: skip
+                          scheme_id="none", chunk_tokens=16)  # fmt: skip
 
 
 def pct(samples: Sequence[float], q: float) -> float:

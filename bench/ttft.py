@@ -122,7 +122,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 plans = []
                 for p in prompts:
                     keys = tuple(
-                        chunk_keys(p, namespace=ns, model_fingerprint="bench", codec_id=scheme)
+                        chunk_keys(p, namespace=ns, model_fingerprint="bench", scheme_id=scheme)
                     )
                     _ttft(llm, p, TransferPlan("save", keys, 256, scheme, cls).to_params())
                     plans.append(TransferPlan("load", keys, 256).to_params())

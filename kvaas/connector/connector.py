@@ -24,7 +24,7 @@ decodes them and scatters them into the request's paged blocks (one indexed copy
 before the forward pass; chunks that are missing or corrupt are reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes them (``kv_load_failure_policy =
 "recompute"``). ``wait_for_save`` runs after the step's forward pass: it gathers the completed
-chunks' KV from the paged blocks, encodes each chunk with the plan's codec and writes the
+chunks' KV from the paged blocks, encodes each chunk with the plan's scheme and writes the
 chunks the store does not hold yet, in one batch.
 
 Partial trailing chunk: only full chunks are stored; the last ``len(prompt) % chunk_tokens``
@@ -85,7 +85,7 @@ class SaveTask:
     keys: tuple[ChunkKey, ...]
     first: int
     chunk_tokens: int
-    codec: str
+    scheme: str
     storage_class: str
     block_ids: tuple[int, ...]
 
@@ -228,7 +228,7 @@ class KVaaSConnector(KVConnectorBase_V1):
             plan.keys[st.saved : complete],
             st.saved,
             plan.chunk_tokens,
-            plan.codec,
+            plan.scheme,
             plan.storage_class,
             tuple(st.block_ids),
         )
@@ -382,7 +382,7 @@ class KVaaSConnector(KVConnectorBase_V1):
             start = (task.first + i) * c
             blk, off = slots(task.block_ids, start, start + c, self._block_size)
             kv = torch.stack([gather(layer, self._layout, blk, off) for _, layer in self._layers])
-            items.append((task.keys[i], codec.encode(kv.cpu().contiguous(), task.codec)))
+            items.append((task.keys[i], codec.encode(kv.cpu().contiguous(), task.scheme)))
         self._store.put_chunks(items, task.storage_class)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:

@@ -6,7 +6,7 @@ it with the request; the connector needs no tenant state of its own::
     {"kvaas": {"op": "save" | "load",
                "keys": ["<64 hex>", ...],      # chunk keys, in prompt order, full chunks only
                "chunk_tokens": 256,
-               "codec": "int4",                # save only
+               "scheme": "int4",               # save only
                "storage_class": "standard",    # save only
                "skip": 0}}                     # save only
 
@@ -38,7 +38,7 @@ class TransferPlan:
     op: Literal["save", "load"]
     keys: tuple[ChunkKey, ...]
     chunk_tokens: int
-    codec: str = "int4"
+    scheme: str = "int4"
     storage_class: str = "standard"
     skip: int = 0
 
@@ -49,7 +49,7 @@ class TransferPlan:
                 "op": self.op,
                 "keys": [k.hex() for k in self.keys],
                 "chunk_tokens": self.chunk_tokens,
-                "codec": self.codec,
+                "scheme": self.scheme,
                 "storage_class": self.storage_class,
                 "skip": self.skip,
             }
@@ -89,7 +89,7 @@ class TransferPlan:
             op=op,
             keys=tuple(keys),
             chunk_tokens=chunk_tokens,
-            codec=str(doc.get("codec", "int4")),
+            scheme=str(doc.get("scheme", "int4")),
             storage_class=str(doc.get("storage_class", "standard")),
             skip=skip if op == "save" else 0,
         )

@@ -6,7 +6,7 @@ Typical use::
 
     store = build_store(StoreConfig.from_settings(settings))
     await store.open()
-    keys = chunk_keys(tokens, namespace=ns, model_fingerprint=fp, codec_id=codec)
+    keys = chunk_keys(tokens, namespace=ns, model_fingerprint=fp, scheme_id=codec)
     await store.put_manifest(manifest)            # references first
     await store.put_chunks(list(zip(keys, blobs)), manifest.storage_class)
     blobs = await store.get_prefix(keys)          # verified blobs of the longest prefix

@@ -2,7 +2,7 @@
 
 Token ids are cut into chunks of ``chunk_tokens`` tokens. Chunk ``i`` is named by::
 
-    digest_i = blake3(len‖namespace ‖ len‖model_fingerprint ‖ len‖codec_id ‖ parent ‖ tokens_i)
+    digest_i = blake3(len‖namespace ‖ len‖model_fingerprint ‖ len‖scheme_id ‖ parent ‖ tokens_i)
     key_i    = slot(namespace) ‖ digest_i[:28]          (32 bytes)
 
 where ``parent`` is ``key_{i-1}`` (32 zero bytes for the first chunk), every variable-length
@@ -115,7 +115,7 @@ def chunk_keys(
     *,
     namespace: bytes,
     model_fingerprint: str | bytes,
-    codec_id: str | int,
+    scheme_id: str | int,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     block_size: int | None = None,
 ) -> list[ChunkKey]:
@@ -123,7 +123,7 @@ def chunk_keys(
 
     Only ``len(tokens) // chunk_tokens`` keys are returned: the trailing
     ``len(tokens) % chunk_tokens`` tokens (see :func:`trailing_tokens`) form a partial chunk that
-    has no key, is never stored and is recomputed by prefill. ``codec_id`` names the compression
+    has no key, is never stored and is recomputed by prefill. ``scheme_id`` names the compression
     scheme (and its parameters when they change the bytes), so one prefix compressed two ways
     gives two sets of keys. ``block_size``, when given, checks that ``chunk_tokens`` is a multiple
     of the engine's block size.
@@ -136,7 +136,7 @@ def chunk_keys(
     if n_full == 0:
         return []
     fp = model_fingerprint.encode() if isinstance(model_fingerprint, str) else model_fingerprint
-    base = blake3.blake3(_field(namespace) + _field(bytes(fp)) + _field(str(codec_id).encode()))
+    base = blake3.blake3(_field(namespace) + _field(bytes(fp)) + _field(str(scheme_id).encode()))
     slot = namespace_slot_bytes(namespace)
     # little-endian int32 bytes of each chunk (blake3 takes byte buffers only)
     blocks = arr[: n_full * chunk_tokens].view(np.uint8).reshape(n_full, 4 * chunk_tokens)

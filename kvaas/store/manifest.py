@@ -1,7 +1,7 @@
 """Manifests: what a cache version is made of.
 
 A :class:`Manifest` lists a cache version's ordered chunk keys and what is needed to use them
-(token count, chunk size, codec, model fingerprint, storage class). It is stored with the chunks
+(token count, chunk size, scheme, model fingerprint, storage class). It is stored with the chunks
 (in Redis when the store has a Redis tier, else in the SQLite index next to the disk tier) by a
 :class:`~kvaas.store.refs.RefIndex`, which also keeps the per-chunk reference counts that let
 versions share chunks. The JSON form is canonical (sorted keys, no spaces): storing the same
@@ -41,7 +41,7 @@ class Manifest:
     chunk_keys: tuple[ChunkKey, ...]
     token_count: int
     chunk_tokens: int
-    codec: str
+    scheme: str
     model_fingerprint: str
     storage_class: StorageClass = "standard"
     bytes_per_tier: Mapping[str, int] = field(default_factory=dict)
@@ -79,7 +79,7 @@ class Manifest:
             "chunk_keys": [k.hex() for k in self.chunk_keys],
             "token_count": self.token_count,
             "chunk_tokens": self.chunk_tokens,
-            "codec": self.codec,
+            "scheme": self.scheme,
             "model_fingerprint": self.model_fingerprint,
             "storage_class": self.storage_class,
             "bytes_per_tier": dict(sorted(self.bytes_per_tier.items())),
@@ -101,7 +101,7 @@ class Manifest:
                 chunk_keys=tuple(key_from_hex(h) for h in doc["chunk_keys"]),
                 token_count=doc["token_count"],
                 chunk_tokens=doc["chunk_tokens"],
-                codec=doc["codec"],
+                scheme=doc["scheme"],
                 model_fingerprint=doc["model_fingerprint"],
                 storage_class=doc["storage_class"],
                 bytes_per_tier=doc["bytes_per_tier"],

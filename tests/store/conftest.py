@@ -63,7 +63,7 @@ class Tenant:
             tokens,
             namespace=self.namespace,
             model_fingerprint="test-model",
-            codec_id="none",
+            scheme_id="none",
             chunk_tokens=chunk_tokens,
         )
 
@@ -84,7 +84,7 @@ class Tenant:
             chunk_keys=tuple(keys),
             token_count=len(keys) * 16,
             chunk_tokens=16,
-            codec="none",
+            scheme="none",
             model_fingerprint="test-model",
             storage_class=storage_class,  # type: ignore[arg-type]
         )

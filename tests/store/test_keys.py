@@ -26,7 +26,7 @@ TOKENS = list(range(1000, 1000 + 4 * 256 + 17))
 
 
 def keys_of(tokens: object, secret: bytes = SECRET, **kw: object) -> list[bytes]:
-    args: dict[str, object] = {"model_fingerprint": "m1", "codec_id": "int4"}
+    args: dict[str, object] = {"model_fingerprint": "m1", "scheme_id": "int4"}
     args.update(kw)
     return chunk_keys(tokens, namespace=derive_namespace(secret), **args)  # type: ignore[arg-type]
 
@@ -36,7 +36,7 @@ def test_keys_are_deterministic_across_processes() -> None:
     code = (
         "from kvaas.store.keys import chunk_keys, derive_namespace\n"
         f"ks = chunk_keys({TOKENS!r}, namespace=derive_namespace({SECRET!r}), "
-        "model_fingerprint='m1', codec_id='int4')\n"
+        "model_fingerprint='m1', scheme_id='int4')\n"
         "print(','.join(k.hex() for k in ks))\n"
     )
     out = subprocess.run(
@@ -67,7 +67,7 @@ def test_each_key_names_its_whole_prefix() -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [{"model_fingerprint": "m2"}, {"codec_id": "int8"}, {"chunk_tokens": 128}],
+    [{"model_fingerprint": "m2"}, {"scheme_id": "int8"}, {"chunk_tokens": 128}],
 )
 def test_model_codec_and_chunking_change_keys(change: dict[str, object]) -> None:
     assert set(keys_of(TOKENS)).isdisjoint(keys_of(TOKENS, **change))

@@ -66,12 +66,12 @@ class CacheCore:
     def _namespace(self, tenant: Tenant) -> bytes:
         return derive_namespace(bytes.fromhex(tenant.namespace_secret))
 
-    def _keys(self, tenant: Tenant, ids: Sequence[int], compression: str) -> list[ChunkKey]:
+    def _keys(self, tenant: Tenant, ids: Sequence[int], scheme: str) -> list[ChunkKey]:
         """Chunk keys of ``ids`` for a new cache: the served model, the configured chunk size."""
         return keys_for(
             self._namespace(tenant),
             ids,
-            compression,
+            scheme,
             self._engine().model.fingerprint,
             self.settings.chunk_tokens,
         )
@@ -103,14 +103,14 @@ class CacheCore:
             )
         return timedelta(seconds=ttl)
 
-    def _reserve_bytes(self, compression: str, chunk_tokens: int, chunks: int) -> int:
+    def _reserve_bytes(self, scheme: str, chunk_tokens: int, chunks: int) -> int:
         """Bytes reserved against the quota for ``chunks`` new chunks of the served model: the
         most they can take (0 when the model's KV shape cannot be read)."""
         try:
             shape = read_kv_shape(self._engine().model.path, self.settings.engine_dtype)
         except (OSError, ValueError, KeyError, TypeError):
             return 0
-        return chunks * chunk_size(shape, chunk_tokens, compression).bound
+        return chunks * chunk_size(shape, chunk_tokens, scheme).bound
 
     async def get_live(self, session: AsyncSession, tenant: Tenant, cache_id: str) -> Cache:
         """The tenant's cache ``cache_id`` if it is not deleted or expired; 404 otherwise."""
@@ -230,7 +230,7 @@ class CacheCore:
             keys=keys if keys is not None else [],
             skip=skip,
             chunk_tokens=cache.chunk_tokens,
-            compression=cache.compression,
+            scheme=cache.compression,
             storage_class=cache.storage_class,
             fingerprint=cache.model_fingerprint,
         )

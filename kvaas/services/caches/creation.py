@@ -58,9 +58,9 @@ class CreateOps(CacheCore):
         self.prompts.require_tokens(ids)
         self.prompts.check_cacheable(ids)
         ttl = self._ttl(spec.ttl_seconds)
-        compression = spec.compression or s.default_compression
+        scheme = spec.compression or s.default_compression
         storage_class = spec.storage_class or s.default_storage_class
-        keys = self._keys(tenant, ids, compression)
+        keys = self._keys(tenant, ids, scheme)
         now = utcnow()
         cache = Cache(
             tenant_id=tenant.id,
@@ -73,14 +73,14 @@ class CreateOps(CacheCore):
             token_ids=tokens_to_bytes(ids),
             prefix_sha256=prefix_sha256(ids),
             chunk_tokens=s.chunk_tokens,
-            compression=compression,
+            compression=scheme,
             storage_class=storage_class,
             meta=dict(spec.metadata),
             hit_count=0,
             stored_chunks=0,
             stored_bytes=0,
             reserved_tokens=0,
-            reserved_bytes=self._reserve_bytes(compression, s.chunk_tokens, len(keys)),
+            reserved_bytes=self._reserve_bytes(scheme, s.chunk_tokens, len(keys)),
             ttl_seconds=int(ttl.total_seconds()),
             refresh_on_hit=spec.refresh_on_hit,
             expires_at=now + ttl,

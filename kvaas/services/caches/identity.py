@@ -29,7 +29,7 @@ class PrefillJob:
     keys: list[ChunkKey]
     skip: int  # leading chunks already stored (the parent version's), loaded not computed
     chunk_tokens: int
-    compression: str
+    scheme: str
     storage_class: str
     fingerprint: str
 
@@ -45,7 +45,7 @@ class PrefillJob:
             chunk_keys=tuple(self.keys),
             token_count=len(self.ids),
             chunk_tokens=self.chunk_tokens,
-            codec=self.compression,
+            scheme=self.scheme,
             model_fingerprint=self.fingerprint,
             storage_class=self.storage_class,  # type: ignore[arg-type]
         )
@@ -55,7 +55,7 @@ class PrefillJob:
             "save",
             tuple(self.keys),
             self.chunk_tokens,
-            self.compression,
+            self.scheme,
             self.storage_class,
             skip=self.skip,
         )
@@ -74,12 +74,12 @@ def prefix_sha256(ids: Sequence[int]) -> str:
 
 
 def keys_for(
-    namespace: bytes, ids: Sequence[int], compression: str, fingerprint: str, chunk_tokens: int
+    namespace: bytes, ids: Sequence[int], scheme: str, fingerprint: str, chunk_tokens: int
 ) -> list[ChunkKey]:
     return chunk_keys(
         ids,
         namespace=namespace,
         model_fingerprint=fingerprint,
-        codec_id=f"{compression}:{codec.scheme_id(compression)}",
+        scheme_id=f"{scheme}:{codec.scheme_id(scheme)}",
         chunk_tokens=chunk_tokens,
     )
