@@ -25,7 +25,7 @@ def engine_command(
     from kvaas.store.factory import StoreConfig
 
     s = load_settings()
-    model_dir = resolve_model(s.model, s.data_dir / "models")
+    model_dir = resolve_model(s.model, s.data_dir)
     cmd = serve_command(
         str(model_dir.resolve()),
         s.model if "/" not in s.model else model_dir.name,

@@ -29,7 +29,7 @@ def build_engine(settings: Settings) -> Engine | None:
     from kvaas.model_presets import resolve_model
     from kvaas.store.factory import StoreConfig
 
-    model_dir = resolve_model(settings.model, settings.data_dir / "models")
+    model_dir = resolve_model(settings.model, settings.data_dir)
     name = settings.model if "/" not in settings.model else model_dir.name
     dtype = kv_dtype(model_dir, settings.engine_dtype)
     info = ModelInfo.load(model_dir, name, dtype)

@@ -13,6 +13,8 @@ request_id, at)``                      cache ``ready``); records ``prefill_token
 ``on_cache_ready(s, cache, at)``       the cache became ``ready``: storage starts at ``at``
 ``on_cache_extended(s, cache, at)``    a new version with more tokens is ready (``cache.tokens``
                                        and ``cache.version`` already updated)
+``on_extend(s, cache, version,         an extend's prefill ran: the resize above, and the
+prefill_tokens, at)``                  ``prefill_tokens`` it computed
 ``on_storage_class_changed(s, cache,   the storage class changed from ``old`` to ``new``
 old, new, at)``
 ``on_tiers_changed(s, cache,           the bytes kept per tier changed (demotion, promotion)
@@ -35,6 +37,7 @@ import json
 import secrets
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -50,30 +53,69 @@ def default_tiers(cache: Cache, storage_class: str | None = None) -> dict[str, i
     return {tier: int(cache.stored_bytes or 0)}
 
 
-async def _record_size(
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+async def _lifecycle(
     session: AsyncSession,
     cache: Cache,
     kind: str,
     idempotency_key: str,
-    at: datetime | None,
-    bytes_by_tier: Mapping[str, int] | None,
+    at: datetime,
+    *,
+    storage_class: str | None = None,
+    bytes_by_tier: Mapping[str, int] | None = None,
+    reason: str | None = None,
 ) -> bool:
-    """A lifecycle event stating the cache's current size and class from ``at`` on."""
+    """A lifecycle event of ``cache``. Every kind but ``ended`` states the cache's size and
+    class from ``at`` on: its tokens, ``storage_class`` (default its own) and
+    ``bytes_by_tier`` (default :func:`default_tiers`)."""
+    if kind == "ended":
+        return await record_lifecycle(
+            session,
+            idempotency_key=idempotency_key,
+            tenant_id=cache.tenant_id,
+            cache_id=cache.id,
+            kind=kind,
+            at=at,
+            reason=reason,
+        )
+    cls = storage_class or cache.storage_class
     return await record_lifecycle(
         session,
         idempotency_key=idempotency_key,
         tenant_id=cache.tenant_id,
         cache_id=cache.id,
         kind=kind,
-        at=at or utcnow(),
+        at=at,
         tokens=cache.tokens,
-        storage_class=cache.storage_class,
-        bytes_by_tier=bytes_by_tier if bytes_by_tier is not None else default_tiers(cache),
+        storage_class=cls,
+        bytes_by_tier=bytes_by_tier if bytes_by_tier is not None else default_tiers(cache, cls),
     )
 
 
-def _ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
+async def _usage(
+    session: AsyncSession,
+    cache: Cache,
+    idempotency_key: str,
+    meter: str,
+    quantity: int,
+    at: datetime,
+    details: Mapping[str, Any],
+) -> None:
+    """A usage event of ``cache``'s tenant on ``cache``; nothing for a zero quantity."""
+    if quantity > 0:
+        await record_usage(
+            session,
+            idempotency_key=idempotency_key,
+            tenant_id=cache.tenant_id,
+            meter=meter,
+            quantity=quantity,
+            occurred_at=at,
+            cache_id=cache.id,
+            details=details,
+        )
 
 
 async def on_cache_ready(
@@ -86,7 +128,9 @@ async def on_cache_ready(
     """Storage of ``cache`` (``cache.tokens`` tokens in ``cache.storage_class``) starts at
     ``at``. Returns False when already recorded."""
     key = f"lc:{cache.id}:started"
-    return await _record_size(session, cache, "started", key, at, bytes_by_tier)
+    return await _lifecycle(
+        session, cache, "started", key, at or utcnow(), bytes_by_tier=bytes_by_tier
+    )
 
 
 async def on_cache_extended(
@@ -98,7 +142,26 @@ async def on_cache_extended(
 ) -> bool:
     """The cache now holds ``cache.tokens`` tokens (version ``cache.version``) from ``at`` on."""
     key = f"lc:{cache.id}:v{cache.version}:resized"
-    return await _record_size(session, cache, "resized", key, at, bytes_by_tier)
+    return await _lifecycle(
+        session, cache, "resized", key, at or utcnow(), bytes_by_tier=bytes_by_tier
+    )
+
+
+async def on_extend(
+    session: AsyncSession, cache: Cache, version: int, prefill_tokens: int, at: datetime
+) -> None:
+    """Version ``version`` of ``cache`` is ready: its size from ``at`` on (as
+    :func:`on_cache_extended`) and the ``prefill_tokens`` its extend computed."""
+    await on_cache_extended(session, cache, at)
+    await _usage(
+        session,
+        cache,
+        f"extend:{cache.id}:v{version}:prefill_tokens",
+        "prefill_tokens",
+        prefill_tokens,
+        at,
+        {"op": "extend", "version": version},
+    )
 
 
 async def on_storage_class_changed(
@@ -112,17 +175,9 @@ async def on_storage_class_changed(
 ) -> bool:
     """The cache is kept in storage class ``new`` (was ``old``) from ``at`` on."""
     at = at or utcnow()
-    tiers = dict(bytes_by_tier) if bytes_by_tier is not None else default_tiers(cache, new)
-    return await record_lifecycle(
-        session,
-        idempotency_key=f"lc:{cache.id}:class:{old}:{new}:{_ms(at)}",
-        tenant_id=cache.tenant_id,
-        cache_id=cache.id,
-        kind="class_changed",
-        at=at,
-        tokens=cache.tokens,
-        storage_class=new,
-        bytes_by_tier=tiers,
+    key = f"lc:{cache.id}:class:{old}:{new}:{_ms(at)}"
+    return await _lifecycle(
+        session, cache, "class_changed", key, at, storage_class=new, bytes_by_tier=bytes_by_tier
     )
 
 
@@ -135,17 +190,8 @@ async def on_tiers_changed(
     """The cache's bytes are kept as ``bytes_by_tier`` (e.g. ``{"disk": n}``) from ``at`` on."""
     at = at or utcnow()
     digest = hashlib.sha256(json.dumps(dict(bytes_by_tier), sort_keys=True).encode()).hexdigest()
-    return await record_lifecycle(
-        session,
-        idempotency_key=f"lc:{cache.id}:tiers:{_ms(at)}:{digest[:16]}",
-        tenant_id=cache.tenant_id,
-        cache_id=cache.id,
-        kind="tiers_changed",
-        at=at,
-        tokens=cache.tokens,
-        storage_class=cache.storage_class,
-        bytes_by_tier=bytes_by_tier,
-    )
+    key = f"lc:{cache.id}:tiers:{_ms(at)}:{digest[:16]}"
+    return await _lifecycle(session, cache, "tiers_changed", key, at, bytes_by_tier=bytes_by_tier)
 
 
 async def on_cache_ended(
@@ -158,15 +204,7 @@ async def on_cache_ended(
     For an expiry, ``at`` defaults to ``cache.expires_at`` (not the time the sweep ran)."""
     if at is None:
         at = cache.expires_at if reason == "expired" else utcnow()
-    return await record_lifecycle(
-        session,
-        idempotency_key=f"lc:{cache.id}:ended",
-        tenant_id=cache.tenant_id,
-        cache_id=cache.id,
-        kind="ended",
-        at=at,
-        reason=reason[:32],
-    )
+    return await _lifecycle(session, cache, "ended", f"lc:{cache.id}:ended", at, reason=reason[:32])
 
 
 async def on_create(
@@ -179,26 +217,17 @@ async def on_create(
     """A create prefilled ``prefill_tokens`` tokens: records them and one cache creation."""
     at = at or utcnow()
     details = {"request_id": request_id} if request_id else {}
-    if prefill_tokens > 0:
-        await record_usage(
-            session,
-            idempotency_key=f"create:{cache.id}:prefill_tokens",
-            tenant_id=cache.tenant_id,
-            meter="prefill_tokens",
-            quantity=prefill_tokens,
-            occurred_at=at,
-            cache_id=cache.id,
-            details={**details, "op": "create"},
-        )
-    await record_usage(
+    await _usage(
         session,
-        idempotency_key=f"create:{cache.id}:cache_creations",
-        tenant_id=cache.tenant_id,
-        meter="cache_creations",
-        quantity=1,
-        occurred_at=at,
-        cache_id=cache.id,
-        details=details,
+        cache,
+        f"create:{cache.id}:prefill_tokens",
+        "prefill_tokens",
+        prefill_tokens,
+        at,
+        {**details, "op": "create"},
+    )
+    await _usage(
+        session, cache, f"create:{cache.id}:cache_creations", "cache_creations", 1, at, details
     )
 
 
@@ -217,19 +246,10 @@ async def on_attach(
     idempotent (the same request is metered once); None records it unconditionally."""
     at = at or utcnow()
     rid = request_id or f"anon-{secrets.token_hex(12)}"
+    details = {"request_id": request_id, "op": "attach"}
     for meter, qty in (
         ("cached_tokens", cached_tokens),
         ("prefill_tokens", prefill_tokens),
         ("output_tokens", output_tokens),
     ):
-        if qty > 0:
-            await record_usage(
-                session,
-                idempotency_key=f"attach:{rid}:{meter}",
-                tenant_id=cache.tenant_id,
-                meter=meter,
-                quantity=qty,
-                occurred_at=at,
-                cache_id=cache.id,
-                details={"request_id": request_id, "op": "attach"},
-            )
+        await _usage(session, cache, f"attach:{rid}:{meter}", meter, qty, at, details)

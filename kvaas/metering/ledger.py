@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.db.base import utcnow
@@ -27,11 +26,14 @@ STORAGE_CLASSES = ("hot", "standard", "cold")
 TIERS = ("memory", "redis", "disk")
 
 
-async def _insert_ignore(session: AsyncSession, table: Table, values: dict[str, Any]) -> bool:
-    """Insert ``values`` unless a row with the same idempotency key exists. True if inserted."""
-    return await insert_ignore(
-        session, table, values, ["idempotency_key"], returning=table.c.id
-    )
+async def _append(
+    session: AsyncSession,
+    event: type[UsageEvent] | type[CacheLifecycleEvent],
+    values: dict[str, Any],
+) -> bool:
+    """Insert one ledger row unless its idempotency key is recorded; True if inserted."""
+    values["recorded_at"] = utcnow()
+    return await insert_ignore(session, event, values, ["idempotency_key"], returning=event.id)
 
 
 async def record_usage(
@@ -53,9 +55,9 @@ async def record_usage(
         raise ValueError(f"unknown meter {meter!r}; expected one of {EVENT_METERS}")
     if quantity < 0:
         raise ValueError(f"quantity must be >= 0, got {quantity}")
-    return await _insert_ignore(
+    return await _append(
         session,
-        UsageEvent.__table__,  # type: ignore[arg-type]
+        UsageEvent,
         {
             "idempotency_key": idempotency_key,
             "tenant_id": tenant_id,
@@ -64,7 +66,6 @@ async def record_usage(
             "occurred_at": occurred_at,
             "cache_id": cache_id,
             "details": dict(details or {}),
-            "recorded_at": utcnow(),
         },
     )
 
@@ -87,9 +88,9 @@ async def record_lifecycle(
     ``started``/``resized``/``class_changed``/``tiers_changed`` carry the cache's full state
     from ``at`` on (tokens, storage class, bytes per tier); ``ended`` stops all storage.
     """
-    return await _insert_ignore(
+    return await _append(
         session,
-        CacheLifecycleEvent.__table__,  # type: ignore[arg-type]
+        CacheLifecycleEvent,
         {
             "idempotency_key": idempotency_key,
             "tenant_id": tenant_id,
@@ -100,6 +101,5 @@ async def record_lifecycle(
             "storage_class": storage_class,
             "bytes_by_tier": {k: int(v) for k, v in (bytes_by_tier or {}).items()},
             "reason": reason,
-            "recorded_at": utcnow(),
         },
     )

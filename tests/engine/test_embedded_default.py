@@ -189,7 +189,7 @@ def test_readme_default_serves_caches_across_a_restart(tmp_path: Path) -> None:
 
         owner = _cli(work, "tenants", "create", "embedded-owner")
         other = _cli(work, "tenants", "create", "embedded-other")
-        model = ModelInfo.load(resolve_model("tiny", data_dir / "models"), "tiny", "auto")
+        model = ModelInfo.load(resolve_model("tiny", data_dir), "tiny", "auto")
         ids = model.encode(Path(os.__file__).read_text()[:12_000])
         prefix, appendix = ids[: 3 * CHUNK], ids[3 * CHUNK : 3 * CHUNK + 300]
         assert len(appendix) == 300

@@ -81,7 +81,7 @@ class CacheCore:
     ) -> list[ChunkKey]:
         """Chunk keys of ``ids`` under an existing cache's model, codec and chunk size."""
         ns = tenant if isinstance(tenant, bytes) else self._namespace(tenant)
-        return keys_for(ns, ids, cache.compression, cache.model_fingerprint, cache.chunk_tokens)
+        return keys_for(ns, ids, cache.scheme, cache.model_fingerprint, cache.chunk_tokens)
 
     def salted(self, tenant: Tenant, sampling: Sampling) -> Sampling:
         """``sampling`` with the tenant's salt: the engine's own prefix cache never lets one
@@ -230,7 +230,7 @@ class CacheCore:
             keys=keys if keys is not None else [],
             skip=skip,
             chunk_tokens=cache.chunk_tokens,
-            scheme=cache.compression,
+            scheme=cache.scheme,
             storage_class=cache.storage_class,
             fingerprint=cache.model_fingerprint,
         )

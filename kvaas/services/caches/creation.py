@@ -21,7 +21,6 @@ from kvaas.db.models import Cache, CacheVersion, Tenant
 from kvaas.engine import EngineError, Generation, Sampling
 from kvaas.errors import Conflict, NotFound, ServiceUnavailable
 from kvaas.metering import hooks as metering
-from kvaas.metering.ledger import record_usage
 from kvaas.services import quotas
 from kvaas.services.caches.core import CacheCore
 from kvaas.services.caches.identity import (
@@ -58,7 +57,7 @@ class CreateOps(CacheCore):
         self.prompts.require_tokens(ids)
         self.prompts.check_cacheable(ids)
         ttl = self._ttl(spec.ttl_seconds)
-        scheme = spec.compression or s.default_compression
+        scheme = spec.scheme or s.default_compression
         storage_class = spec.storage_class or s.default_storage_class
         keys = self._keys(tenant, ids, scheme)
         now = utcnow()
@@ -73,7 +72,7 @@ class CreateOps(CacheCore):
             token_ids=tokens_to_bytes(ids),
             prefix_sha256=prefix_sha256(ids),
             chunk_tokens=s.chunk_tokens,
-            compression=scheme,
+            scheme=scheme,
             storage_class=storage_class,
             meta=dict(spec.metadata),
             hit_count=0,
@@ -144,7 +143,7 @@ class CreateOps(CacheCore):
         except StoreError:
             skip = 0
         reserve_bytes = self._reserve_bytes(
-            cache.compression, cache.chunk_tokens, len(keys) - n_base
+            cache.scheme, cache.chunk_tokens, len(keys) - n_base
         )
         version = await self._begin_extend(session, tenant, cache, ids, len(new), reserve_bytes)
         job = self._job(tenant, cache, version, ids, keys, skip)
@@ -271,18 +270,7 @@ class CreateOps(CacheCore):
             await metering.on_create(session, cache, prefill_tokens, None, now)
             await metering.on_cache_ready(session, cache, now)
             return
-        await metering.on_cache_extended(session, cache, now)
-        if prefill_tokens > 0:
-            await record_usage(
-                session,
-                idempotency_key=f"extend:{cache.id}:v{version}:prefill_tokens",
-                tenant_id=cache.tenant_id,
-                meter="prefill_tokens",
-                quantity=prefill_tokens,
-                occurred_at=now,
-                cache_id=cache.id,
-                details={"op": "extend", "version": version},
-            )
+        await metering.on_extend(session, cache, version, prefill_tokens, now)
 
     def _spawn(self, job: PrefillJob) -> None:
         key = (job.cache_id, job.version)

@@ -32,7 +32,7 @@ class CreateSpec:
     name: str | None = None
     ttl_seconds: int | None = None
     storage_class: str | None = None
-    compression: str | None = None
+    scheme: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     model: str | None = None
     refresh_on_hit: bool = False
