@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -28,6 +29,29 @@ class Actor:
 
     name: str
     request_id: str | None = None
+
+    async def audit(
+        self,
+        session: AsyncSession,
+        action: str,
+        target: Tenant | ApiKey,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Record ``action`` on ``target`` by this actor in the audit log, in the caller's
+        transaction (the caller commits)."""
+        if isinstance(target, Tenant):
+            target_type, tenant_id = "tenant", target.id
+        else:
+            target_type, tenant_id = "api_key", target.tenant_id
+        await AuditRepository(session).record(
+            actor=self.name,
+            action=action,
+            target_type=target_type,
+            target_id=target.id,
+            tenant_id=tenant_id,
+            request_id=self.request_id,
+            details=details,
+        )
 
 
 def validate_tenant_name(name: str) -> str:
@@ -77,15 +101,7 @@ async def create_tenant(
             key, new = await ApiKeyRepository(session).create(tenant.id)
             plaintext = new.plaintext
             details["key_id"] = key.id
-        await AuditRepository(session).record(
-            actor=actor.name,
-            action="tenant.create",
-            target_type="tenant",
-            target_id=tenant.id,
-            tenant_id=tenant.id,
-            request_id=actor.request_id,
-            details=details,
-        )
+        await actor.audit(session, "tenant.create", tenant, details)
         await session.commit()
     except IntegrityError as e:  # a concurrent create with the same name won the race
         await session.rollback()
@@ -106,14 +122,8 @@ async def set_tenant_status(session: AsyncSession, actor: Actor, ref: str, statu
     tenant = await find_tenant(session, ref)
     if tenant.status != status:
         await TenantRepository(session).set_status(tenant, status)
-        await AuditRepository(session).record(
-            actor=actor.name,
-            action="tenant.enable" if status == "active" else "tenant.disable",
-            target_type="tenant",
-            target_id=tenant.id,
-            tenant_id=tenant.id,
-            request_id=actor.request_id,
-        )
+        action = "tenant.enable" if status == "active" else "tenant.disable"
+        await actor.audit(session, action, tenant)
         await session.commit()
     return tenant
 
@@ -130,15 +140,8 @@ async def create_key(
     key, new = await ApiKeyRepository(session).create(
         tenant.id, name=name, scopes=validate_scopes(scopes)
     )
-    await AuditRepository(session).record(
-        actor=actor.name,
-        action="key.create",
-        target_type="api_key",
-        target_id=key.id,
-        tenant_id=tenant.id,
-        request_id=actor.request_id,
-        details={"prefix": key.prefix, "name": name, "scopes": key.scopes},
-    )
+    details = {"prefix": key.prefix, "name": name, "scopes": key.scopes}
+    await actor.audit(session, "key.create", key, details)
     await session.commit()
     return key, new.plaintext
 
@@ -151,14 +154,6 @@ async def revoke_key(session: AsyncSession, actor: Actor, ref: str) -> ApiKey:
         raise NotFound(f"no API key {ref!r}", param="key")
     if key.revoked_at is None:
         await repo.revoke(key)
-        await AuditRepository(session).record(
-            actor=actor.name,
-            action="key.revoke",
-            target_type="api_key",
-            target_id=key.id,
-            tenant_id=key.tenant_id,
-            request_id=actor.request_id,
-            details={"prefix": key.prefix},
-        )
+        await actor.audit(session, "key.revoke", key, {"prefix": key.prefix})
         await session.commit()
     return key
