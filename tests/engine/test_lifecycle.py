@@ -166,7 +166,7 @@ async def test_patch(gateway) -> None:  # type: ignore[no-untyped-def]
     assert r.json()["storage_class"] == "hot"
     assert all(await store.tier("redis").exists_many(keys))
     assert not any(await store.tier("disk").exists_many(keys))
-    manifest = await store.get_manifest(await cl.tag(), cid, 1)
+    manifest = await store.get_manifest(await cl.slot(), cid, 1)
     assert manifest.storage_class == "hot"
     r = await cl.attach(cache_id=cid, token_ids=[4, 5])
     assert r.status_code == 200 and r.json()["cache"]["hit"] is True
@@ -231,7 +231,7 @@ async def test_delete_releases_unshared_chunks(gateway) -> None:  # type: ignore
     b = await cl.create(shared, storage_class="cold")  # a's first 2 chunks: the same keys
     keys_a = await cl.keys(shared + ids[512:1100], "int4")
     store = cl.service.store
-    tag = await cl.tag()
+    slot = await cl.slot()
     assert (
         await cl.request("PUT", "/v1/tags/del-me", json={"cache_id": a["id"]})
     ).status_code == 200
@@ -239,7 +239,7 @@ async def test_delete_releases_unshared_chunks(gateway) -> None:  # type: ignore
     r = await cl.request("DELETE", f"/v1/caches/{a['id']}")
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "deleted" and r.json()["id"] == a["id"]
-    assert await store.list_versions(tag, a["id"]) == []
+    assert await store.list_versions(slot, a["id"]) == []
     await store.collect_garbage(grace_s=0)
     assert await store.exists_many(keys_a) == [True, True, False, False]  # b still uses 2
     assert (await cl.get(a["id"])).status_code == 404
@@ -291,7 +291,7 @@ async def test_async_create_failure_and_shutdown(gateway, monkeypatch) -> None: 
     ids = corpus_ids(gateway)[6500:7000]
     engine = gateway.app.state.engine
     service = cl.service
-    tag = await cl.tag()
+    slot = await cl.slot()
 
     async def broken(*_a, **_k):  # type: ignore[no-untyped-def]
         raise EngineError("the engine exploded")
@@ -301,7 +301,7 @@ async def test_async_create_failure_and_shutdown(gateway, monkeypatch) -> None: 
     failed = await cl.wait_status(c["id"])
     assert failed["status"] == "failed" and "exploded" in failed["failure_reason"]
     assert failed["progress"] is None
-    assert await service.store.list_versions(tag, c["id"]) == []
+    assert await service.store.list_versions(slot, c["id"]) == []
     r = await cl.request("POST", "/v1/cache/create", json={"token_ids": ids})
     assert r.status_code == 503, r.text  # the waiting form reports the failure itself
     assert (await cl.attach(cache_id=c["id"])).status_code == 409  # failed, not ready
@@ -317,7 +317,7 @@ async def test_async_create_failure_and_shutdown(gateway, monkeypatch) -> None: 
     assert service.running_jobs == 0
     got = (await cl.get(c["id"])).json()
     assert got["status"] == "failed" and got["failure_reason"] == SHUTDOWN_REASON
-    assert await service.store.list_versions(tag, c["id"]) == []
+    assert await service.store.list_versions(slot, c["id"]) == []
 
     # ... and one that finishes within the grace period is waited for
     gate.opened.set()
@@ -338,7 +338,7 @@ async def test_deleting_a_pending_cache(gateway, monkeypatch) -> None:  # type: 
     gate.opened.set()
     await cl.service.drain(grace_s=120)  # waits for the prefill to finish
     store = cl.service.store
-    assert await store.list_versions(await cl.tag(), c["id"]) == []  # the prefill released it
+    assert await store.list_versions(await cl.slot(), c["id"]) == []  # the prefill released it
     await store.collect_garbage(grace_s=0)
     assert not any(await store.exists_many(await cl.keys(ids, "int4")))
 

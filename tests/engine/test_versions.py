@@ -40,7 +40,7 @@ async def test_extend_writes_only_new_chunks_and_attaches_exactly(gateway) -> No
     # shared chunks are counted once
     all_sizes = await store.sizes_many(keys2)
     assert v2["stored_bytes"] == sum(all_sizes) == bytes_before + written
-    assert await store.list_versions(await cl.tag(), v1["id"]) == [1, 2]
+    assert await store.list_versions(await cl.slot(), v1["id"]) == [1, 2]
 
     r = await cl.request("GET", f"/v1/caches/{v1['id']}/versions")
     assert r.status_code == 200, r.text
@@ -85,7 +85,7 @@ async def test_delete_versions(gateway) -> None:  # type: ignore[no-untyped-def]
         assert r.status_code == 201, r.text
         assert r.json()["version"] == n
     store = cl.service.store
-    tag = await cl.tag()
+    slot = await cl.slot()
     keys3 = await cl.keys(ids[:900], "int4")
     assert len(keys3) == 3
 
@@ -93,7 +93,7 @@ async def test_delete_versions(gateway) -> None:  # type: ignore[no-untyped-def]
     r = await cl.request("DELETE", f"/v1/caches/{cid}/versions/1")
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "deleted" and r.json()["version"] == 1
-    assert await store.list_versions(tag, cid) == [2, 3]
+    assert await store.list_versions(slot, cid) == [2, 3]
     await store.collect_garbage(grace_s=0)
     assert all(await store.exists_many(keys3))
     r = await cl.attach(cache_id=cid, version=1)

@@ -65,16 +65,16 @@ class Client:
             assert t is not None
             return t
 
-    async def keys(self, ids: list[int], compression: str) -> list[bytes]:
-        return self.service._keys(await self.tenant(), ids, compression)
+    async def keys(self, ids: list[int], scheme: str) -> list[bytes]:
+        return self.service._keys(await self.tenant(), ids, scheme)
 
-    async def tag(self) -> str:
-        return self.service._tag(await self.tenant())
+    async def slot(self) -> str:
+        return self.service._slot(await self.tenant())
 
     async def redis_bytes(self) -> int:
         """Bytes of this tenant's chunks in the Redis tier (its own byte counter)."""
         redis = self.service.store.tier("redis")
-        name = redis.keys.counter(await self.tag())
+        name = redis.keys.counter(await self.slot())
         (value,) = await redis.conn.pipelined(lambda p: p.get(name))
         return int(value or 0)
 
