@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from kvaas.resources import packaged_dir
+
 STORAGE_CLASSES = ("hot", "standard", "cold")
 TOKENS_PER_MTOK = 1_000_000
 SECONDS_PER_HOUR = 3600
@@ -129,11 +131,7 @@ def from_minor(minor: int, minor_units: int) -> Decimal:
 
 def billing_dir() -> Path:
     """``billing/`` of a source checkout, or the copy packaged inside a wheel."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here.parent / "billing", here / "_billing"):
-        if (candidate / "pricebook.yaml").is_file():
-            return candidate
-    raise FileNotFoundError("the billing directory is missing from this installation")
+    return packaged_dir("billing", "pricebook.yaml")
 
 
 def default_pricebook_path() -> Path:

@@ -11,15 +11,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
 from kvaas.db.session import sync_url
+from kvaas.resources import packaged_dir
 
 
 def migrations_dir() -> Path:
     """``migrations/`` of a source checkout, or the copy packaged inside a wheel."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here.parent / "migrations", here / "_migrations"):
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise FileNotFoundError("the migrations directory is missing from this installation")
+    return packaged_dir("migrations", "env.py")
 
 
 def alembic_config(url: str) -> Config:

@@ -71,17 +71,10 @@ async def _lifecycle(
     """A lifecycle event of ``cache``. Every kind but ``ended`` states the cache's size and
     class from ``at`` on: its tokens, ``storage_class`` (default its own) and
     ``bytes_by_tier`` (default :func:`default_tiers`)."""
-    if kind == "ended":
-        return await record_lifecycle(
-            session,
-            idempotency_key=idempotency_key,
-            tenant_id=cache.tenant_id,
-            cache_id=cache.id,
-            kind=kind,
-            at=at,
-            reason=reason,
-        )
-    cls = storage_class or cache.storage_class
+    tokens, cls, tiers = 0, None, None
+    if kind != "ended":
+        tokens, cls = cache.tokens, storage_class or cache.storage_class
+        tiers = bytes_by_tier if bytes_by_tier is not None else default_tiers(cache, cls)
     return await record_lifecycle(
         session,
         idempotency_key=idempotency_key,
@@ -89,9 +82,10 @@ async def _lifecycle(
         cache_id=cache.id,
         kind=kind,
         at=at,
-        tokens=cache.tokens,
+        tokens=tokens,
         storage_class=cls,
-        bytes_by_tier=bytes_by_tier if bytes_by_tier is not None else default_tiers(cache, cls),
+        bytes_by_tier=tiers,
+        reason=reason,
     )
 
 
