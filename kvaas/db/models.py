@@ -171,7 +171,8 @@ class Cache(Base):
     stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     reserved_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
-    compression: Mapped[str] = mapped_column(String(16))
+    # the codec scheme; the column keeps the API's name for it
+    scheme: Mapped[str] = mapped_column("compression", String(16))
     storage_class: Mapped[str] = mapped_column(String(16))
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", PortableJSON, default=dict)
     hit_count: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -267,7 +268,18 @@ class IdempotencyRecord(Base):
 LIFECYCLE_KINDS = ("started", "resized", "class_changed", "tiers_changed", "ended")
 
 
-class UsageEvent(Base):
+class IdempotentRow:
+    """Columns of every append-only table written idempotently: a row id, the unique
+    ``idempotency_key`` (the same fact recorded twice keeps one row) and the tenant."""
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
+
+
+class UsageEvent(IdempotentRow, Base):
     """Append-only usage ledger: one row per metered quantity (tokens, cache creations).
 
     ``idempotency_key`` is unique: recording the same event twice keeps one row.
@@ -279,11 +291,6 @@ class UsageEvent(Base):
         Index("ix_usage_events_tenant_at", "tenant_id", "occurred_at"),
     )
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
-    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
-    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
     meter: Mapped[str] = mapped_column(String(32))
     quantity: Mapped[int] = mapped_column(BigInteger)
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -292,7 +299,7 @@ class UsageEvent(Base):
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class CacheLifecycleEvent(Base):
+class CacheLifecycleEvent(IdempotentRow, Base):
     """Append-only lifecycle of a cache's storage: started, resized, class or tiers changed,
     ended. Storage meters integrate the state these events describe over time."""
 
@@ -306,11 +313,6 @@ class CacheLifecycleEvent(Base):
         Index("ix_cache_lifecycle_events_cache", "cache_id", "at"),
     )
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
-    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
-    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
     cache_id: Mapped[str] = mapped_column(String(40))
     kind: Mapped[str] = mapped_column(String(16))
     at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -377,17 +379,12 @@ class InvoiceLine(Base):
     usage_ref: Mapped[dict[str, Any]] = mapped_column(PortableJSON, default=dict)
 
 
-class StripeSync(Base):
+class StripeSync(IdempotentRow, Base):
     """What was sent to Stripe: one row per object created there, keyed idempotently."""
 
     __tablename__ = "stripe_sync"
     __table_args__ = (Index("ix_stripe_sync_local", "kind", "local_ref"),)
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
-    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
-    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(32))
     local_ref: Mapped[str] = mapped_column(String(64))
     stripe_id: Mapped[str] = mapped_column(String(64))
