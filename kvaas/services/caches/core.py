@@ -27,8 +27,8 @@ from kvaas.engine import Engine, Sampling
 from kvaas.errors import BadRequest, Conflict, NotFound, ValidationFailed
 from kvaas.metering import hooks as metering
 from kvaas.services import listing, quotas
-from kvaas.services.caches.identity import PrefillJob, bytes_to_tokens, keys_for
-from kvaas.services.caches.records import NOT_FOUND, TAG_NOT_FOUND, Progress
+from kvaas.services.caches.identity import PrefillJob, bytes_to_tokens, engine_salt, keys_for
+from kvaas.services.caches.records import NOT_FOUND, PURGED, TAG_NOT_FOUND, Progress
 from kvaas.services.prompts import PromptPolicy
 from kvaas.store.errors import StoreError
 from kvaas.store.keys import ChunkKey, derive_namespace, namespace_slot
@@ -86,7 +86,7 @@ class CacheCore:
     def salted(self, tenant: Tenant, sampling: Sampling) -> Sampling:
         """``sampling`` with the tenant's salt: the engine's own prefix cache never lets one
         tenant reuse (or time) another tenant's KV."""
-        return dataclasses.replace(sampling, cache_salt=self._slot(tenant))
+        return dataclasses.replace(sampling, cache_salt=engine_salt(self._namespace(tenant)))
 
     def _slot(self, tenant: Tenant) -> str:
         return namespace_slot(self._namespace(tenant))
@@ -261,17 +261,19 @@ class CacheCore:
         if row is not None and row.status == "pending":
             row.status = "failed"
             row.failure_reason = reason
+            row.token_ids = PURGED
         if cache is not None:
             if job.version == 1 and cache.status == "pending":
                 cache.status = "failed"
                 cache.failure_reason = reason
+                cache.token_ids = PURGED
             cache.reserved_tokens = 0
             cache.reserved_bytes = 0
         await session.commit()
 
     async def _release(
         self,
-        tag: str,
+        slot: str,
         cache_id: str,
         versions: Sequence[int] | None = None,
         written: Sequence[ChunkKey] = (),
@@ -283,9 +285,9 @@ class CacheCore:
         # known gap: on a store outage the manifests (and so their chunks) stay referenced
         with contextlib.suppress(StoreError):
             if versions is None:
-                versions = await self.store.list_versions(tag, cache_id)
+                versions = await self.store.list_versions(slot, cache_id)
             for v in versions:
-                await self.store.delete_manifest(tag, cache_id, v)
+                await self.store.delete_manifest(slot, cache_id, v)
             if written:
                 await self.store.refs.requeue_unreferenced(list(written))
 
@@ -298,15 +300,18 @@ class CacheCore:
     async def _retire(
         self, session: AsyncSession, cache: Cache, status: str, now: datetime
     ) -> None:
-        """The database side of deletion and expiry (the caller commits)."""
+        """The database side of deletion and expiry (the caller commits). The prompt's token
+        ids are purged from the cache and its versions; counts and hashes stay for billing and
+        audit."""
         cache.status = status
+        cache.token_ids = PURGED
         cache.reserved_tokens = 0
         cache.reserved_bytes = 0
         cache.updated_at = now
         await session.execute(
             update(CacheVersion)
             .where(CacheVersion.cache_id == cache.id, CacheVersion.status != "deleted")
-            .values(status="deleted", deleted_at=now)
+            .values(status="deleted", deleted_at=now, token_ids=PURGED)
         )
         await session.execute(delete(CacheTag).where(CacheTag.cache_id == cache.id))
         # storage is metered until the deletion, or until ``expires_at`` for an expiry

@@ -209,7 +209,7 @@ class CreateOps(CacheCore):
         eng = self._engine()
         try:
             await self.store.put_manifest(job.manifest())
-            once = Sampling(max_tokens=1, temperature=0.0, cache_salt=job.slot)
+            once = Sampling(max_tokens=1, temperature=0.0, cache_salt=job.salt)
             gen = await eng.generate(job.ids, once, job.plan())
             sizes = await self.store.sizes_many(job.keys)
         except (StoreError, EngineError) as e:

@@ -8,6 +8,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import blake3
 import numpy as np
 
 from kvaas import codec
@@ -32,6 +33,10 @@ class PrefillJob:
     scheme: str
     storage_class: str
     fingerprint: str
+
+    @property
+    def salt(self) -> str:
+        return engine_salt(self.namespace)
 
     @property
     def slot(self) -> str:
@@ -59,6 +64,17 @@ class PrefillJob:
             self.storage_class,
             skip=self.skip,
         )
+
+
+#: Derivation context of the engine's prefix-cache salt: a key of its own, unrelated to the
+#: chunk keys and to the (short, public) slot prefix.
+_SALT_CONTEXT = "kvaas 2026-11 engine prefix-cache salt v1"
+
+
+def engine_salt(namespace: bytes) -> str:
+    """The tenant's ``cache_salt`` for the engine's own prefix cache: 32 bytes (hex) derived
+    from its namespace, so no two tenants share (or can time) the engine's cached KV."""
+    return blake3.blake3(namespace, derive_key_context=_SALT_CONTEXT).hexdigest()
 
 
 def tokens_to_bytes(ids: Sequence[int]) -> bytes:

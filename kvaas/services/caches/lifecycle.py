@@ -23,6 +23,7 @@ from kvaas.metering import hooks as metering
 from kvaas.services import listing
 from kvaas.services.caches.core import CacheCore
 from kvaas.services.caches.records import (
+    PURGED,
     STALE_PENDING,
     STALE_REASON,
     TAG_NOT_FOUND,
@@ -154,6 +155,7 @@ class LifecycleOps(CacheCore):
         now = utcnow()
         row.status = "deleted"
         row.deleted_at = now
+        row.token_ids = PURGED
         if rest:
             latest = rest[-1]
             cache.version = latest.version

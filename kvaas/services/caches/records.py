@@ -24,6 +24,9 @@ SHUTDOWN_REASON = "the gateway shut down before the prefill finished"
 STALE_REASON = "the prefill did not finish (the gateway running it stopped)"
 #: A prefill still pending after this long has lost its gateway; the sweep fails it.
 STALE_PENDING = timedelta(hours=1)
+#: What a retired (deleted, expired or failed) cache or version keeps of its prompt's token ids:
+#: nothing. Its token count and ``prefix_sha256`` stay, for billing and audit.
+PURGED = b""
 
 
 @dataclass
