@@ -11,11 +11,14 @@ The configuration table of ``docs/configuration.md`` is generated from this clas
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 StorageClass = Literal["hot", "standard", "cold"]
@@ -31,6 +34,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
+        hide_input_in_errors=True,  # errors name the setting, never echo a value (keys)
     )
 
     # --- process -----------------------------------------------------------------------
@@ -102,6 +106,33 @@ class Settings(BaseSettings):
     )
     default_compression: Compression = Field(
         "int4", description="Codec scheme of a new cache when the request names none."
+    )
+
+    # --- encryption at rest ---------------------------------------------------------------
+    encryption_key: SecretStr | None = Field(
+        None,
+        description=(
+            "Master key that encrypts every stored KV chunk (AES-256-GCM under per-tenant keys "
+            "derived from it): 32 bytes as 64 hex digits or base64, e.g. `openssl rand -hex 32`. "
+            "Unset: a key is generated once as `<data_dir>/master.key` (mode 0600) and reused; "
+            "set it, the same on every gateway, when several hosts share the store."
+        ),
+    )
+    encryption_key_id: str = Field(
+        "k1",
+        pattern=r"^[A-Za-z0-9._-]{1,16}$",
+        description=(
+            "Id of `encryption_key`, written into every chunk it seals (1-16 letters, digits, "
+            "`.`, `_`, `-`). To rotate, set a new key under a new id and move the old one to "
+            "`encryption_old_keys`."
+        ),
+    )
+    encryption_old_keys: SecretStr | None = Field(
+        None,
+        description=(
+            "Retired master keys whose chunks stay readable, as `id:key,id:key` (keys as for "
+            "`encryption_key`). New chunks are always sealed under `encryption_key`."
+        ),
     )
 
     # --- engine --------------------------------------------------------------------------
@@ -212,6 +243,27 @@ class Settings(BaseSettings):
                 return "postgresql+psycopg://" + v[len(plain) :]
         return v
 
+    @field_validator("encryption_key", "encryption_old_keys")
+    @classmethod
+    def _normalise_encryption_keys(
+        cls, v: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        """Keys as lowercase hex (``id:hex,...`` for the old keys); never echoes a key."""
+        if v is None or not v.get_secret_value().strip():
+            return None
+        if info.field_name == "encryption_key":
+            return SecretStr(_master_key(v.get_secret_value()).hex())
+        pairs = []
+        for item in v.get_secret_value().split(","):
+            kid, sep, key = item.strip().partition(":")
+            if not sep or not re.fullmatch(r"[A-Za-z0-9._-]{1,16}", kid):
+                raise ValueError(
+                    "encryption_old_keys must read `id:key,id:key` (ids of 1-16 letters, "
+                    "digits, `.`, `_`, `-`)"
+                )
+            pairs.append(f"{kid}:{_master_key(key).hex()}")
+        return SecretStr(",".join(pairs))
+
     @model_validator(mode="after")
     def _check_engine(self) -> Settings:
         if self.engine == "remote" and not self.engine_urls:
@@ -228,6 +280,24 @@ class Settings(BaseSettings):
     @property
     def resolved_disk_tier_dir(self) -> Path:
         return self.disk_tier_dir or self.data_dir / "chunks"
+
+
+def _master_key(text: str) -> bytes:
+    """32 key bytes from 64 hex digits or base64 (standard or URL-safe alphabet)."""
+    t = text.strip()
+    raw = b""
+    with contextlib.suppress(ValueError):  # binascii.Error is a ValueError
+        if len(t) == 64:
+            raw = bytes.fromhex(t)
+        else:
+            b64 = t.translate(str.maketrans("-_", "+/"))
+            raw = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
+    if len(raw) != 32:
+        raise ValueError(
+            "an encryption key must be 32 bytes as 64 hex digits or base64 "
+            "(e.g. `openssl rand -hex 32`)"
+        )
+    return raw
 
 
 @lru_cache(maxsize=1)
