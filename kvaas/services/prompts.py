@@ -11,7 +11,10 @@ OpenAI-compatible completions, the cost estimate):
 - it fits the model: a cached prefix holds at most ``max_model_len - 1`` tokens (one is left to
   generate), and a generation's prompt plus ``max_tokens`` at most ``max_model_len``.
 
-Tokenizing and chat templating run in a worker thread, off the event loop.
+Text is measured before it is tokenized: a prompt (or the messages' contents together) longer
+than :data:`MAX_CHARS_PER_TOKEN` characters per token of the model's context cannot fit, and is
+refused at once (``400``) instead of being tokenized. Tokenizing and chat templating run in a
+worker thread, off the event loop, so one tenant's long prompt never stalls another's requests.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from dataclasses import dataclass
 
 from kvaas.engine import Engine
 from kvaas.errors import APIError, BadRequest, ServiceUnavailable
+
+#: The most characters one token of any supported tokenizer spans (long runs of spaces or
+#: symbols are single tokens); text longer than this times ``max_model_len`` cannot fit.
+MAX_CHARS_PER_TOKEN = 32
 
 
 class EngineUnavailable(ServiceUnavailable):
@@ -85,6 +92,16 @@ class PromptPolicy:
             if any(t < 0 or t >= vocab for t in p.token_ids):
                 raise BadRequest(f"token ids must lie in [0, {vocab})", param=ids_param)
             return list(p.token_ids)
+        chars = len(p.prompt) if p.prompt is not None else sum(
+            len(str(v)) for m in p.messages or () for v in m.values()
+        )
+        limit = eng.max_model_len * MAX_CHARS_PER_TOKEN
+        if chars > limit:
+            raise BadRequest(
+                f"the prompt has {chars} characters; this model's context of "
+                f"{eng.max_model_len} tokens holds at most {limit}",
+                param="messages" if p.messages is not None else "prompt",
+            )
         if p.messages is not None:
             gen = continuation if generation_prompt is None else generation_prompt
             return await asyncio.to_thread(
