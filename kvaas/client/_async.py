@@ -10,7 +10,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
-from ._base import DEFAULT_TIMEOUT, ClientBase, answer_json
+from ._base import ClientBase, answer_json
 from ._spec import Call, End, Listing, Stream
 from .endpoints import Endpoints
 from .errors import APIConnectionError, error_from_response
@@ -21,26 +21,15 @@ R = TypeVar("R")
 T = TypeVar("T", bound=APIObject)
 
 
-class AsyncKVaaS(Endpoints, ClientBase):
+class AsyncKVaaS(Endpoints, ClientBase[httpx.AsyncClient]):
     """Asynchronous client: the methods of :class:`~kvaas.client.KVaaS`, awaitable; the
     iterators (:meth:`attach_stream`, :meth:`list_caches`, :meth:`list_tags`) are async
     iterators. Use as an async context manager, or call :meth:`aclose`.
 
     ``http_client``: an ``httpx.AsyncClient`` to send with (it is left open on :meth:`aclose`);
-    ``retry``: ``max_retries``, ``backoff_s``, ``max_backoff_s``, ``max_retry_after_s``."""
+    the other settings are :class:`~kvaas.client._base.ClientBase`'s."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-        http_client: httpx.AsyncClient | None = None,
-        **retry: Any,
-    ) -> None:
-        super().__init__(base_url, api_key, **retry)
-        self._owns_http = http_client is None
-        self._http = http_client or httpx.AsyncClient(timeout=timeout)
+    _http_class = httpx.AsyncClient
 
     async def aclose(self) -> None:
         if self._owns_http:
@@ -58,13 +47,12 @@ class AsyncKVaaS(Endpoints, ClientBase):
         of an error answer, :class:`APIConnectionError` when no answer came."""
         headers = self._headers(call)
         attempt = 0
+        wait: float | None
         while True:
             try:
-                r = await self._http.send(self._request(self._http, call, headers), stream=stream)
+                r = await self._http.send(self._request(call, headers), stream=stream)
             except httpx.TransportError as e:
-                wait = self._retry_wait(attempt, None)
-                if wait is None:
-                    raise APIConnectionError(f"{type(e).__name__}: {e}") from e
+                wait = self._wait_after_failure(attempt, e)
             else:
                 wait = self._retry_wait(attempt, r)
                 if wait is None:

@@ -1,5 +1,5 @@
-"""What the sync and async clients share besides the endpoints: settings, the request a
-:class:`~kvaas.client._spec.Call` becomes, and the retry policy.
+"""What the sync and async clients share besides the endpoints: settings, the HTTP client
+they send with, the request a :class:`~kvaas.client._spec.Call` becomes, and the retry policy.
 
 Retry policy: a request is tried at most ``max_retries + 1`` times. It is tried again after a
 connection failure, a 502, 503 or 504, and a 429 or 409 that carries ``Retry-After``; it waits
@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import random
 import uuid
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 
 from ._spec import Call
+from .errors import APIConnectionError
 
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+H = TypeVar("H", httpx.Client, httpx.AsyncClient)
 
 
 def retryable(r: httpx.Response) -> bool:
@@ -33,15 +36,23 @@ def answer_json(r: httpx.Response) -> Any:
     return None if r.status_code == 204 or not r.content else r.json()
 
 
-class ClientBase:
-    """Settings and request building of both clients; subclasses own the HTTP client and
-    the sending loop."""
+class ClientBase(Generic[H]):
+    """Settings, HTTP client and request building of both clients; subclasses name their
+    HTTP client class (``_http_class``) and own the sending loop.
+
+    ``http_client``: an HTTP client to send with, left open when the client closes (without
+    one the client makes its own with ``timeout``, and closes it); ``max_retries``,
+    ``backoff_s``, ``max_backoff_s``, ``max_retry_after_s``: the retry policy."""
+
+    _http_class: type[H]
 
     def __init__(
         self,
         base_url: str,
         api_key: str,
         *,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        http_client: H | None = None,
         max_retries: int = 2,
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
@@ -53,6 +64,8 @@ class ClientBase:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.max_retry_after_s = max_retry_after_s
+        self._owns_http = http_client is None
+        self._http: H = http_client or self._http_class(timeout=timeout)
 
     def _headers(self, call: Call[Any]) -> dict[str, str]:
         """The headers of every attempt of ``call``; a ``POST`` gets its idempotency key here,
@@ -62,12 +75,10 @@ class ClientBase:
             headers["Idempotency-Key"] = call.idempotency_key or f"kvc-{uuid.uuid4().hex}"
         return headers
 
-    def _request(
-        self, http: httpx.Client | httpx.AsyncClient, call: Call[Any], headers: dict[str, str]
-    ) -> httpx.Request:
+    def _request(self, call: Call[Any], headers: dict[str, str]) -> httpx.Request:
         """One attempt of ``call``; query parameters that are ``None`` are left out."""
         params = {k: v for k, v in (call.params or {}).items() if v is not None}
-        return http.build_request(
+        return self._http.build_request(
             call.method,
             self.base_url + call.path,
             json=call.json,
@@ -95,3 +106,11 @@ class ClientBase:
         if attempt >= self.max_retries or (response is not None and not retryable(response)):
             return None
         return self._delay(attempt, response)
+
+    def _wait_after_failure(self, attempt: int, error: httpx.TransportError) -> float:
+        """After try ``attempt`` (0-based) got no answer (``error``), the seconds to wait before
+        trying again; raises :class:`APIConnectionError` when no retry is left."""
+        wait = self._retry_wait(attempt, None)
+        if wait is None:
+            raise APIConnectionError(f"{type(error).__name__}: {error}") from error
+        return wait

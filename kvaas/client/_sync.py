@@ -10,7 +10,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
-from ._base import DEFAULT_TIMEOUT, ClientBase, answer_json
+from ._base import ClientBase, answer_json
 from ._spec import Call, End, Listing, Stream
 from .endpoints import Endpoints
 from .errors import APIConnectionError, error_from_response
@@ -21,24 +21,13 @@ R = TypeVar("R")
 T = TypeVar("T", bound=APIObject)
 
 
-class KVaaS(Endpoints, ClientBase):
+class KVaaS(Endpoints, ClientBase[httpx.Client]):
     """Synchronous client. Use as a context manager, or call :meth:`close`.
 
-    ``http_client``: an ``httpx.Client`` to send with (it is left open on :meth:`close`);
-    ``retry``: ``max_retries``, ``backoff_s``, ``max_backoff_s``, ``max_retry_after_s``."""
+    ``http_client``: an ``httpx.Client`` to send with (it is left open on :meth:`close`); the
+    other settings are :class:`~kvaas.client._base.ClientBase`'s."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-        http_client: httpx.Client | None = None,
-        **retry: Any,
-    ) -> None:
-        super().__init__(base_url, api_key, **retry)
-        self._owns_http = http_client is None
-        self._http = http_client or httpx.Client(timeout=timeout)
+    _http_class = httpx.Client
 
     def close(self) -> None:
         if self._owns_http:
@@ -56,13 +45,12 @@ class KVaaS(Endpoints, ClientBase):
         of an error answer, :class:`APIConnectionError` when no answer came."""
         headers = self._headers(call)
         attempt = 0
+        wait: float | None
         while True:
             try:
-                r = self._http.send(self._request(self._http, call, headers), stream=stream)
+                r = self._http.send(self._request(call, headers), stream=stream)
             except httpx.TransportError as e:
-                wait = self._retry_wait(attempt, None)
-                if wait is None:
-                    raise APIConnectionError(f"{type(e).__name__}: {e}") from e
+                wait = self._wait_after_failure(attempt, e)
             else:
                 wait = self._retry_wait(attempt, r)
                 if wait is None:

@@ -124,24 +124,13 @@ class Endpoints:
     ) -> Stream[AttachChunk]:
         """Like :meth:`attach`, streaming: yields chunks as tokens are generated; the last one
         carries ``usage`` and ``cache``."""
-        fields = body(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            require_hit=require_hit,
-            tag=tag,
-            version=version,
-            extra=extra,
-        )
-        request = {**body(cache_id=cache_id), **_prompt(prompt, messages, token_ids), **fields}
+        request = Endpoints.attach.build(**locals())  # attach's request, every argument as given
         call = Call(
             "POST",
-            "/v1/cache/attach",
+            request.path,
             AttachChunk.model_validate,
-            json={**request, "stream": True},
-            idempotency_key=idempotency_key,
+            json={**request.json, "stream": True},
+            idempotency_key=request.idempotency_key,
         )
         return Stream(call)
 

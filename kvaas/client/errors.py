@@ -2,7 +2,9 @@
 
 An error answer ``{"error": {type, message, param, request_id, ...}}`` raises the
 :class:`KVaaSError` subclass of its ``type`` (else of its HTTP status, else :class:`KVaaSError`
-itself); a request that got no answer raises :class:`APIConnectionError`.
+itself); a request that got no answer raises :class:`APIConnectionError`. A subclass that
+declares a ``type`` is the class of that error type; one that declares a ``status_code`` is the
+class of that status.
 """
 
 from __future__ import annotations
@@ -11,12 +13,23 @@ from typing import Any
 
 import httpx
 
+_BY_TYPE: dict[str, type[KVaaSError]] = {}
+_BY_STATUS: dict[int, type[KVaaSError]] = {}
+
 
 class KVaaSError(Exception):
     """An error answer of the API (or, for :class:`APIConnectionError`, no answer at all)."""
 
     status_code: int | None = None
     type: str | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register ``cls`` for the error type and the status it declares itself."""
+        super().__init_subclass__(**kwargs)
+        if "type" in vars(cls) and cls.type is not None:
+            _BY_TYPE[cls.type] = cls
+        if "status_code" in vars(cls) and cls.status_code is not None:
+            _BY_STATUS[cls.status_code] = cls
 
     def __init__(
         self,
@@ -107,41 +120,6 @@ class ServiceUnavailableError(KVaaSError):
 
 class EngineUnavailableError(ServiceUnavailableError):
     type = "engine_unavailable"
-
-
-_BY_TYPE: dict[str, type[KVaaSError]] = {
-    c.type: c
-    for c in (
-        BadRequestError,
-        AuthenticationError,
-        PermissionDeniedError,
-        NotFoundError,
-        ConflictError,
-        CacheMissError,
-        IdempotencyConflictError,
-        QuotaExceededError,
-        PayloadTooLargeError,
-        ValidationError,
-        RateLimitError,
-        CacheLimitExceededError,
-        InternalServerError,
-        ServiceUnavailableError,
-        EngineUnavailableError,
-    )
-}
-_BY_STATUS: dict[int, type[KVaaSError]] = {
-    400: BadRequestError,
-    401: AuthenticationError,
-    403: PermissionDeniedError,
-    404: NotFoundError,
-    402: QuotaExceededError,
-    409: ConflictError,
-    413: PayloadTooLargeError,
-    422: ValidationError,
-    429: RateLimitError,
-    500: InternalServerError,
-    503: ServiceUnavailableError,
-}
 
 
 def error_from_body(
