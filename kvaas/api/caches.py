@@ -31,6 +31,7 @@ from kvaas.services.caches import (
     EngineUnavailable,
     Progress,
 )
+from kvaas.services.inference import CacheRef
 from kvaas.services.quotas import CacheLimitExceeded, QuotaExceeded
 
 router = APIRouter(prefix="/v1", tags=["caches"])
@@ -115,30 +116,16 @@ async def attach_cache(
     body: AttachRequest, auth: Auth, session: SessionDep, service: CacheServiceDep
 ) -> AttachResponse:
     rid = f"att_{uuid.uuid4().hex[:24]}"
+    ref = CacheRef(body.cache_id, body.tag, body.version, body.require_hit)
+    prompt, sampling = body.to_prompt(), body.sampling()
     if body.stream:
-        outcome, deltas = await service.attach_stream(
-            session,
-            auth.tenant,
-            body.cache_id,
-            body.to_prompt(),
-            body.sampling(),
-            require_hit=body.require_hit,
-            tag=body.tag,
-            version=body.version,
+        outcome, deltas = await ref.attach(
+            service.attach_stream, session, auth.tenant, prompt, sampling
         )
         return StreamingResponse(  # type: ignore[return-value]
             _sse(rid, outcome, deltas), media_type="text/event-stream"
         )
-    o = await service.attach(
-        session,
-        auth.tenant,
-        body.cache_id,
-        body.to_prompt(),
-        body.sampling(),
-        require_hit=body.require_hit,
-        tag=body.tag,
-        version=body.version,
-    )
+    o = await ref.attach(service.attach, session, auth.tenant, prompt, sampling)
     g = o.generation
     return AttachResponse(
         id=rid,

@@ -21,12 +21,15 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, TypeVar
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Depends, Header
 from fastapi.responses import StreamingResponse
+from fastapi.types import DecoratedCallable
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from kvaas.api.deps import Auth, CacheServiceDep, SessionDep
+from kvaas.api.deps import Auth, AuthContext, CacheServiceDep, SessionDep
 from kvaas.api.errors import error_responses
 from kvaas.api.schemas.openai import (
     AssistantMessage,
@@ -43,10 +46,10 @@ from kvaas.api.schemas.openai import (
     ModelList,
     PromptTokensDetails,
 )
-from kvaas.engine import Generation
+from kvaas.engine import Generation, Sampling
 from kvaas.errors import AuthenticationError, BadRequest, NotFound, PermissionDenied
-from kvaas.services.caches import CacheMiss, EngineUnavailable, Prompt
-from kvaas.services.inference import CacheRef, Run, generate, generate_stream
+from kvaas.services.caches import CacheMiss, CacheService, EngineUnavailable, Prompt
+from kvaas.services.inference import CacheRef, Inference, Run, generate, generate_stream
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -96,34 +99,132 @@ def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
+def _finish(reason: str | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
+AnswerT = TypeVar("AnswerT", ChatCompletion, Completion)
+
+
+@dataclass(frozen=True)
+class _Kind(Generic[RequestT, AnswerT]):
+    """What tells the chat and the text completion apart; :func:`_complete` does the rest."""
+
+    id_prefix: str  # of the completion's id
+    chunk_object: str  # ``object`` of a streamed chunk
+    prompt: Callable[[RequestT], Prompt]
+    sampling: Callable[[RequestT], Sampling]
+    answer: type[AnswerT]
+    choice: Callable[[Generation], Any]  # the answer's one choice
+    delta: Callable[[str], dict[str, Any]]  # a streamed choice's content for some text
+    opening: dict[str, Any] | None = None  # the content of a first choice streamed before any
+
+
+_CHAT: _Kind[ChatCompletionRequest, ChatCompletion] = _Kind(
+    id_prefix="chatcmpl",
+    chunk_object="chat.completion.chunk",
+    prompt=lambda body: Prompt(messages=[m.as_dict() for m in body.messages]),
+    sampling=ChatCompletionRequest.chat_sampling,
+    answer=ChatCompletion,
+    choice=lambda g: ChatChoice(
+        message=AssistantMessage(content=g.text), finish_reason=_finish(g.finish_reason)
+    ),
+    delta=lambda text: {"delta": {"content": text} if text else {}},
+    opening={"delta": {"role": "assistant", "content": ""}},
+)
+_TEXT: _Kind[CompletionRequest, Completion] = _Kind(
+    id_prefix="cmpl",
+    chunk_object="text_completion",
+    prompt=lambda body: (
+        Prompt(prompt=body.prompt)
+        if isinstance(body.prompt, str)
+        else Prompt(token_ids=body.prompt)
+    ),
+    sampling=CompletionRequest.sampling,
+    answer=Completion,
+    choice=lambda g: CompletionChoice(text=g.text, finish_reason=_finish(g.finish_reason)),
+    delta=lambda text: {"text": text},
+)
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """Who asks (the API key's tenant), on what (session, cache service), and the
+    ``X-KVaaS-Cache`` header."""
+
+    auth: AuthContext
+    session: AsyncSession
+    service: CacheService
+    cache_header: str | None
+
+
+async def _caller(
+    auth: Auth, session: SessionDep, service: CacheServiceDep, x_kvaas_cache: CacheHeader = None
+) -> _Caller:
+    return _Caller(auth, session, service, x_kvaas_cache)
+
+
+Caller = Annotated[_Caller, Depends(_caller)]
+
+
+async def _complete(kind: _Kind[RequestT, AnswerT], body: RequestT, caller: _Caller) -> AnswerT:
+    """The completion ``body`` asks for: its answer, or with ``stream`` its server-sent
+    events."""
+    service = caller.service
+    engine = service.prompts.engine
+    service.prompts.check_model(body.model, NotFound)
+    sampling = kind.sampling(body)
+    prompt = kind.prompt(body)
+    ref = _cache_ref(body, caller.cache_header)
+    inf = Inference(service, caller.session, caller.auth.tenant, ref, prompt, sampling)
+    rid, created = f"{kind.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+    model = engine.model.name
+    if body.stream:
+        run, deltas = await generate_stream(inf)
+        head = {"id": rid, "object": kind.chunk_object, "created": created, "model": model}
+        return StreamingResponse(  # type: ignore[return-value]
+            _event_stream(kind, head, run, deltas, body.include_usage),
+            media_type="text/event-stream",
+        )
+    run = await generate(inf)
+    return kind.answer(
+        id=rid,
+        created=created,
+        model=model,
+        choices=[kind.choice(run.generation)],
+        usage=_usage(run),
+        cache=_cache_info(run),
+    )
+
+
 async def _event_stream(
+    kind: _Kind[Any, Any],
+    head: dict[str, Any],
     run: Run,
     deltas: AsyncIterator[Generation],
     include_usage: bool,
-    head: Callable[[], dict[str, Any]],
-    choice: Callable[[Generation | None], dict[str, Any]],
 ) -> AsyncIterator[bytes]:
-    """OpenAI chunks: one per delta (the first ``choice(None)`` opens a chat message), the
-    usage chunk on request, then ``[DONE]``. An engine failure mid-stream is reported in-band."""
-    first = choice(None)
-    if first:
-        yield _sse({**head(), "choices": [first]})
+    """OpenAI chunks: the opening one when ``kind`` has one, one per delta, the usage chunk on
+    request, then ``[DONE]``. An engine failure mid-stream is reported in-band."""
+
+    def choice(content: dict[str, Any], reason: str | None) -> dict[str, Any]:
+        return {"index": 0, **content, "logprobs": None, "finish_reason": _finish(reason)}
+
+    if kind.opening is not None:
+        yield _sse({**head, "choices": [choice(kind.opening, None)]})
     try:
         async for d in deltas:
-            chunk = {**head(), "choices": [choice(d)]}
+            chunk = {**head, "choices": [choice(kind.delta(d.text), d.finish_reason)]}
             if d.finish_reason is not None and run.outcome is not None:
                 info = _cache_info(run)
                 chunk["cache"] = info.model_dump() if info else None
             yield _sse(chunk)
         if include_usage:
-            yield _sse({**head(), "choices": [], "usage": _usage(run).model_dump()})
+            yield _sse({**head, "choices": [], "usage": _usage(run).model_dump()})
     except Exception as e:  # the status line is gone: report in-band
         yield _sse({"error": {"type": "internal_error", "message": f"generation failed: {e}"}})
     yield b"data: [DONE]\n\n"
-
-
-def _finish(reason: str | None) -> str | None:
-    return None if reason is None else ("length" if reason == "length" else "stop")
 
 
 COMPLETION_ERRORS = error_responses(
@@ -138,119 +239,23 @@ STREAM_200: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post(
-    "/chat/completions",
-    summary="Chat completion (OpenAI-compatible), optionally on a stored cache",
-    responses={**COMPLETION_ERRORS, **STREAM_200},
+def _completion_route(path: str, summary: str) -> Callable[[DecoratedCallable], DecoratedCallable]:
+    """``POST path``, a completion route (its errors, and its answer streamed or not)."""
+    return router.post(path, summary=summary, responses={**COMPLETION_ERRORS, **STREAM_200})
+
+
+@_completion_route(
+    "/chat/completions", "Chat completion (OpenAI-compatible), optionally on a stored cache"
 )
-async def create_chat_completion(
-    body: ChatCompletionRequest,
-    auth: Auth,
-    session: SessionDep,
-    service: CacheServiceDep,
-    x_kvaas_cache: CacheHeader = None,
-) -> ChatCompletion:
-    engine = service.prompts.engine
-    service.prompts.check_model(body.model, NotFound)
-    sampling = body.chat_sampling()
-    prompt = Prompt(messages=[m.as_dict() for m in body.messages])
-    ref = _cache_ref(body, x_kvaas_cache)
-    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.model.name
-    if body.stream:
-        run, deltas = await generate_stream(service, session, auth.tenant, ref, prompt, sampling)
-
-        def head() -> dict[str, Any]:
-            return {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-            }
-
-        def choice(d: Generation | None) -> dict[str, Any]:
-            if d is None:
-                delta = {"role": "assistant", "content": ""}
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-            delta = {"content": d.text} if d.text else {}
-            return {
-                "index": 0,
-                "delta": delta,
-                "logprobs": None,
-                "finish_reason": _finish(d.finish_reason),
-            }
-
-        return StreamingResponse(  # type: ignore[return-value]
-            _event_stream(run, deltas, body.include_usage, head, choice),
-            media_type="text/event-stream",
-        )
-    run = await generate(service, session, auth.tenant, ref, prompt, sampling)
-    g = run.generation
-    return ChatCompletion(
-        id=rid,
-        created=created,
-        model=model,
-        choices=[
-            ChatChoice(
-                message=AssistantMessage(content=g.text), finish_reason=_finish(g.finish_reason)
-            )
-        ],
-        usage=_usage(run),
-        cache=_cache_info(run),
-    )
+async def create_chat_completion(body: ChatCompletionRequest, caller: Caller) -> ChatCompletion:
+    return await _complete(_CHAT, body, caller)
 
 
-@router.post(
-    "/completions",
-    summary="Text completion (OpenAI-compatible), optionally on a stored cache",
-    responses={**COMPLETION_ERRORS, **STREAM_200},
+@_completion_route(
+    "/completions", "Text completion (OpenAI-compatible), optionally on a stored cache"
 )
-async def create_completion(
-    body: CompletionRequest,
-    auth: Auth,
-    session: SessionDep,
-    service: CacheServiceDep,
-    x_kvaas_cache: CacheHeader = None,
-) -> Completion:
-    engine = service.prompts.engine
-    service.prompts.check_model(body.model, NotFound)
-    sampling = body.sampling()
-    prompt = (
-        Prompt(prompt=body.prompt)
-        if isinstance(body.prompt, str)
-        else Prompt(token_ids=body.prompt)
-    )
-    ref = _cache_ref(body, x_kvaas_cache)
-    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), engine.model.name
-    if body.stream:
-        run, deltas = await generate_stream(service, session, auth.tenant, ref, prompt, sampling)
-
-        def head() -> dict[str, Any]:
-            return {"id": rid, "object": "text_completion", "created": created, "model": model}
-
-        def choice(d: Generation | None) -> dict[str, Any]:
-            if d is None:
-                return {}
-            return {
-                "index": 0,
-                "text": d.text,
-                "logprobs": None,
-                "finish_reason": _finish(d.finish_reason),
-            }
-
-        return StreamingResponse(  # type: ignore[return-value]
-            _event_stream(run, deltas, body.include_usage, head, choice),
-            media_type="text/event-stream",
-        )
-    run = await generate(service, session, auth.tenant, ref, prompt, sampling)
-    g = run.generation
-    return Completion(
-        id=rid,
-        created=created,
-        model=model,
-        choices=[CompletionChoice(text=g.text, finish_reason=_finish(g.finish_reason))],
-        usage=_usage(run),
-        cache=_cache_info(run),
-    )
+async def create_completion(body: CompletionRequest, caller: Caller) -> Completion:
+    return await _complete(_TEXT, body, caller)
 
 
 @router.get(

@@ -7,14 +7,15 @@ prompt policy (``service.prompts``: an engine must run, the prompt is one non-em
 prompt + ``max_tokens`` fit the model), with the tenant's salt so no tenant reuses another's
 engine-side prefix cache. An engine failure before the first token is ``503``.
 
-A :class:`Run` carries the generation and its counts; a streamed run's generation fills up
-as its deltas are consumed.
+An :class:`Inference` is one such request; a :class:`Run` carries its generation and counts (a
+streamed run's generation fills up as its deltas are consumed).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -22,6 +23,8 @@ from kvaas.db.models import Tenant
 from kvaas.engine import EngineError, Generation, Sampling
 from kvaas.errors import ServiceUnavailable
 from kvaas.services.caches import AttachOutcome, CacheService, Prompt
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,27 @@ class CacheRef:
     @property
     def attached(self) -> bool:
         return self.cache_id is not None or self.tag is not None
+
+    async def attach(
+        self,
+        method: Callable[..., Awaitable[R]],
+        session: AsyncSession,
+        tenant: Tenant,
+        prompt: Prompt,
+        sampling: Sampling,
+    ) -> R:
+        """``method`` (:meth:`CacheService.attach` or :meth:`CacheService.attach_stream`) run
+        on this cache for ``prompt``."""
+        return await method(
+            session,
+            tenant,
+            self.cache_id,
+            prompt,
+            sampling,
+            require_hit=self.require_hit,
+            tag=self.tag,
+            version=self.version,
+        )
 
 
 @dataclass
@@ -62,73 +86,59 @@ class Run:
         return len(self.generation.token_ids)
 
 
-async def _plain_ids(service: CacheService, prompt: Prompt, sampling: Sampling) -> list[int]:
-    """Token ids of a request without a cache, checked against the model's limits."""
-    policy = service.prompts
-    ids = await policy.tokenize(
-        prompt, continuation=False, generation_prompt=True, ids_param="prompt"
-    )
-    policy.require_tokens(ids, param="prompt")
-    policy.check_generation(len(ids), sampling.max_tokens, f"prompt ({len(ids)})")
-    return ids
+@dataclass(frozen=True)
+class Inference:
+    """One request to run: the tenant's, on its session and the cache service, with the cache
+    it attaches (:class:`CacheRef`), its prompt and its sampling."""
+
+    service: CacheService
+    session: AsyncSession
+    tenant: Tenant
+    ref: CacheRef
+    prompt: Prompt
+    sampling: Sampling
+
+    async def plain_ids(self) -> list[int]:
+        """Token ids of the prompt run without a cache, checked against the model's limits."""
+        policy = self.service.prompts
+        ids = await policy.tokenize(
+            self.prompt, continuation=False, generation_prompt=True, ids_param="prompt"
+        )
+        policy.require_tokens(ids, param="prompt")
+        policy.check_generation(len(ids), self.sampling.max_tokens, f"prompt ({len(ids)})")
+        return ids
 
 
-async def generate(
-    service: CacheService,
-    session: AsyncSession,
-    tenant: Tenant,
-    ref: CacheRef,
-    prompt: Prompt,
-    sampling: Sampling,
-) -> Run:
+async def generate(inf: Inference) -> Run:
     """Run the request to its end."""
-    if ref.attached:
-        outcome = await service.attach(
-            session,
-            tenant,
-            ref.cache_id,
-            prompt,
-            sampling,
-            require_hit=ref.require_hit,
-            tag=ref.tag,
-            version=ref.version,
+    service, tenant = inf.service, inf.tenant
+    if inf.ref.attached:
+        outcome = await inf.ref.attach(
+            service.attach, inf.session, tenant, inf.prompt, inf.sampling
         )
         return Run(outcome, outcome.generation)
     engine = service.prompts.engine
-    ids = await _plain_ids(service, prompt, sampling)
+    ids = await inf.plain_ids()
     try:
-        gen = await engine.generate(ids, service.salted(tenant, sampling))
+        gen = await engine.generate(ids, service.salted(tenant, inf.sampling))
     except EngineError as e:
         raise ServiceUnavailable(f"the engine failed: {e}") from e
     return Run(None, gen, len(ids))
 
 
-async def generate_stream(
-    service: CacheService,
-    session: AsyncSession,
-    tenant: Tenant,
-    ref: CacheRef,
-    prompt: Prompt,
-    sampling: Sampling,
-) -> tuple[Run, AsyncIterator[Generation]]:
+async def generate_stream(inf: Inference) -> tuple[Run, AsyncIterator[Generation]]:
     """Start the request: its run, and its deltas as the engine produces them (the run's
     generation absorbs each delta when no cache is attached; the cache service keeps an
     attached run's outcome current itself)."""
-    if ref.attached:
-        outcome, stream = await service.attach_stream(
-            session,
-            tenant,
-            ref.cache_id,
-            prompt,
-            sampling,
-            require_hit=ref.require_hit,
-            tag=ref.tag,
-            version=ref.version,
+    service, tenant = inf.service, inf.tenant
+    if inf.ref.attached:
+        outcome, stream = await inf.ref.attach(
+            service.attach_stream, inf.session, tenant, inf.prompt, inf.sampling
         )
         return Run(outcome, outcome.generation), stream
     engine = service.prompts.engine
-    ids = await _plain_ids(service, prompt, sampling)
-    salted = service.salted(tenant, sampling)
+    ids = await inf.plain_ids()
+    salted = service.salted(tenant, inf.sampling)
     run = Run(None, Generation(), len(ids))
 
     async def deltas() -> AsyncIterator[Generation]:

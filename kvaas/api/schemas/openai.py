@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -77,13 +77,14 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
 
-    def sampling(self, default_max_tokens: int = 16) -> Sampling:
-        """The engine's sampling parameters; 400 for more than 4 stop strings."""
+    def sampling(self, max_tokens: int | None = None) -> Sampling:
+        """The engine's sampling parameters, ``max_tokens`` (else 16) standing in for an absent
+        ``max_tokens`` field; 400 for more than 4 stop strings."""
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise BadRequest("at most 4 stop strings", param="stop")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return Sampling(
-            max_tokens=self.max_tokens or default_max_tokens,
+            max_tokens=self.max_tokens or max_tokens or 16,
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,
@@ -120,16 +121,7 @@ class ChatCompletionRequest(SamplingFields, CacheFields):
             raise BadRequest(
                 "logprobs are not supported here; use /v1/cache/attach", param="logprobs"
             )
-        s = self.sampling()
-        if self.max_tokens is None and self.max_completion_tokens is not None:
-            s = Sampling(
-                max_tokens=self.max_completion_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                seed=s.seed,
-                stop=s.stop,
-            )
-        return s
+        return self.sampling(self.max_completion_tokens)
 
 
 class CompletionRequest(SamplingFields, CacheFields):
@@ -185,15 +177,23 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
+class _CompletionAnswer(BaseModel):
+    """The fields of a chat and a text completion; each names its ``object`` and its
+    ``choices`` (their order stays this one)."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
-    choices: list[ChatChoice]
+    choices: list[Any]
     usage: CompletionUsage
     cache: CacheInfo | None = Field(None, description="The attached cache, when one was.")
     system_fingerprint: str | None = None
+
+
+class ChatCompletion(_CompletionAnswer):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
 
 
 class CompletionChoice(BaseModel):
@@ -203,15 +203,9 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_CompletionAnswer):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: CompletionUsage
-    cache: CacheInfo | None = Field(None, description="The attached cache, when one was.")
-    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):
