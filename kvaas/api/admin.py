@@ -88,26 +88,26 @@ async def admin_get_tenant(tenant: TenantRef, session: SessionDep, actor: AdminA
     return _tenant_out(await tenancy.find_tenant(session, tenant))
 
 
-@router.post(
-    "/tenants/{tenant}/disable",
-    summary="Disable a tenant (its keys get 403 until enabled again)",
-    responses=error_responses(*_AUTH_ERRORS, NotFound),
-)
-async def admin_disable_tenant(
-    tenant: TenantRef, session: SessionDep, actor: AdminActor
-) -> TenantOut:
-    return _tenant_out(await tenancy.set_tenant_status(session, actor, tenant, "disabled"))
+def _tenant_status_route(action: str, status_: str, summary: str) -> None:
+    """``POST /tenants/{tenant}/<action>``: set the tenant's status to ``status_``."""
+
+    async def set_tenant_status(
+        tenant: TenantRef, session: SessionDep, actor: AdminActor
+    ) -> TenantOut:
+        return _tenant_out(await tenancy.set_tenant_status(session, actor, tenant, status_))
+
+    router.post(
+        f"/tenants/{{tenant}}/{action}",
+        name=f"admin_{action}_tenant",
+        summary=summary,
+        responses=error_responses(*_AUTH_ERRORS, NotFound),
+    )(set_tenant_status)
 
 
-@router.post(
-    "/tenants/{tenant}/enable",
-    summary="Enable a disabled tenant",
-    responses=error_responses(*_AUTH_ERRORS, NotFound),
+_tenant_status_route(
+    "disable", "disabled", "Disable a tenant (its keys get 403 until enabled again)"
 )
-async def admin_enable_tenant(
-    tenant: TenantRef, session: SessionDep, actor: AdminActor
-) -> TenantOut:
-    return _tenant_out(await tenancy.set_tenant_status(session, actor, tenant, "active"))
+_tenant_status_route("enable", "active", "Enable a disabled tenant")
 
 
 @router.post(

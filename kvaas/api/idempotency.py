@@ -36,6 +36,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import delete, exc, or_, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvaas.api.asgi import error_response_messages, header
@@ -179,12 +180,8 @@ class IdempotencyMiddleware:
             "expires_at": now + self.ttl,
         }
         async with db.session() as session:
-            session.add(IdempotencyRecord(tenant_id=tenant_id, key=key, **values))
-            try:
-                await session.commit()
+            if await _insert(session, tenant_id, key, values):
                 return True, None
-            except exc.IntegrityError:
-                await session.rollback()
             # Taken: reclaim it if it expired or its holder died, atomically.
             taken_over = await session.execute(
                 update(IdempotencyRecord)
@@ -204,13 +201,9 @@ class IdempotencyMiddleware:
                 return True, None
             record = await session.get(IdempotencyRecord, (tenant_id, key))
             if record is None:  # released between our insert and our look: try once more
-                session.add(IdempotencyRecord(tenant_id=tenant_id, key=key, **values))
-                try:
-                    await session.commit()
+                if await _insert(session, tenant_id, key, values):
                     return True, None
-                except exc.IntegrityError:
-                    await session.rollback()
-                    record = await session.get(IdempotencyRecord, (tenant_id, key))
+                record = await session.get(IdempotencyRecord, (tenant_id, key))
             if record is None:
                 raise IdempotencyConflict(
                     "the Idempotency-Key is being used concurrently; retry",
@@ -358,6 +351,18 @@ class IdempotencyMiddleware:
                 await session.commit()
         except Exception as e:  # sweeping is housekeeping only
             log.warning("idempotency sweep failed: %s", e)
+
+
+async def _insert(session: AsyncSession, tenant_id: str, key: str, values: dict[str, Any]) -> bool:
+    """Add the key's record with ``values``: ``False`` (rolled back) when a record holds the
+    key already."""
+    session.add(IdempotencyRecord(tenant_id=tenant_id, key=key, **values))
+    try:
+        await session.commit()
+    except exc.IntegrityError:
+        await session.rollback()
+        return False
+    return True
 
 
 def _storable(status: int) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
 from fastapi.responses import Response
 
@@ -25,51 +27,42 @@ async def list_invoices(auth: Auth, session: SessionDep) -> InvoiceList:
     )
 
 
-@router.get(
-    "/invoices/{invoice_id}.pdf",
-    summary="Download an invoice as PDF",
-    response_class=Response,
-    responses={
-        200: {"content": {"application/pdf": {}}, "description": "The invoice as PDF."},
-        **error_responses(AuthenticationError, PermissionDenied, NotFound),
-    },
-)
-async def get_invoice_pdf(
-    invoice_id: str,
-    auth: Auth,
-    session: SessionDep,
-    settings: SettingsDep,
-    pricebook: PriceBookDep,
-) -> Response:
-    inv = await tenant_invoice(session, auth.tenant.id, invoice_id)
-    return Response(
-        await invoice_file(session, inv, "pdf", pricebook, settings.data_dir),
-        media_type="application/pdf",
-        headers={"Content-Disposition": f'inline; filename="{inv.id}.pdf"'},
-    )
+def _invoice_file_route(
+    kind: Literal["pdf", "html"], media_type: str, summary: str, *, named: bool
+) -> None:
+    """``GET /invoices/{invoice_id}.<kind>``: the invoice rendered as ``kind``, answered as
+    ``media_type``; ``named``: with a ``Content-Disposition`` that names the file."""
+
+    async def get_invoice_file(
+        invoice_id: str,
+        auth: Auth,
+        session: SessionDep,
+        settings: SettingsDep,
+        pricebook: PriceBookDep,
+    ) -> Response:
+        inv = await tenant_invoice(session, auth.tenant.id, invoice_id)
+        disposition = f'inline; filename="{inv.id}.{kind}"'
+        return Response(
+            await invoice_file(session, inv, kind, pricebook, settings.data_dir),
+            media_type=media_type,
+            headers={"Content-Disposition": disposition} if named else None,
+        )
+
+    content_type = media_type.split(";")[0]
+    router.get(
+        f"/invoices/{{invoice_id}}.{kind}",
+        name=f"get_invoice_{kind}",
+        summary=summary,
+        response_class=Response,
+        responses={
+            200: {"content": {content_type: {}}, "description": f"The invoice as {kind.upper()}."},
+            **error_responses(AuthenticationError, PermissionDenied, NotFound),
+        },
+    )(get_invoice_file)
 
 
-@router.get(
-    "/invoices/{invoice_id}.html",
-    summary="View an invoice as HTML",
-    response_class=Response,
-    responses={
-        200: {"content": {"text/html": {}}, "description": "The invoice as HTML."},
-        **error_responses(AuthenticationError, PermissionDenied, NotFound),
-    },
-)
-async def get_invoice_html(
-    invoice_id: str,
-    auth: Auth,
-    session: SessionDep,
-    settings: SettingsDep,
-    pricebook: PriceBookDep,
-) -> Response:
-    inv = await tenant_invoice(session, auth.tenant.id, invoice_id)
-    return Response(
-        await invoice_file(session, inv, "html", pricebook, settings.data_dir),
-        media_type="text/html; charset=utf-8",
-    )
+_invoice_file_route("pdf", "application/pdf", "Download an invoice as PDF", named=True)
+_invoice_file_route("html", "text/html; charset=utf-8", "View an invoice as HTML", named=False)
 
 
 @router.get(

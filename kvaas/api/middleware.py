@@ -44,19 +44,18 @@ class RequestContextMiddleware:
         status_holder: dict[str, Any] = {"status": 500, "started": False, "too_large": False}
         limit = self.max_body_bytes
 
+        async def send_too_large() -> None:
+            """Answer 413, unless an answer has started."""
+            if not status_holder["started"]:
+                status_holder["started"] = True
+                await _send_too_large(send_wrapper_raw, limit, request_id)
+
         async def send_wrapper(message: Message) -> None:
             if status_holder["too_large"]:
                 # The app caught our error while reading the body and answered something else
                 # (FastAPI turns body-read failures into 400): answer 413 instead, once.
-                if message["type"] == "http.response.start" and not status_holder["started"]:
-                    status_holder["started"] = True
-                    await _send_error(
-                        send_wrapper_raw,
-                        413,
-                        "payload_too_large",
-                        _too_large_message(limit),
-                        request_id,
-                    )
+                if message["type"] == "http.response.start":
+                    await send_too_large()
                 return
             await send_wrapper_raw(message)
 
@@ -88,15 +87,7 @@ class RequestContextMiddleware:
 
             await self.app(scope, receive_wrapper, send_wrapper)
         except _BodyTooLarge:
-            if not status_holder["started"]:
-                status_holder["started"] = True
-                await _send_error(
-                    send_wrapper_raw,
-                    413,
-                    "payload_too_large",
-                    _too_large_message(limit),
-                    request_id,
-                )
+            await send_too_large()
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
@@ -105,18 +96,16 @@ class RequestContextMiddleware:
             HTTP_LATENCY.labels(scope["method"], path).observe(time.perf_counter() - started)
 
 
-def _too_large_message(limit: int) -> str:
-    return f"request body exceeds the limit of {limit} bytes (KVAAS_MAX_REQUEST_BYTES)"
-
-
-async def _send_error(send: Send, status: int, type_: str, message: str, request_id: str) -> None:
+async def _send_too_large(send: Send, limit: int, request_id: str) -> None:
+    """The ``413 payload_too_large`` error answer, in the API's error body."""
+    message = f"request body exceeds the limit of {limit} bytes (KVAAS_MAX_REQUEST_BYTES)"
     body = json.dumps(
-        {"error": {"type": type_, "message": message, "request_id": request_id}}
+        {"error": {"type": "payload_too_large", "message": message, "request_id": request_id}}
     ).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": status,
+            "status": 413,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
