@@ -32,7 +32,7 @@ ChatMessage.model_rebuild()  # resolve its annotations here, not in the module n
 
 
 class PromptFields(BaseModel):
-    """Exactly one of ``prompt``, ``messages``, ``token_ids``."""
+    """The three forms of a prompt: ``prompt``, ``messages``, ``token_ids``."""
 
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Plain text.")
     messages: list[ChatMessage] | None = Field(
@@ -49,8 +49,22 @@ class PromptFields(BaseModel):
             token_ids=self.token_ids,
         )
 
+    def prompt_forms(self) -> int:
+        """How many of the three forms are given."""
+        return sum(x is not None for x in (self.prompt, self.messages, self.token_ids))
 
-class CreateCacheRequest(PromptFields):
+
+class OnePromptFields(PromptFields):
+    """:class:`PromptFields` of which a request gives exactly one."""
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> OnePromptFields:
+        if self.prompt_forms() != 1:
+            raise ValueError("give exactly one of `prompt`, `messages` or `token_ids`")
+        return self
+
+
+class CreateCacheRequest(OnePromptFields):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -77,12 +91,6 @@ class CreateCacheRequest(PromptFields):
         description="`true`: answer `201` once the KV is stored. `false`: answer `202` with "
         "the `pending` cache at once and prefill in the background (poll `GET /v1/caches/{id}`).",
     )
-
-    @model_validator(mode="after")
-    def _one_prompt(self) -> CreateCacheRequest:
-        if sum(x is not None for x in (self.prompt, self.messages, self.token_ids)) != 1:
-            raise ValueError("give exactly one of `prompt`, `messages` or `token_ids`")
-        return self
 
 
 class CacheUsage(BaseModel):
@@ -191,7 +199,7 @@ class AttachRequest(PromptFields):
     def _at_most_one_prompt(self) -> AttachRequest:
         if (self.cache_id is None) == (self.tag is None):
             raise ValueError("give exactly one of `cache_id` or `tag`")
-        if sum(x is not None for x in (self.prompt, self.messages, self.token_ids)) > 1:
+        if self.prompt_forms() > 1:
             raise ValueError("give at most one of `prompt`, `messages` or `token_ids`")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("at most 4 stop strings")

@@ -27,20 +27,8 @@ class InvoiceLineOut(BaseModel):
 
     @classmethod
     def of(cls, ln: InvoiceLine) -> InvoiceLineOut:
-        return cls(
-            position=ln.position,
-            meter=ln.meter,
-            storage_class=ln.storage_class,
-            description=ln.description,
-            usage_quantity=ln.usage_quantity,
-            free_quantity=ln.free_quantity,
-            quantity=ln.quantity,
-            unit=ln.unit,
-            unit_quantity=ln.unit_quantity,
-            unit_price=ln.unit_price,
-            amount_minor=ln.amount_minor,
-            usage_ref=ln.usage_ref,
-        )
+        """The line: each field is the stored line's attribute of that name."""
+        return cls.model_validate(ln, from_attributes=True)
 
 
 class InvoiceOut(BaseModel):
@@ -60,21 +48,12 @@ class InvoiceOut(BaseModel):
 
     @classmethod
     def of(cls, inv: Invoice, lines: Sequence[InvoiceLine] | None = None) -> InvoiceOut:
-        """The invoice; with its ``lines`` when given (``None``: a listing, without them)."""
-        return cls(
-            id=inv.id,
-            period=inv.period,
-            period_start=inv.period_start,
-            period_end=inv.period_end,
-            currency=inv.currency,
-            pricebook_version=inv.pricebook_version,
-            total_minor=inv.total_minor,
-            status=inv.status,
-            payment_status=inv.payment_status,
-            stripe_invoice_id=inv.stripe_invoice_id,
-            created_at=inv.created_at,
-            lines=None if lines is None else [InvoiceLineOut.of(ln) for ln in lines],
-        )
+        """The invoice (each field the stored invoice's attribute of that name); with its
+        ``lines`` when given (``None``: a listing, without them)."""
+        out = cls.model_validate(inv, from_attributes=True)
+        if lines is not None:
+            out.lines = [InvoiceLineOut.of(ln) for ln in lines]
+        return out
 
 
 class InvoiceList(BaseModel):

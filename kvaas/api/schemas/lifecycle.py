@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from kvaas.api.schemas.caches import CacheObject, PromptFields, StorageClass
+from kvaas.api.schemas.caches import CacheObject, OnePromptFields, StorageClass
 from kvaas.db.models import CacheVersion
 from kvaas.services.caches import UNSET, CachePatch
 
@@ -56,17 +56,11 @@ class CachePatchRequest(BaseModel):
         )
 
 
-class ExtendRequest(PromptFields):
+class ExtendRequest(OnePromptFields):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{"prompt": "\n\nAppendix B: ..."}]},
     )
-
-    @model_validator(mode="after")
-    def _one_prompt(self) -> ExtendRequest:
-        if sum(x is not None for x in (self.prompt, self.messages, self.token_ids)) != 1:
-            raise ValueError("give exactly one of `prompt`, `messages` or `token_ids`")
-        return self
 
 
 class CacheVersionObject(BaseModel):
