@@ -7,11 +7,13 @@ Typical use::
     store = build_store(StoreConfig.from_settings(settings))
     await store.open()
     keys = chunk_keys(tokens, namespace=ns, model_fingerprint=fp, scheme_id=codec)
+    sealer = ChunkSealer(master_keys.tenant_keys(ns), fp, manifest.scheme)  # see crypto
     await store.put_manifest(manifest)            # references first
-    await store.put_chunks(list(zip(keys, blobs)), manifest.storage_class)
-    blobs = await store.get_prefix(keys)          # verified blobs of the longest prefix
+    await store.put_chunks(list(zip(keys, blobs)), manifest.storage_class, sealer)
+    blobs = await store.get_prefix(keys, sealer)  # verified blobs of the longest prefix
 """
 
+from kvaas.store.crypto import ChunkSealer, ForeignSeal, MasterKeys, SealError, TenantKeys
 from kvaas.store.disk import DiskTier
 from kvaas.store.errors import (
     BlobTooLarge,
@@ -63,14 +65,17 @@ __all__ = [
     "STORAGE_CLASSES",
     "BlobTooLarge",
     "ChunkKey",
+    "ChunkSealer",
     "ConfigurationError",
     "DiskTier",
     "EvictionPolicy",
+    "ForeignSeal",
     "GCResult",
     "LRUPolicy",
     "Manifest",
     "ManifestConflict",
     "ManifestNotFound",
+    "MasterKeys",
     "MemoryTier",
     "Placement",
     "RedisConnection",
@@ -78,6 +83,7 @@ __all__ = [
     "RedisTier",
     "RefCounts",
     "RefIndex",
+    "SealError",
     "SizeAwarePolicy",
     "SqliteRefIndex",
     "StorageClass",
@@ -85,6 +91,7 @@ __all__ = [
     "StoreConfig",
     "StoreError",
     "SyncTieredStore",
+    "TenantKeys",
     "Tier",
     "TierHealth",
     "TierUnavailable",

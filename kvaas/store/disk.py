@@ -12,6 +12,10 @@ scan, and files another process wrote are adopted when this process first meets 
 (``exists_many``, ``get_many``, ``put_many``) is always decided by the filesystem, so several
 processes can share one directory; only ``sizes_many`` and the byte accounting trust the index.
 All file I/O runs in worker threads (``asyncio.to_thread``): one thread hop per batch.
+
+Permissions: chunk files are created 0600 and directories 0700 (the root is tightened to 0700
+when the tier opens), so only the user the processes run as can read them; every process that
+shares the directory runs as that user. The chunks are sealed anyway (:mod:`kvaas.store.crypto`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ READ_SPLIT_MIN = 16
 """A batched read is split over several threads only with at least this many keys per thread."""
 STALE_TEMP_SECONDS = 3600.0
 """Temporary files older than this are leftovers of a crashed writer; ``open`` removes them."""
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 
 class DiskTier(Tier):
@@ -94,7 +100,10 @@ class DiskTier(Tier):
                 await self.open()
 
     def _scan(self) -> list[tuple[ChunkKey, int, float]]:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        with contextlib.suppress(OSError):  # a root made before (or by mkdir -p): tighten it
+            if self.root.stat().st_mode & 0o777 != DIR_MODE:
+                os.chmod(self.root, DIR_MODE)
         now = time.time()
         out: list[tuple[ChunkKey, int, float]] = []
         for d1 in os.scandir(self.root):
@@ -251,12 +260,12 @@ class DiskTier(Tier):
 
     def _write_one(self, path: Path, blob: Blob) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _mkdirs(path.parent)
         except OSError as e:
             raise _map_os_error(self.name, e) from e
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
                 view = memoryview(blob).cast("B")
                 while view:
@@ -317,7 +326,7 @@ class DiskTier(Tier):
     async def health(self) -> TierHealth:
         def probe() -> TierHealth:
             try:
-                self.root.mkdir(parents=True, exist_ok=True)
+                self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
                 if not os.access(self.root, os.W_OK | os.X_OK):
                     return TierHealth("down", f"{self.root} is not writable")
                 free = shutil.disk_usage(self.root).free
@@ -333,6 +342,16 @@ class DiskTier(Tier):
 
     def __len__(self) -> int:
         return len(self._index)
+
+
+def _mkdirs(path: Path) -> None:
+    """Create ``path`` and its missing parents, each with :data:`DIR_MODE` (``mkdir(parents=
+    True)`` would give the parents the default mode)."""
+    try:
+        path.mkdir(mode=DIR_MODE, exist_ok=True)
+    except FileNotFoundError:
+        _mkdirs(path.parent)
+        path.mkdir(mode=DIR_MODE, exist_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -42,6 +42,8 @@ class StoreConfig:
     - ``max_chunk_bytes``: largest chunk blob accepted (``None``: only the tiers' budgets
       limit it); every bounded tier's budget must hold at least one such chunk.
     - ``eviction``: ``lru`` (default) or ``size`` (size-aware, GreedyDual-Size).
+    - ``encrypted``: the store holds sealed chunks only (default; see
+      :mod:`kvaas.store.crypto`). No key lives here: keys come with each read and write.
     """
 
     memory_bytes: int
@@ -54,6 +56,7 @@ class StoreConfig:
     index_path: Path | None = None
     max_chunk_bytes: int | None = None
     eviction: str = "lru"
+    encrypted: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StoreConfig:
@@ -151,5 +154,9 @@ def build_store(cfg: StoreConfig) -> TieredStore:
             path = Path(":memory:")
         refs = SqliteRefIndex(path)
     return TieredStore(
-        tiers, refs, policy=_POLICIES[cfg.eviction](), max_chunk_bytes=cfg.max_chunk_bytes
+        tiers,
+        refs,
+        policy=_POLICIES[cfg.eviction](),
+        max_chunk_bytes=cfg.max_chunk_bytes,
+        encrypted=cfg.encrypted,
     )

@@ -23,7 +23,14 @@ EVICTIONS = Counter(
 )
 CORRUPT_READS = Counter(
     "kvaas_store_corrupt_reads_total",
-    "Blobs that failed verification on read (reported as misses and removed).",
+    "Blobs that failed verification on read: checksum, or authentication of a sealed chunk "
+    "(altered, or moved under another key); reported as misses and removed.",
+    ["tier"],
+)
+FOREIGN_SEALS = Counter(
+    "kvaas_store_foreign_seal_reads_total",
+    "Sealed chunks read without the key they were sealed under (unknown key id, another key "
+    "under the same id, another tenant's key); reported as misses and left in place.",
     ["tier"],
 )
 ERRORS = Counter(

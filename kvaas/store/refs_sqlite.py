@@ -9,6 +9,8 @@ index, serialized by a lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -49,7 +51,13 @@ class SqliteRefIndex(RefIndex):
     def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
         self.name = "index"
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if str(self.path) != ":memory:":  # readable by this user only: the file 0600 (and
+            # so SQLite's -wal and -shm files, which take the database file's mode)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            with contextlib.suppress(OSError):  # a file made before: tighten it
+                if self.path.stat().st_mode & 0o777 != 0o600:
+                    os.chmod(self.path, 0o600)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(
             self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False

@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
+from kvaas.store.crypto import ChunkSealer
 from kvaas.store.errors import StoreError
 from kvaas.store.factory import StoreConfig, build_store
 from kvaas.store.keys import ChunkKey
@@ -86,11 +87,18 @@ class SyncTieredStore:
     def longest_prefix(self, keys: Sequence[ChunkKey]) -> int:
         return self._call(self.store.longest_prefix, keys)
 
-    def get_prefix(self, keys: Sequence[ChunkKey]) -> list[bytes]:
-        return self._call(self.store.get_prefix, keys)
+    def get_prefix(
+        self, keys: Sequence[ChunkKey], sealer: ChunkSealer | None = None
+    ) -> list[bytes]:
+        return self._call(self.store.get_prefix, keys, sealer)
 
-    def put_chunks(self, items: Sequence[tuple[ChunkKey, bytes]], storage_class: str) -> int:
-        return self._call(self.store.put_chunks, items, storage_class)
+    def put_chunks(
+        self,
+        items: Sequence[tuple[ChunkKey, bytes]],
+        storage_class: str,
+        sealer: ChunkSealer | None = None,
+    ) -> int:
+        return self._call(self.store.put_chunks, items, storage_class, sealer)
 
     def put_manifest(self, manifest: Manifest) -> None:
         self._call(self.store.put_manifest, manifest)

@@ -7,12 +7,21 @@ others' private state.)
 
 Contracts:
 
+- **Encryption** (``encrypted=True``, the default; see :mod:`kvaas.store.crypto`): chunks are
+  sealed once, by :meth:`TieredStore.put_chunks` with the caller's
+  :class:`~kvaas.store.crypto.ChunkSealer`, and opened by :meth:`TieredStore.get_prefix` with
+  it; both refuse to run without one (:class:`~kvaas.store.errors.ConfigurationError`). Every
+  tier holds the sealed bytes, the memory tier included; moves between tiers copy them as they
+  are. A store built with ``encrypted=False`` keeps plain codec containers (and refuses sealers).
 - **Reads** go top-down. :meth:`TieredStore.get_prefix` asks each tier once, with one batched
-  call, for the keys still missing above it, verifies every blob with the codec container's
-  checksum, and returns the verified blobs of the longest prefix found. A corrupt blob is
-  counted, deleted from its tier and treated as a miss there (a lower tier may still hold a good
-  copy); a chunk missing from every tier ends the prefix. Never wrong bytes. A tier that fails
-  (Redis down) is skipped: reads keep serving from the others.
+  call, for the keys still missing above it, verifies every blob (AES-GCM authentication of the
+  sealed chunk against its key, or the codec container's checksum in a plaintext store), and
+  returns the verified blobs of the longest prefix found. A corrupt blob (one that fails
+  authentication: altered, or moved under another key) is counted, deleted from its tier and
+  treated as a miss there (a lower tier may still hold a good copy); a blob sealed under a key
+  the sealer does not hold is counted apart and left in place. A chunk missing from every tier
+  ends the prefix. Never wrong bytes. A tier that fails (Redis down) is skipped: reads keep
+  serving from the others.
 - **Promotion**: a chunk found below the top is copied into the tiers above it that are caches
   (not ``shared``: the memory tier) or belong to the placement of a storage class referencing it.
   Best effort: a promotion that fails (no room, tier down) is skipped, never an error.
@@ -46,6 +55,7 @@ from typing import Any, TypeVar
 
 from kvaas.codec import CodecError, verify_blob
 from kvaas.store import metrics as m
+from kvaas.store.crypto import ChunkSealer, ForeignSeal, SealError, check_envelope
 from kvaas.store.errors import (
     BlobTooLarge,
     ConfigurationError,
@@ -80,7 +90,8 @@ class TieredStore:
     ``placement`` refers to (``memory``, ``redis``, ``disk`` by default). ``max_chunk_bytes``
     (optional) rejects bigger blobs with :class:`BlobTooLarge`; each tier also rejects blobs
     larger than its whole budget. ``tombstone_wait_s`` bounds how long :meth:`put_manifest` waits
-    for a collector that is deleting chunks the manifest references.
+    for a collector that is deleting chunks the manifest references. ``encrypted`` (default)
+    makes the store hold sealed chunks only (see the module docstring).
     """
 
     def __init__(
@@ -92,6 +103,7 @@ class TieredStore:
         placement: Mapping[StorageClass, Placement] = DEFAULT_PLACEMENT,
         max_chunk_bytes: int | None = None,
         tombstone_wait_s: float = 10.0,
+        encrypted: bool = True,
     ) -> None:
         if not tiers:
             raise ConfigurationError("a tiered store needs at least one tier")
@@ -118,6 +130,7 @@ class TieredStore:
         """Each storage class's write tiers among the configured ones, top-down."""
         self.max_chunk_bytes = max_chunk_bytes
         self.tombstone_wait_s = tombstone_wait_s
+        self.encrypted = encrypted
         self._index = {t.name: i for i, t in enumerate(self.tiers)}
         self._locks: dict[str, asyncio.Lock] = {}
         self._opened = False
@@ -180,6 +193,30 @@ class TieredStore:
             lock = self._locks[tier.name] = asyncio.Lock()
         return lock
 
+    def _check_sealer(self, sealer: ChunkSealer | None) -> None:
+        if self.encrypted and sealer is None:
+            raise ConfigurationError(
+                "this store holds encrypted chunks only: reads and writes need the tenant's "
+                "chunk sealer (its keys come with the transfer plan)"
+            )
+        if not self.encrypted and sealer is not None:
+            raise ConfigurationError("this store is configured without encryption")
+
+    def _verify(self, key: ChunkKey, blob: Blob, sealer: ChunkSealer | None) -> bytes:
+        """What ``blob``, stored under ``key``, reads as: opened with ``sealer`` (and the
+        container's checksum checked); without one, the blob itself once its structure (sealed
+        store: authenticated on open) or checksum (plaintext store) is checked. Raises
+        :class:`SealError` or :class:`CodecError`."""
+        if sealer is not None:
+            chunk = sealer.open(key, blob)
+            verify_blob(chunk)
+            return chunk
+        if self.encrypted:
+            check_envelope(blob)
+        else:
+            verify_blob(blob)
+        return blob if isinstance(blob, bytes) else bytes(blob)
+
     def _check_sizes(self, items: Sequence[tuple[ChunkKey, Blob]]) -> None:
         if self.max_chunk_bytes is None:
             return
@@ -237,10 +274,14 @@ class TieredStore:
         """Number of leading ``keys`` present in some tier (one batched call per tier)."""
         return await longest_stored_prefix(self, keys)
 
-    async def _fetch(self, keys: Sequence[ChunkKey]) -> tuple[list[bytes | None], list[int]]:
-        """Verified blobs of ``keys`` (``None`` where no tier has a good copy) and the index of
-        the tier each came from (-1 where none). One batched get per tier, top-down."""
-        blobs: list[bytes | None] = [None] * len(keys)
+    async def _fetch(
+        self, keys: Sequence[ChunkKey], sealer: ChunkSealer | None = None
+    ) -> tuple[list[bytes | None], list[bytes | None], list[int]]:
+        """The stored blobs of ``keys`` that verify (``None`` where no tier has a good copy),
+        what each reads as (:meth:`_verify`) and the index of the tier each came from (-1 where
+        none). One batched get per tier, top-down."""
+        stored: list[bytes | None] = [None] * len(keys)
+        opened: list[bytes | None] = [None] * len(keys)
         where = [-1] * len(keys)
         pending = list(range(len(keys)))
         for ti, tier in enumerate(self.tiers):
@@ -252,28 +293,35 @@ class TieredStore:
                 continue
             still: list[int] = []
             corrupt: list[ChunkKey] = []
+            foreign = 0
             for i, blob in zip(pending, got, strict=True):
                 if blob is None:
                     still.append(i)
                     continue
                 try:
-                    verify_blob(blob)
-                except CodecError:
+                    opened[i] = self._verify(keys[i], blob, sealer)
+                except ForeignSeal:
+                    foreign += 1
+                    still.append(i)
+                    continue
+                except (SealError, CodecError):
                     corrupt.append(keys[i])
                     still.append(i)
                     continue
-                blobs[i] = blob if isinstance(blob, bytes) else bytes(blob)
+                stored[i] = blob if isinstance(blob, bytes) else bytes(blob)
                 where[i] = ti
             hits = len(pending) - len(still)
             if hits:
                 m.HITS.labels(tier.name).inc(hits)
-            if len(still) - len(corrupt):
-                m.MISSES.labels(tier.name).inc(len(still) - len(corrupt))
+            if len(still) - len(corrupt) - foreign:
+                m.MISSES.labels(tier.name).inc(len(still) - len(corrupt) - foreign)
+            if foreign:
+                m.FOREIGN_SEALS.labels(tier.name).inc(foreign)
             if corrupt:
                 m.CORRUPT_READS.labels(tier.name).inc(len(corrupt))
                 await self._discard(tier, corrupt)
             pending = still
-        return blobs, where
+        return stored, opened, where
 
     async def _discard(self, tier: Tier, keys: Sequence[ChunkKey]) -> None:
         """Best-effort delete of bad blobs from one tier."""
@@ -282,27 +330,34 @@ class TieredStore:
         if tier.capacity is not None:
             self.policy.on_remove_many(tier.name, keys)
 
-    async def get_prefix(self, keys: Sequence[ChunkKey]) -> list[bytes]:
-        """The verified blobs of the longest prefix of ``keys`` held by the store.
+    async def get_prefix(
+        self, keys: Sequence[ChunkKey], sealer: ChunkSealer | None = None
+    ) -> list[bytes]:
+        """The verified chunks (codec containers) of the longest prefix of ``keys`` held by the
+        store, opened with ``sealer`` (required by an encrypted store).
 
         All keys are fetched concurrently in one batched call per tier (top-down, each tier
-        asked only for what the tiers above missed); a chunk absent or corrupt in every tier ends
-        the prefix. Hits below the top are promoted (best effort, see the module docstring).
+        asked only for what the tiers above missed); a chunk absent, corrupt or unreadable in
+        every tier ends the prefix. Hits below the top are promoted as stored (sealed), best
+        effort, see the module docstring.
         """
+        self._check_sealer(sealer)
         if not keys:
             return []
-        blobs, where = await self._fetch(keys)
-        cut = next((i for i, b in enumerate(blobs) if b is None), len(keys))
+        stored, opened, where = await self._fetch(keys, sealer)
+        cut = next((i for i, b in enumerate(stored) if b is None), len(keys))
+        blobs: list[bytes] = []
         out: list[bytes] = []
         for i in range(cut):
-            blob = blobs[i]
-            assert blob is not None
+            blob, chunk = stored[i], opened[i]
+            assert blob is not None and chunk is not None
             tier = self.tiers[where[i]]
             if tier.capacity is not None:
                 self.policy.on_store(tier.name, keys[i], len(blob))  # a touch, tracks adoptees
-            out.append(blob)
+            blobs.append(blob)
+            out.append(chunk)
         if any(where[i] > 0 for i in range(cut)):
-            await self._promote(keys[:cut], out, where[:cut])
+            await self._promote(keys[:cut], blobs, where[:cut])
         return out
 
     async def _promote(
@@ -344,9 +399,16 @@ class TieredStore:
                 await self.refs.requeue_unreferenced(list(dict.fromkeys(keys)))
 
     # -- writes ------------------------------------------------------------------------------
-    async def put_chunks(self, items: Sequence[tuple[ChunkKey, bytes]], storage_class: str) -> int:
-        """Write chunks to the tiers of ``storage_class``; return the bytes newly stored, summed
-        over the tiers written (chunks already present count 0).
+    async def put_chunks(
+        self,
+        items: Sequence[tuple[ChunkKey, bytes]],
+        storage_class: str,
+        sealer: ChunkSealer | None = None,
+    ) -> int:
+        """Write chunks (codec containers) to the tiers of ``storage_class``, sealed once with
+        ``sealer`` (required by an encrypted store); return the bytes newly stored, summed over
+        the tiers written (chunks already present count 0). Sizes, budgets and
+        ``max_chunk_bytes`` apply to the sealed blobs.
 
         Call :meth:`put_manifest` for the cache version first (references before writes, see
         :mod:`kvaas.store.refs`). Raises :class:`BlobTooLarge`, :class:`StorageFull` when no
@@ -356,8 +418,11 @@ class TieredStore:
         skipped, since another target holds the chunk.
         """
         cls = check_storage_class(storage_class)
+        self._check_sealer(sealer)
         if not items:
             return 0
+        if sealer is not None:
+            items = [(k, sealer.seal(k, b)) for k, b in items]
         self._check_sizes(items)
         placement = self.placement[cls]
         targets = [self.tier(n) for n in self.write_tiers[cls]]
@@ -547,7 +612,7 @@ class TieredStore:
         keys = manifest.chunk_keys
         for start in range(0, len(keys), MOVE_BATCH):
             batch = keys[start : start + MOVE_BATCH]
-            blobs, _ = await self._fetch(batch)
+            blobs, _, _ = await self._fetch(batch)  # copied as stored (sealed)
             items = [(k, b) for k, b in zip(batch, blobs, strict=True) if b is not None]
             if not items:
                 continue
@@ -656,8 +721,10 @@ class TieredStore:
             if b is None:
                 continue
             try:
-                verify_blob(b)
-            except CodecError:
+                self._verify(k, b, None)
+            except ForeignSeal:
+                continue  # another key's chunk: left where it is
+            except (SealError, CodecError):
                 corrupt.append(k)
                 continue
             items.append((k, b))

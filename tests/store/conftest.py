@@ -22,8 +22,10 @@ from kvaas.codec import scheme_id
 from kvaas.codec.container import pack
 from kvaas.store import (
     ChunkKey,
+    ChunkSealer,
     DiskTier,
     Manifest,
+    MasterKeys,
     MemoryTier,
     RedisConnection,
     RedisRefIndex,
@@ -37,6 +39,8 @@ from kvaas.store import (
 from kvaas.store.breaker import CircuitBreaker
 
 _NONE_ID = scheme_id("none")
+MASTER = MasterKeys("k1", {"k1": bytes(range(32))})
+"""The master keys of the tests' encrypted stores."""
 
 
 def make_blob(size: int, seed: int = 0) -> bytes:
@@ -66,6 +70,10 @@ class Tenant:
             scheme_id="none",
             chunk_tokens=chunk_tokens,
         )
+
+    def sealer(self, master: MasterKeys = MASTER) -> ChunkSealer:
+        """What seals and opens this tenant's chunks (of ``keys``' model and scheme)."""
+        return ChunkSealer(master.tenant_keys(self.namespace), "test-model", "none")
 
     def chunks(self, n: int, size: int = 2048, *, start: int = 0) -> list[tuple[ChunkKey, bytes]]:
         return [(k, make_blob(size)) for k in self.keys(n, start=start)]
@@ -136,7 +144,9 @@ async def make_store(
     tmp_path: Path, make_conn: Callable[..., RedisConnection]
 ) -> AsyncIterator[StoreFactory]:
     """``make_store(memory=..., redis=bool, disk=..., index="sqlite"|"redis", **kw)``: an opened
-    tiered store on real tiers; closed at the end of the test."""
+    tiered store on real tiers; closed at the end of the test. Unless ``encrypted=True`` is
+    passed, the store keeps plain codec containers: the tier contracts (placement, promotion,
+    eviction, GC) do not depend on sealing, which ``test_encryption.py`` covers."""
     stores: list[TieredStore] = []
 
     def factory(
@@ -166,6 +176,7 @@ async def make_store(
             refs = SqliteRefIndex(
                 index_path or (disk_dir or tmp_path) / f"index-{len(stores)}.sqlite3"
             )
+        kwargs.setdefault("encrypted", False)
         store = TieredStore(tiers, refs, **kwargs)  # type: ignore[arg-type]
         stores.append(store)
         return store

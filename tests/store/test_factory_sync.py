@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from kvtest.services import REDIS_URL
 
+from kvaas.codec.sizing import SEAL_OVERHEAD_BYTES
 from kvaas.config import Settings
 from kvaas.store import (
     BlobTooLarge,
@@ -118,10 +119,12 @@ def test_tiered_store_constructor_checks(tmp_path: Path) -> None:
 async def test_configured_chunk_limit_rejects_large_blobs(tmp_path: Path, tenant: Any) -> None:
     store = build_store(StoreConfig(1 << 20, tmp_path, 1 << 24, None, max_chunk_bytes=10_000))
     await store.open()
+    fits = 10_000 - SEAL_OVERHEAD_BYTES  # the limit applies to the sealed chunk
     try:
         with pytest.raises(BlobTooLarge, match="10000-byte chunk limit"):
-            await store.put_chunks(tenant.chunks(1, size=10_001), "cold")
-        assert await store.put_chunks(tenant.chunks(1, size=10_000), "cold") == 10_000
+            await store.put_chunks(tenant.chunks(1, size=fits + 1), "cold", tenant.sealer())
+        stored = await store.put_chunks(tenant.chunks(1, size=fits), "cold", tenant.sealer())
+        assert stored == 10_000
     finally:
         await store.close()
 
@@ -143,8 +146,8 @@ def test_sync_store_from_four_threads(
                 keys = [k for k, _ in chunks]
                 m = t.manifest(keys, f"t{i}", v, storage_class=["hot", "standard", "cold"][v % 3])
                 store.put_manifest(m)
-                store.put_chunks(chunks, m.storage_class)
-                assert store.get_prefix(keys) == [b for _, b in chunks]
+                store.put_chunks(chunks, m.storage_class, t.sealer())
+                assert store.get_prefix(keys, t.sealer()) == [b for _, b in chunks]
                 assert store.longest_prefix(keys) == 4
                 assert store.get_manifest(t.slot, f"t{i}", v) == m
                 if v > 1:
