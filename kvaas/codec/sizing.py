@@ -3,7 +3,8 @@
 - :func:`kv_dtype`: the dtype the engine keeps KV in (``auto``: the checkpoint's).
 - :class:`KVShape` / :func:`read_kv_shape`: layers x KV heads x head dim and the dtype, read
   from a Hugging Face ``config.json`` (a multimodal ``text_config`` is used when present).
-- :func:`chunk_size`: the bytes of one stored chunk for a scheme. The fixed-size schemes
+- :func:`chunk_size`: the bytes of one stored chunk for a scheme: its codec container plus
+  :data:`SEAL_OVERHEAD_BYTES` (every stored chunk is encrypted). The fixed-size schemes
   (``none``, ``int8``, ``int4``) encode every chunk of a shape to the same size, measured by
   encoding one chunk, so ``expected == bound`` and ``exact``. ``lossless`` depends on the data:
   ``expected`` uses its measured ratio (what a price estimate shows), ``bound`` is the ``none``
@@ -25,6 +26,9 @@ from typing import Any, Literal, cast, get_args
 #: Qwen2.5-0.5B-shaped chunks). Only ``lossless``'s is used: the others are exact.
 MEASURED_RATIO_VS_BF16 = {"none": 1.0, "lossless": 1.8149, "int8": 1.9541, "int4": 3.5553}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: Bytes that encryption at rest adds to each stored chunk: the header and tag of
+#: :mod:`kvaas.store.crypto` (``OVERHEAD`` there; the store tests compare the two).
+SEAL_OVERHEAD_BYTES = 53
 
 
 KVDtype = Literal["float32", "float16", "bfloat16"]
@@ -87,11 +91,11 @@ class ChunkSize:
 def chunk_size(shape: KVShape, chunk_tokens: int, scheme: str) -> ChunkSize:
     """The stored size of one ``chunk_tokens``-token chunk of ``shape`` with ``scheme``."""
     if scheme == "lossless":
-        bound = _encoded_bytes(shape, chunk_tokens, "none")
+        bound = _encoded_bytes(shape, chunk_tokens, "none") + SEAL_OVERHEAD_BYTES
         raw = shape.bytes_per_token * chunk_tokens
-        expected = min(bound, round(raw / MEASURED_RATIO_VS_BF16["lossless"]))
-        return ChunkSize(expected, bound, False)
-    n = _encoded_bytes(shape, chunk_tokens, scheme)
+        expected = round(raw / MEASURED_RATIO_VS_BF16["lossless"]) + SEAL_OVERHEAD_BYTES
+        return ChunkSize(min(bound, expected), bound, False)
+    n = _encoded_bytes(shape, chunk_tokens, scheme) + SEAL_OVERHEAD_BYTES
     return ChunkSize(n, n, True)
 
 

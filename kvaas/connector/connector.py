@@ -20,12 +20,15 @@ turns chunks whose tokens this step completes into :class:`SaveTask` s. The meta
 only channel to the worker side.
 
 **Worker side**: ``start_load_kv`` fetches a request's chunks concurrently from the tiers,
-decodes them and scatters them into the request's paged blocks (one indexed copy per layer)
-before the forward pass; chunks that are missing or corrupt are reported through
+opens them with the plan's tenant keys (:class:`~kvaas.store.crypto.ChunkSealer`: AES-GCM,
+bound to each chunk's key, the model fingerprint and the scheme), decodes them and scatters them
+into the request's paged blocks (one indexed copy per layer) before the forward pass; chunks that
+are missing, corrupt or fail authentication are reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes them (``kv_load_failure_policy =
 "recompute"``). ``wait_for_save`` runs after the step's forward pass: it gathers the completed
-chunks' KV from the paged blocks, encodes each chunk with the plan's scheme and writes the
-chunks the store does not hold yet, in one batch.
+chunks' KV from the paged blocks, encodes each chunk with the plan's scheme, seals it and writes
+the chunks the store does not hold yet, in one batch. The worker never sees a master key: the
+plan carries the tenant's derived keys (see :mod:`kvaas.store.crypto`).
 
 Partial trailing chunk: only full chunks are stored; the last ``len(prompt) % chunk_tokens``
 tokens of a cached prompt are recomputed on attach together with the request's new tokens.
@@ -49,6 +52,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvaas import codec
 from kvaas.connector.paged import PagedLayout, gather, scatter, slots
 from kvaas.connector.params import TransferPlan
+from kvaas.store.crypto import ChunkSealer, TenantKeys
 from kvaas.store.factory import StoreConfig, build_store
 from kvaas.store.keys import ChunkKey
 from kvaas.store.sync import SyncTieredStore
@@ -66,6 +70,26 @@ log = logging.getLogger("kvaas.connector")
 
 
 @dataclass(frozen=True, slots=True)
+class Sealing:
+    """What the worker seals and opens a plan's chunks with (plain values: the connector
+    metadata crosses from the scheduler to the worker processes)."""
+
+    keys: TenantKeys | None
+    fingerprint: str
+    scheme: str
+
+    @classmethod
+    def of(cls, plan: TransferPlan) -> Sealing:
+        return cls(plan.seal, plan.fingerprint, plan.scheme)
+
+    def sealer(self) -> ChunkSealer | None:
+        """The sealer (``None`` when the plan carries no keys: an encrypted store refuses)."""
+        if self.keys is None:
+            return None
+        return ChunkSealer(self.keys, self.fingerprint, self.scheme)
+
+
+@dataclass(frozen=True, slots=True)
 class LoadTask:
     """Load tokens ``[start, end)`` of a request from ``keys`` (the plan's chunk keys)."""
 
@@ -75,6 +99,7 @@ class LoadTask:
     start: int
     end: int
     block_ids: tuple[int, ...]
+    sealing: Sealing
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +113,7 @@ class SaveTask:
     scheme: str
     storage_class: str
     block_ids: tuple[int, ...]
+    sealing: Sealing
 
 
 @dataclass
@@ -215,7 +241,9 @@ class KVaaSConnector(KVConnectorBase_V1):
         plan = self._plan(request)
         if plan is None:
             return None
-        return LoadTask(req_id, plan.keys, plan.chunk_tokens, start, end, tuple(block_ids))
+        return LoadTask(
+            req_id, plan.keys, plan.chunk_tokens, start, end, tuple(block_ids), Sealing.of(plan)
+        )
 
     def _save_tasks(self, req_id: str, done_tokens: int) -> SaveTask | None:
         st = self._saves[req_id]
@@ -231,6 +259,7 @@ class KVaaSConnector(KVConnectorBase_V1):
             plan.scheme,
             plan.storage_class,
             tuple(st.block_ids),
+            Sealing.of(plan),
         )
         st.saved = complete
         return task
@@ -318,7 +347,7 @@ class KVaaSConnector(KVConnectorBase_V1):
         t0 = time.perf_counter()
         assert self._store is not None
         try:
-            blobs = self._store.get_prefix(list(task.keys[first:last]))
+            blobs = self._store.get_prefix(list(task.keys[first:last]), task.sealing.sealer())
         except Exception as e:
             log.warning("request %s: chunk fetch failed: %s", task.req_id, e)
             blobs = []
@@ -383,7 +412,7 @@ class KVaaSConnector(KVConnectorBase_V1):
             blk, off = slots(task.block_ids, start, start + c, self._block_size)
             kv = torch.stack([gather(layer, self._layout, blk, off) for _, layer in self._layers])
             items.append((task.keys[i], codec.encode(kv.cpu().contiguous(), task.scheme)))
-        self._store.put_chunks(items, task.storage_class)
+        self._store.put_chunks(items, task.storage_class, task.sealing.sealer())
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if not self._short_loads:

@@ -1,14 +1,23 @@
 """What a request tells the KVaaS connector: the ``kv_transfer_params["kvaas"]`` document.
 
-The gateway computes everything tenant-specific (chunk keys, codec, storage class) and passes
-it with the request; the connector needs no tenant state of its own::
+The gateway computes everything tenant-specific (chunk keys, codec, storage class, the
+tenant's chunk encryption keys) and passes it with the request; the connector needs no tenant
+state of its own::
 
     {"kvaas": {"op": "save" | "load",
                "keys": ["<64 hex>", ...],      # chunk keys, in prompt order, full chunks only
                "chunk_tokens": 256,
-               "scheme": "int4",               # save only
+               "scheme": "int4",
+               "fingerprint": "<model fingerprint>",
+               "seal": {"key_id": "k1", "keys": {"k1": "<64 hex>", ...}},
                "storage_class": "standard",    # save only
                "skip": 0}}                     # save only
+
+``seal`` carries the tenant's data keys (:class:`~kvaas.store.crypto.TenantKeys`: derived by the
+gateway from its master keys, never the master keys themselves); chunks are sealed under
+``key_id`` and bound to their key, ``fingerprint`` and ``scheme``, so a load plan names the
+scheme and fingerprint the chunks were saved with. A plan without ``seal`` cannot read or write
+an encrypted store: its loads miss (vLLM recomputes) and its saves fail.
 
 ``save`` stores the KV of the prompt's first ``len(keys) * chunk_tokens`` tokens; ``load``
 loads the longest stored prefix of ``keys`` (the prompt must start with the tokens they name).
@@ -25,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kvaas.store.crypto import TenantKeys
 from kvaas.store.keys import KEY_BYTES, ChunkKey
 
 PARAMS_KEY = "kvaas"
@@ -41,19 +51,23 @@ class TransferPlan:
     scheme: str = "int4"
     storage_class: str = "standard"
     skip: int = 0
+    fingerprint: str = ""
+    seal: TenantKeys | None = None
 
     def to_params(self) -> dict[str, Any]:
         """The ``kv_transfer_params`` dictionary carrying this plan."""
-        return {
-            PARAMS_KEY: {
-                "op": self.op,
-                "keys": [k.hex() for k in self.keys],
-                "chunk_tokens": self.chunk_tokens,
-                "scheme": self.scheme,
-                "storage_class": self.storage_class,
-                "skip": self.skip,
-            }
+        doc: dict[str, Any] = {
+            "op": self.op,
+            "keys": [k.hex() for k in self.keys],
+            "chunk_tokens": self.chunk_tokens,
+            "scheme": self.scheme,
+            "fingerprint": self.fingerprint,
+            "storage_class": self.storage_class,
+            "skip": self.skip,
         }
+        if self.seal is not None:
+            doc["seal"] = self.seal.to_doc()
+        return {PARAMS_KEY: doc}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> TransferPlan | None:
@@ -85,6 +99,7 @@ class TransferPlan:
         skip = doc.get("skip", 0)
         if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= len(keys):
             raise ValueError("kvaas.skip must be an integer in [0, len(keys)]")
+        seal = doc.get("seal")
         return cls(
             op=op,
             keys=tuple(keys),
@@ -92,4 +107,6 @@ class TransferPlan:
             scheme=str(doc.get("scheme", "int4")),
             storage_class=str(doc.get("storage_class", "standard")),
             skip=skip if op == "save" else 0,
+            fingerprint=str(doc.get("fingerprint", "")),
+            seal=TenantKeys.from_doc(seal) if seal is not None else None,
         )

@@ -369,18 +369,18 @@ async def test_quotas(gateway) -> None:  # type: ignore[no-untyped-def]
     assert (await cl.request("DELETE", f"/v1/caches/{a['id']}")).status_code == 200
     await cl.create(ids[:600])  # room again
 
-    # bytes: int4 chunks of this model are 147,520 bytes; the estimate is exact
-    cl = await new_client(gateway, storage_quota_bytes=2 * 147_520 + 1000)
+    # bytes: int4 chunks of this model are 147,573 bytes stored (sealed); the estimate is exact
+    cl = await new_client(gateway, storage_quota_bytes=2 * 147_573 + 1000)
     c = await cl.create(ids[:600])
-    assert c["stored_bytes"] == 2 * 147_520
+    assert c["stored_bytes"] == 2 * 147_573
     r = await cl.request("POST", "/v1/cache/create", json={"token_ids": ids[:300]})
     assert r.status_code == 402, r.text
     err = r.json()["error"]
     assert (err["limit"], err["current"], err["maximum"], err["requested"]) == (
         "storage_bytes",
-        2 * 147_520,
-        2 * 147_520 + 1000,
-        147_520,
+        2 * 147_573,
+        2 * 147_573 + 1000,
+        147_573,
     )
     await cl.create(ids[:200])  # no full chunk: no bytes
     r = await cl.request("POST", f"/v1/caches/{c['id']}/extend", json={"token_ids": ids[600:800]})

@@ -69,9 +69,7 @@ class AttachOps(CacheCore):
                 f"cache {cid!r} cannot be attached ({reason}) and require_hit is set",
                 extra={"miss_reason": reason},
             )
-        plan = (
-            TransferPlan("load", tuple(keys[:available]), cache.chunk_tokens) if available else None
-        )
+        plan = self._load_plan(tenant, cache, keys[:available]) if available else None
         return cache, version, ids, plan, expected, available_tokens
 
     async def _record_hit(

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.codec.sizing import chunk_size, read_kv_shape
 from kvaas.config import Settings
+from kvaas.connector.params import TransferPlan
 from kvaas.db.base import utcnow
 from kvaas.db.models import Cache, CacheTag, CacheVersion, Tenant
 from kvaas.db.session import Database
@@ -30,6 +31,7 @@ from kvaas.services import listing, quotas
 from kvaas.services.caches.identity import PrefillJob, bytes_to_tokens, engine_salt, keys_for
 from kvaas.services.caches.records import NOT_FOUND, PURGED, TAG_NOT_FOUND, Progress
 from kvaas.services.prompts import PromptPolicy
+from kvaas.store.crypto import MasterKeys, TenantKeys
 from kvaas.store.errors import StoreError
 from kvaas.store.keys import ChunkKey, derive_namespace, namespace_slot
 from kvaas.store.tiered import TieredStore
@@ -48,6 +50,7 @@ class CacheCore:
         self.prompts = PromptPolicy(engine)
         self._jobs: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._quota_guard = quotas.Guard()
+        self._master_keys: MasterKeys | None = None  # loaded (or generated) on first use
 
     def _engine(self) -> Engine:
         """The running engine (``503 engine_unavailable`` without one)."""
@@ -82,6 +85,23 @@ class CacheCore:
         """Chunk keys of ``ids`` under an existing cache's model, codec and chunk size."""
         ns = tenant if isinstance(tenant, bytes) else self._namespace(tenant)
         return keys_for(ns, ids, cache.scheme, cache.model_fingerprint, cache.chunk_tokens)
+
+    def _tenant_keys(self, tenant: Tenant) -> TenantKeys:
+        """The tenant's chunk encryption keys, derived from the master keys, for its plans."""
+        if self._master_keys is None:
+            self._master_keys = MasterKeys.from_settings(self.settings)
+        return self._master_keys.tenant_keys(self._namespace(tenant))
+
+    def _load_plan(self, tenant: Tenant, cache: Cache, keys: Sequence[ChunkKey]) -> TransferPlan:
+        """The plan that loads ``keys`` of ``cache``, with the tenant's keys to open them."""
+        return TransferPlan(
+            "load",
+            tuple(keys),
+            cache.chunk_tokens,
+            cache.scheme,
+            fingerprint=cache.model_fingerprint,
+            seal=self._tenant_keys(tenant),
+        )
 
     def salted(self, tenant: Tenant, sampling: Sampling) -> Sampling:
         """``sampling`` with the tenant's salt: the engine's own prefix cache never lets one
@@ -233,6 +253,7 @@ class CacheCore:
             scheme=cache.scheme,
             storage_class=cache.storage_class,
             fingerprint=cache.model_fingerprint,
+            seal=self._tenant_keys(tenant),
         )
 
     async def _unique_bytes(

@@ -13,6 +13,7 @@ import numpy as np
 
 from kvaas import codec
 from kvaas.connector.params import TransferPlan
+from kvaas.store.crypto import TenantKeys
 from kvaas.store.keys import ChunkKey, chunk_keys, namespace_slot
 from kvaas.store.manifest import Manifest
 
@@ -33,6 +34,7 @@ class PrefillJob:
     scheme: str
     storage_class: str
     fingerprint: str
+    seal: TenantKeys  # the tenant's chunk encryption keys, for the plan
 
     @property
     def salt(self) -> str:
@@ -63,6 +65,8 @@ class PrefillJob:
             self.scheme,
             self.storage_class,
             skip=self.skip,
+            fingerprint=self.fingerprint,
+            seal=self.seal,
         )
 
 
