@@ -1,0 +1,155 @@
+"""Fair sharing of the engine between tenants: a cap per tenant, round-robin between them.
+
+The engine batches whatever it is given, so without a gate one tenant's burst fills every
+batch and every other tenant's request waits behind it. :class:`FairGate` admits at most
+``capacity`` engine requests at a time (all tenants together) and at most ``per_tenant`` of any
+one tenant. When a slot frees, it goes to the *next tenant in turn* that has a request waiting
+(among the tenants waiting, the one served least recently; first-come first-served within a
+tenant), so a tenant with a deep queue gets no more turns than a tenant with a single request:
+its excess waits in its own queue, not in front of others.
+
+A request that would make its tenant's queue longer than ``max_queue`` is refused at once, and
+one that waits longer than ``max_wait_s`` gives up: both raise :class:`EngineBusy`
+(``429 engine_busy`` with ``Retry-After``). Cancellation (a client that disconnects) removes the
+waiter or releases its slot; slots are never leaked.
+
+One gate serves one gateway process (the engine it guards is in or behind that process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from kvaas.errors import APIError
+
+
+class EngineBusy(APIError):
+    status_code = 429
+    type = "engine_busy"
+    description = "The tenant has as many engine requests running and queued as it may."
+
+
+@dataclass
+class _Tenant:
+    running: int = 0
+    waiting: deque[asyncio.Future[None]] = field(default_factory=deque)
+    last_served: int = -1  # grant number of its latest slot (-1: none since it was idle)
+
+
+class FairGate:
+    """Admission to the engine: ``capacity`` in all, ``per_tenant`` per tenant, fair turns."""
+
+    def __init__(
+        self, capacity: int, per_tenant: int, *, max_queue: int = 64, max_wait_s: float = 60.0
+    ) -> None:
+        if capacity < 1 or per_tenant < 1:
+            raise ValueError("capacity and per_tenant must be at least 1")
+        self.capacity = capacity
+        self.per_tenant = per_tenant
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
+        self._running = 0
+        self._grants = 0
+        # tenants with waiters, in turn order (the next to serve first)
+        self._turns: OrderedDict[str, _Tenant] = OrderedDict()
+        self._tenants: dict[str, _Tenant] = {}
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def queued(self, tenant_id: str | None = None) -> int:
+        """Requests waiting (of one tenant, or of all)."""
+        if tenant_id is not None:
+            t = self._tenants.get(tenant_id)
+            return len(t.waiting) if t else 0
+        return sum(len(t.waiting) for t in self._tenants.values())
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tenant_id: str) -> AsyncIterator[None]:
+        """Hold one engine slot of ``tenant_id`` for the block (wait for a fair turn)."""
+        await self._acquire(tenant_id)
+        try:
+            yield
+        finally:
+            self._release(tenant_id)
+
+    def _can_run(self, t: _Tenant) -> bool:
+        return self._running < self.capacity and t.running < self.per_tenant
+
+    async def _acquire(self, tenant_id: str) -> None:
+        t = self._tenants.setdefault(tenant_id, _Tenant())
+        if not t.waiting and self._can_run(t) and not self._turns:
+            self._start(t)
+            return
+        if len(t.waiting) >= self.max_queue:
+            raise EngineBusy(
+                f"this tenant already has {t.running} engine requests running and "
+                f"{len(t.waiting)} queued; retry later",
+                headers={"Retry-After": "1"},
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        t.waiting.append(fut)
+        self._turns.setdefault(tenant_id, t)
+        self._dispatch()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.max_wait_s)
+        except (TimeoutError, asyncio.CancelledError) as e:
+            if fut.done() and not fut.cancelled():
+                self._release(tenant_id)  # granted as we gave up: hand the slot on
+            else:
+                fut.cancel()
+                self._forget(tenant_id, t, fut)
+            if isinstance(e, TimeoutError):
+                raise EngineBusy(
+                    f"no engine slot freed for this tenant within {self.max_wait_s:g}s; retry",
+                    headers={"Retry-After": str(max(1, math.ceil(self.max_wait_s / 10)))},
+                ) from None
+            raise
+
+    def _start(self, t: _Tenant) -> None:
+        self._running += 1
+        self._grants += 1
+        t.running += 1
+        t.last_served = self._grants
+
+    def _release(self, tenant_id: str) -> None:
+        t = self._tenants[tenant_id]
+        self._running -= 1
+        t.running -= 1
+        if t.running == 0 and not t.waiting:
+            del self._tenants[tenant_id]
+        self._dispatch()
+
+    def _forget(self, tenant_id: str, t: _Tenant, fut: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            t.waiting.remove(fut)
+        if not t.waiting:
+            self._turns.pop(tenant_id, None)
+            if t.running == 0:
+                self._tenants.pop(tenant_id, None)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Grant free slots: each to the waiting tenant (under its cap) served least recently,
+        so every backlogged tenant gets a turn before any gets a second."""
+        while self._running < self.capacity and self._turns:
+            eligible = [
+                (t.last_served, i, tid)
+                for i, (tid, t) in enumerate(self._turns.items())
+                if t.running < self.per_tenant
+            ]
+            if not eligible:
+                return
+            tenant_id = min(eligible)[2]
+            t = self._turns.pop(tenant_id)
+            fut = t.waiting.popleft()
+            self._start(t)
+            fut.set_result(None)
+            if t.waiting:
+                self._turns[tenant_id] = t

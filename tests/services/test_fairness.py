@@ -1,0 +1,92 @@
+"""The engine gate: per-tenant caps, round-robin turns between tenants, bounded queues and
+waits, and no slot leaked by cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvaas.services.fairness import EngineBusy, FairGate
+
+
+async def _hold(gate: FairGate, tenant: str, log: list[str], release: asyncio.Event) -> None:
+    async with gate.slot(tenant):
+        log.append(tenant)
+        await release.wait()
+
+
+async def test_caps_and_round_robin_between_tenants() -> None:
+    gate = FairGate(capacity=2, per_tenant=2)
+    log: list[str] = []
+    release = {n: asyncio.Event() for n in range(12)}
+    # tenant a floods: 10 requests; b and c arrive after with one each
+    tasks = [asyncio.create_task(_hold(gate, "a", log, release[i])) for i in range(10)]
+    await asyncio.sleep(0)
+    tasks += [asyncio.create_task(_hold(gate, t, log, release[10 + i])) for i, t in enumerate("bc")]
+    await asyncio.sleep(0.01)
+    assert log == ["a", "a"] and gate.running == 2 and gate.queued("a") == 8
+    # each freed slot goes to the next tenant in turn, not to a's backlog
+    release[0].set()
+    await asyncio.sleep(0.01)
+    release[1].set()
+    await asyncio.sleep(0.01)
+    assert log[2:] == ["b", "c"] or log[2:] == ["c", "b"], log
+    for e in release.values():
+        e.set()
+    await asyncio.gather(*tasks)
+    assert log.count("a") == 10 and gate.running == 0 and gate.queued() == 0
+
+
+async def test_per_tenant_cap_leaves_room_for_others() -> None:
+    gate = FairGate(capacity=4, per_tenant=1)
+    log: list[str] = []
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(_hold(gate, "a", log, stop)) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    assert log == ["a"] and gate.queued("a") == 4
+    tasks.append(asyncio.create_task(_hold(gate, "b", log, stop)))
+    await asyncio.sleep(0.01)
+    assert log == ["a", "b"]  # b runs at once: a is at its own cap, capacity is free
+    stop.set()
+    await asyncio.gather(*tasks)
+
+
+async def test_queue_limit_and_wait_limit_refuse_with_retry_after() -> None:
+    gate = FairGate(capacity=1, per_tenant=1, max_queue=2, max_wait_s=0.05)
+    stop = asyncio.Event()
+    holder = asyncio.create_task(_hold(gate, "a", [], stop))
+    await asyncio.sleep(0)
+    waiters = [asyncio.create_task(_hold(gate, "a", [], stop)) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(EngineBusy) as busy:
+        async with gate.slot("a"):
+            pass
+    assert busy.value.status_code == 429 and "Retry-After" in busy.value.headers
+    # the queued ones give up after max_wait_s, and leave nothing behind
+    for w in waiters:
+        with pytest.raises(EngineBusy):
+            await w
+    assert gate.queued() == 0 and gate.running == 1
+    stop.set()
+    await holder
+    assert gate.running == 0
+
+
+async def test_cancelled_waiters_and_holders_leak_no_slot() -> None:
+    gate = FairGate(capacity=1, per_tenant=1)
+    stop = asyncio.Event()
+    holder = asyncio.create_task(_hold(gate, "a", [], stop))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(_hold(gate, "b", [], stop))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert gate.queued() == 0
+    holder.cancel()  # a client that disconnects while its request runs
+    with pytest.raises(asyncio.CancelledError):
+        await holder
+    assert gate.running == 0
+    async with gate.slot("c"):
+        assert gate.running == 1
