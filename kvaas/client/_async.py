@@ -97,13 +97,3 @@ class AsyncKVaaS(Endpoints, ClientBase[httpx.AsyncClient]):
             return await self._run(build(*args, **kwargs))
 
         return method
-
-    def _bind_many(
-        self, build: Callable[P, Listing[T] | Stream[T]]
-    ) -> Callable[P, AsyncIterator[T]]:
-        @functools.wraps(build)
-        def method(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
-            source = build(*args, **kwargs)
-            return self._events(source) if isinstance(source, Stream) else self._pages(source)
-
-        return method

@@ -17,6 +17,7 @@ a coroutine (an async iterator for :func:`many`).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -148,7 +149,8 @@ class one(Generic[P, R]):
 
 class many(Generic[P, T]):
     """A method that returns an iterator over the :class:`Listing` or :class:`Stream` its
-    function describes; nothing is sent before the first item is asked for."""
+    function describes (the client's ``_pages`` or ``_events``: sync or async iterators);
+    nothing is sent before the first item is asked for."""
 
     def __init__(self, build: Callable[P, Listing[T] | Stream[T]]) -> None:
         self.build = build
@@ -161,4 +163,13 @@ class many(Generic[P, T]):
     @overload
     def __get__(self, obj: AsyncKVaaS, owner: type[Any]) -> Callable[P, AsyncIterator[T]]: ...
     def __get__(self, obj: Any, owner: type[Any]) -> Any:
-        return self if obj is None else obj._bind_many(self.build)
+        if obj is None:
+            return self
+        build = self.build
+
+        @functools.wraps(build)
+        def method(*args: P.args, **kwargs: P.kwargs) -> Any:
+            source = build(*args, **kwargs)
+            return obj._events(source) if isinstance(source, Stream) else obj._pages(source)
+
+        return method

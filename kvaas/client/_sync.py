@@ -94,11 +94,3 @@ class KVaaS(Endpoints, ClientBase[httpx.Client]):
             return self._run(build(*args, **kwargs))
 
         return method
-
-    def _bind_many(self, build: Callable[P, Listing[T] | Stream[T]]) -> Callable[P, Iterator[T]]:
-        @functools.wraps(build)
-        def method(*args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
-            source = build(*args, **kwargs)
-            return self._events(source) if isinstance(source, Stream) else self._pages(source)
-
-        return method
