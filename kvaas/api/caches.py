@@ -72,7 +72,7 @@ async def create_cache(
             name=body.name,
             ttl_seconds=body.ttl_seconds,
             storage_class=body.storage_class,
-            compression=body.compression,
+            scheme=body.compression,
             metadata=body.metadata,
             model=body.model,
             refresh_on_hit=body.refresh_on_hit,

@@ -35,7 +35,7 @@ async def estimate_cache(
         estimates.EstimateSpec(
             prompt=body.to_prompt(),
             storage_class=body.storage_class,
-            compression=body.compression,
+            scheme=body.compression,
             ttl_seconds=body.ttl_seconds,
         ),
     )
@@ -57,7 +57,7 @@ async def estimate_cache(
         chunk_tokens=est.chunk_tokens,
         kv_bytes_per_token=est.kv_bytes_per_token,
         storage_class=est.storage_class,
-        compression=est.compression,
+        compression=est.scheme,
         ttl_seconds=est.ttl_seconds,
         stored_bytes=est.stored_bytes,
         stored_bytes_by_compression={

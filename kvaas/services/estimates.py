@@ -31,13 +31,13 @@ class EstimateSpec:
 
     prompt: Prompt
     storage_class: StorageClass | None = None
-    compression: Compression | None = None
+    scheme: Compression | None = None
     ttl_seconds: int | None = None
 
 
 @dataclass(frozen=True)
 class SizeEstimate:
-    """Stored bytes of the prompt's whole chunks with one codec."""
+    """Stored bytes of the prompt's whole chunks with one scheme."""
 
     bytes: int
     ratio: float  # uncompressed KV bytes / stored bytes, 4 decimals
@@ -54,7 +54,7 @@ class CacheEstimate:
     chunk_tokens: int
     kv_bytes_per_token: int
     storage_class: StorageClass
-    compression: Compression
+    scheme: Compression
     ttl_seconds: int
     sizes: dict[str, SizeEstimate]
     currency: str
@@ -63,8 +63,8 @@ class CacheEstimate:
 
     @property
     def stored_bytes(self) -> int:
-        """Stored bytes with the chosen compression."""
-        return self.sizes[self.compression].bytes
+        """Stored bytes with the chosen scheme."""
+        return self.sizes[self.scheme].bytes
 
 
 async def estimate_cache(
@@ -83,7 +83,7 @@ async def estimate_cache(
     tokens = len(ids)
     ttl = spec.ttl_seconds if spec.ttl_seconds is not None else settings.default_ttl_seconds
     storage_class = spec.storage_class or settings.default_storage_class
-    compression = spec.compression or settings.default_compression
+    chosen = spec.scheme or settings.default_compression
     chunk = settings.chunk_tokens
     chunks = tokens // chunk
     shape = read_kv_shape(model.path, settings.engine_dtype)
@@ -104,7 +104,7 @@ async def estimate_cache(
         chunk_tokens=chunk,
         kv_bytes_per_token=shape.bytes_per_token,
         storage_class=storage_class,
-        compression=compression,
+        scheme=chosen,
         ttl_seconds=ttl,
         sizes=sizes,
         currency=pricebook.currency,

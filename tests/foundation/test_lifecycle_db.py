@@ -35,7 +35,7 @@ async def _seed(app, tenant_id: str, n: int) -> list[tuple]:  # type: ignore[no-
                 chunk_tokens=256,
                 stored_chunks=1,
                 stored_bytes=1000,
-                compression="int4",
+                scheme="int4",
                 storage_class="standard",
                 meta={"i": str(i), "team": "x" if i < 3 else "y"},
                 hit_count=0,

@@ -148,7 +148,7 @@ class CacheObject(BaseModel):
             tokens=c.tokens,
             stored_tokens=c.stored_chunks * c.chunk_tokens,
             stored_bytes=c.stored_bytes,
-            compression=c.compression,
+            compression=c.scheme,
             storage_class=c.storage_class,
             prefix_sha256=c.prefix_sha256,
             metadata=dict(c.meta),
