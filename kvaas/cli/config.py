@@ -7,6 +7,7 @@ from rich.table import Table
 
 from kvaas.cli.root import app, load_settings, out
 from kvaas.config import Settings, settings_markdown_table
+from kvaas.redact import redact_url
 
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -18,7 +19,9 @@ def config_show() -> None:
     s = load_settings()
     table = Table("setting", "value")
     for name in Settings.model_fields:
-        table.add_row(f"KVAAS_{name.upper()}", str(getattr(s, name)))
+        value = getattr(s, name)
+        shown = redact_url(value) if isinstance(value, str) else str(value)
+        table.add_row(f"KVAAS_{name.upper()}", shown)
     out.print(table)
 
 

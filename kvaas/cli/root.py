@@ -18,6 +18,7 @@ from rich.console import Console
 
 from kvaas import __version__
 from kvaas.config import Settings, get_settings
+from kvaas.redact import redact_url
 
 T = TypeVar("T")
 
@@ -107,6 +108,4 @@ def with_session(fn: Callable[[Any], Awaitable[T]], *, migrate_first: bool = Tru
 
 def redact(url: str) -> str:
     """``url`` with its password masked, fit to print."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
+    return redact_url(url)

@@ -45,6 +45,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from kvaas.redact import redact_url
 from kvaas.store.breaker import CircuitBreaker
 from kvaas.store.errors import ConfigurationError, StorageFull, StoreError, TierUnavailable
 from kvaas.store.keys import SLOT_BYTES, ChunkKey
@@ -256,17 +257,13 @@ class RedisConnection:
         except StoreError as e:
             return TierHealth("down", e.message)
         kind = "cluster" if self.cluster else "standalone"
-        return TierHealth("ok", f"{kind} Redis at {_redact(self.url)}")
+        return TierHealth("ok", f"{kind} Redis at {redact_url(self.url)}")
 
     async def close(self) -> None:
         """Close the client's connections (idempotent: the tier and the index share it)."""
         if not self._closed:
             self._closed = True
             await self.client.aclose()
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"//[^@/]*@", "//***@", url)
 
 
 def chunked(seq: Sequence[T], size: int) -> Iterable[Sequence[T]]:

@@ -143,3 +143,16 @@ def test_bad_configuration_exits_2(var: str, tmp_path: Path) -> None:
     assert (
         r.returncode == 2 and "KVAAS_PORT" in r.stderr.upper().replace("\n", "")
     ) or "port" in r.stderr
+
+
+def test_config_show_masks_passwords_in_urls(tmp_path: Path) -> None:
+    env = {
+        "KVAAS_DATABASE_URL": "postgresql+psycopg://kv:dbsecret123@db.example:5432/kvaas",
+        "KVAAS_REDIS_URL": "redis://:redissecret456@cache.example:6379/0",
+        "COLUMNS": "400",  # one table row per line
+    }
+    r = kvaas("config", "show", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.replace("\n", "")
+    assert "dbsecret123" not in text and "redissecret456" not in text
+    assert "kv:***@db.example" in text and ":***@cache.example" in text
