@@ -16,6 +16,10 @@ What is measured (all in one run, on the same bytes):
   number of calls each tier received per lookup (one round trip each).
 - **Prefix fetch**: ``get_prefix`` of 128 codec-encoded int4 chunks (random bf16 KV, 8 layers,
   2 KV heads, head_dim 64, 256 tokens) in one batched call vs 128 one-chunk calls.
+- **Encryption at rest**: ``put_chunks`` and ``get_prefix`` of those 128 chunks through a store
+  with encryption off and one with it on (AES-256-GCM, :mod:`kvaas.store.crypto`) over the same
+  tier, alternating, MB/s of codec bytes and the on/off ratio. The other sections measure
+  plaintext stores, to compare with their raw baselines.
 
 Redis is the standalone server at ``KVAAS_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``);
 keys go under a random prefix and are deleted afterwards.
@@ -50,7 +54,9 @@ from kvaas import codec
 from kvaas.codec.container import pack
 from kvaas.store import (
     ChunkKey,
+    ChunkSealer,
     DiskTier,
+    MasterKeys,
     MemoryTier,
     RedisConnection,
     RedisTier,
@@ -209,7 +215,7 @@ async def bench_tier(
             rows.append(row(name, label, mode, "put", nbytes, *put, base_put))
             rows.append(row(name, label, mode, "get", nbytes, *get, base_get))
             if isinstance(tier, MemoryTier):  # what a reader sees: get_prefix with checksums
-                store = TieredStore([tier], SqliteRefIndex(Path(":memory:")))
+                store = TieredStore([tier], SqliteRefIndex(Path(":memory:")), encrypted=False)
                 sget = await timed(
                     [lambda b=b, s=store: s.get_prefix([k for k, _ in b]) for b in batches]
                 )
@@ -324,7 +330,7 @@ async def bench_fetch(kind: str, tmp: Path, prefix: str, reps: int) -> dict[str,
         tier = RedisTier(RedisConnection(REDIS_URL, prefix=prefix))
     else:
         tier = DiskTier(tmp / "fetch", 1 << 34, durable=False)
-    store = TieredStore([tier], SqliteRefIndex(Path(":memory:")))
+    store = TieredStore([tier], SqliteRefIndex(Path(":memory:")), encrypted=False)
     await store.open()
     try:
         await tier.put_many(list(zip(keys, blobs, strict=True)))
@@ -349,6 +355,56 @@ async def bench_fetch(kind: str, tmp: Path, prefix: str, reps: int) -> dict[str,
     finally:
         await tier.delete_many(keys)
         await store.close()
+
+
+# -- encryption at rest --------------------------------------------------------------------------
+async def bench_encryption(kind: str, tmp: Path, prefix: str, reps: int) -> dict[str, Any]:
+    """Medians of ``put_chunks`` and ``get_prefix`` of a 128-chunk prefix, encryption off and on,
+    over one tier (the disk tier without fsync, like the prefix fetch)."""
+    keys = Keys()
+    blobs = [realistic_chunk(i % 8) for i in range(PREFIX_CHUNKS)]
+    master = MasterKeys("k1", {"k1": os.urandom(32)})
+    sealer = ChunkSealer(master.tenant_keys(keys.namespace), "bench", "int4")
+    tier: Tier
+    if kind == "memory":
+        tier = MemoryTier(1 << 34)
+    elif kind == "redis":
+        tier = RedisTier(RedisConnection(REDIS_URL, prefix=prefix))
+    else:
+        tier = DiskTier(tmp / "encryption", 1 << 34, durable=False)
+    stores = {on: TieredStore([tier], SqliteRefIndex(Path(":memory:")), encrypted=on)
+              for on in (False, True)}  # fmt: skip
+    for store in stores.values():
+        await store.open()
+    times: dict[tuple[bool, str], list[float]] = {
+        (on, op): [] for on in stores for op in ("put", "get")
+    }
+    try:
+        for rep in range(reps + 1):  # round 0 warms up
+            for on, store in stores.items():
+                ks = keys.take(PREFIX_CHUNKS)
+                s = sealer if on else None
+                t0 = time.perf_counter()
+                await store.put_chunks(list(zip(ks, blobs, strict=True)), "hot", s)
+                t1 = time.perf_counter()
+                assert await store.get_prefix(ks, s) == blobs
+                t2 = time.perf_counter()
+                await tier.delete_many(ks)
+                if rep:
+                    times[on, "put"].append(t1 - t0)
+                    times[on, "get"].append(t2 - t1)
+    finally:
+        await stores[False].refs.close()
+        await stores[True].close()
+    mb = sum(map(len, blobs)) / MB
+    out: dict[str, Any] = {
+        "tier": kind, "chunks": PREFIX_CHUNKS, "chunk_kb": mb * 1024 / PREFIX_CHUNKS
+    }  # fmt: skip
+    for op in ("put", "get"):
+        off_mb_s, on_mb_s = (mb / statistics.median(times[e, op]) for e in (False, True))
+        out[f"{op}_off_mb_s"], out[f"{op}_on_mb_s"] = off_mb_s, on_mb_s
+        out[f"{op}_ratio"] = on_mb_s / off_mb_s
+    return out
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -390,6 +446,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["prefix_fetch"] = [
             await bench_fetch(k, tmp, prefix, reps) for k in ("memory", "redis", "disk")
         ]
+        result["encryption"] = [
+            await bench_encryption(k, tmp, prefix, 2 * reps + 1)
+            for k in ("memory", "redis", "disk")
+        ]
     finally:
         async for name in client.scan_iter(match=f"{prefix}:*", count=1000):
             await client.unlink(name)  # counters and anything a failed step left behind
@@ -424,6 +484,16 @@ def show(result: dict[str, Any]) -> None:
         t.add_row(r["tier"], fmt(r["chunk_kb"], ".0f"), fmt(r["batched_ms"], ".1f"),
                   fmt(r["one_by_one_ms"], ".1f"), fmt(r["speedup"], ".1f") + "x",
                   fmt(r["batched_mb_s"], ",.0f"))  # fmt: skip
+    console.print(t)
+    t = Table(title=f"Encryption at rest: {PREFIX_CHUNKS} codec int4 chunks, off vs on (AES-GCM)")
+    for c in ("tier", "chunk KB", "put off MB/s", "put on MB/s", "put on/off", "get off MB/s",
+              "get on MB/s", "get on/off"):  # fmt: skip
+        t.add_column(c, justify="right" if c != "tier" else "left")
+    for r in result["encryption"]:
+        t.add_row(r["tier"], fmt(r["chunk_kb"], ".0f"), fmt(r["put_off_mb_s"], ",.0f"),
+                  fmt(r["put_on_mb_s"], ",.0f"), fmt(r["put_ratio"], ".2f"),
+                  fmt(r["get_off_mb_s"], ",.0f"), fmt(r["get_on_mb_s"], ",.0f"),
+                  fmt(r["get_ratio"], ".2f"))  # fmt: skip
     console.print(t)
 
 

@@ -10,7 +10,9 @@ measured the same way for every row) of:
   it stored;
 - ``kvaas-<tier>-<scheme>``: attach through the KVaaS connector with the chunks in the
   ``disk`` tier (class ``cold``, first read), the ``redis`` tier (class ``hot``, first read)
-  or the worker's ``memory`` tier (a second read: the first one promoted them).
+  or the worker's ``memory`` tier (a second read: the first one promoted them), encrypted at
+  rest as in production; ``...-unencrypted``: the same with a store that keeps plain codec
+  containers (the cost of encryption is the difference).
 
 Every configuration runs in its own engine process (vLLM's prefix cache off for the
 connectors, so each attach really loads). ``load GB/s`` is the raw KV bytes of the loaded
@@ -97,10 +99,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 _ttft(llm, p)  # stores
             res[f"example-connector/{n}"] = [_ttft(llm, p)[0] for p in prompts]
         return res
-    # kvaas: one engine with memory + redis + disk tiers
+    # kvaas (encrypted or not): one engine with memory + redis + disk tiers
     from kvaas.connector import TransferPlan, transfer_config
+    from kvaas.store.crypto import MasterKeys
     from kvaas.store.factory import StoreConfig
     from kvaas.store.keys import chunk_keys, derive_namespace
+
+    encrypted = kind == "kvaas"
+    suffix = "" if encrypted else "-unencrypted"
 
     root = Path(tempfile.mkdtemp(prefix="kvaas-bench-store-"))
     cfg = StoreConfig(
@@ -109,9 +115,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         disk_bytes=64 << 30,
         redis_url=spec["redis_url"],
         redis_prefix=f"bench-ttft-{os.getpid()}",
+        encrypted=encrypted,
     )
     llm = _engine(model_dir, transfer_config(cfg.to_dict()), False)
     ns = derive_namespace(os.urandom(32))
+    seal = MasterKeys("k1", {"k1": os.urandom(32)}).tenant_keys(ns) if encrypted else None
     _ttft(llm, _prompts(vocab, 256, 1, 99)[0])
     for si, scheme in enumerate(spec["schemes"]):
         for ti, (tier, cls) in enumerate((("disk", "cold"), ("redis", "hot"))):
@@ -124,14 +132,17 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                     keys = tuple(
                         chunk_keys(p, namespace=ns, model_fingerprint="bench", scheme_id=scheme)
                     )
-                    _ttft(llm, p, TransferPlan("save", keys, 256, scheme, cls).to_params())
-                    plans.append(TransferPlan("load", keys, 256).to_params())
+                    fp = "bench"
+                    save = TransferPlan("save", keys, 256, scheme, cls, fingerprint=fp, seal=seal)
+                    _ttft(llm, p, save.to_params())
+                    load = TransferPlan("load", keys, 256, scheme, fingerprint=fp, seal=seal)
+                    plans.append(load.to_params())
                 first = [_ttft(llm, p, plan) for p, plan in zip(prompts, plans, strict=True)]
-                res[f"kvaas-{tier}-{scheme}/{n}"] = [t for t, _ in first]
+                res[f"kvaas-{tier}-{scheme}{suffix}/{n}"] = [t for t, _ in first]
                 res[f"cached/{n}"] = first[0][1]
                 if tier == "disk":  # the first read promoted them into the memory tier
                     again = [_ttft(llm, p, plan)[0] for p, plan in zip(prompts, plans, strict=True)]
-                    res[f"kvaas-memory-{scheme}/{n}"] = again
+                    res[f"kvaas-memory-{scheme}{suffix}/{n}"] = again
     return res
 
 
@@ -180,7 +191,7 @@ def main() -> int:
         cfg = json.loads((model_dir / "config.json").read_text())
         kv_bytes_per_token = read_kv_shape(model_dir, "float32").bytes_per_token  # as run
         results: dict[str, Any] = {}
-        for kind in ("baseline", "example", "kvaas"):
+        for kind in ("baseline", "example", "kvaas", "kvaas-unencrypted"):
             print(f"[{name}] running the {kind} engine ...", file=sys.stderr, flush=True)
             spec = {
                 "kind": kind,
