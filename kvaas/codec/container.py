@@ -19,7 +19,9 @@ Layout (little-endian)::
     28+P+N 8     xxh3_64 of every byte before it
 
 A chunk of KV has the canonical shape ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``
-(index 0 keys, 1 values). :func:`verify_blob` checks structure and checksum without decoding.
+(index 0 keys, 1 values). :func:`verify_blob` checks structure and checksum without decoding;
+:func:`read_header` refuses a header whose dimensions no payload of its length can hold, and each
+scheme checks its payload against the header before allocating anything of the header's size.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ _HEADER = struct.Struct("<4sBBBBHHHHIQ")
 HEADER_SIZE = _HEADER.size  # 28
 CHECKSUM_SIZE = 8
 MAX_PARAMS_BYTES = 4096
+#: Most KV elements one payload byte can stand for, in any scheme: lossless planes are zstd
+#: frames, which expand at most 32768 times (a 4-byte run-length block per 128 KiB); the other
+#: schemes store at least half a byte per element. A header claiming more is corrupt.
+MAX_ELEMENTS_PER_BYTE = (128 * 1024) // 4
 
 DTYPE_IDS: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 DTYPES_BY_ID: dict[int, torch.dtype] = {v: k for k, v in DTYPE_IDS.items()}
@@ -148,6 +154,8 @@ def read_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
         raise CorruptBlobError(f"blob length {len(mv)} does not match its header ({expected})")
     if min(layers, heads, dim, tokens) == 0:
         raise CorruptBlobError("zero-sized dimension in header")
+    if layers * 2 * tokens * heads * dim > nbytes * MAX_ELEMENTS_PER_BYTE:
+        raise CorruptBlobError("payload too small for the header's dimensions")
     params: dict[str, Any] = {}
     if plen:
         try:

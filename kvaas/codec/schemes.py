@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import zstandard
 
-from kvaas.codec.container import BlobHeader
+from kvaas.codec.container import MAX_ELEMENTS_PER_BYTE, BlobHeader
 from kvaas.codec.errors import CorruptBlobError
 
 _NP_INT = {1: np.uint8, 2: np.int16, 4: np.int32}
@@ -85,6 +85,24 @@ def _zstd_d() -> zstandard.ZstdDecompressor:
     return d
 
 
+#: Most bytes one byte of a zstd frame can expand to: a frame is made of blocks of at most
+#: 128 KiB, and the smallest block (run-length, one byte repeated) takes 4 bytes.
+ZSTD_MAX_RATIO = MAX_ELEMENTS_PER_BYTE
+
+
+def _check_frame(frame: memoryview, size: int) -> None:
+    """Raise :class:`CorruptBlobError` unless ``frame`` declares ``size`` bytes of content and is
+    long enough to expand to them (nothing is decompressed or allocated)."""
+    if size > len(frame) * ZSTD_MAX_RATIO:
+        raise CorruptBlobError("compressed plane too short for the header's dimensions")
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise CorruptBlobError(f"zstd: {e}") from e
+    if declared != size:
+        raise CorruptBlobError("compressed plane does not declare the header's size")
+
+
 class LosslessScheme(Scheme):
     """Byte-plane split + zstd. Keys and values are laid out token-minor (``[L,2,H,D,T]``) so
     a channel's exponents, which vary slowly over tokens, sit next to each other; each byte
@@ -115,6 +133,9 @@ class LosslessScheme(Scheme):
         return {"level": level, "planes": sizes}, b"".join(parts)
 
     def decode(self, header: BlobHeader, payload: memoryview) -> torch.Tensor:
+        """Every plane is checked against the header's size before anything of that size is
+        allocated: a raw plane must be exactly that long, a zstd frame must declare that size
+        and be long enough to expand to it (at most :data:`ZSTD_MAX_RATIO` times its length)."""
         item = torch.empty((), dtype=header.dtype).element_size()
         sizes = header.params.get("planes")
         n = header.num_elements
@@ -125,16 +146,20 @@ class LosslessScheme(Scheme):
             or sum(abs(s) for s in sizes) != len(payload)
         ):
             raise CorruptBlobError("lossless plane table does not match the payload")
-        planes = np.empty((item, n), dtype=np.uint8)
+        chunks: list[memoryview] = []
         off = 0
-        d = _zstd_d()
-        for i, s in enumerate(sizes):
-            b = item - 1 - i
-            chunk = payload[off : off + abs(s)]
+        for s in sizes:
+            chunks.append(payload[off : off + abs(s)])
             off += abs(s)
+            if s < 0 and -s != n:
+                raise CorruptBlobError("raw plane has the wrong size")
+            if s >= 0:
+                _check_frame(chunks[-1], n)
+        planes = np.empty((item, n), dtype=np.uint8)
+        d = _zstd_d()
+        for i, (s, chunk) in enumerate(zip(sizes, chunks, strict=True)):
+            b = item - 1 - i
             if s < 0:
-                if abs(s) != n:
-                    raise CorruptBlobError("raw plane has the wrong size")
                 planes[b] = np.frombuffer(chunk, dtype=np.uint8)
             else:
                 try:
@@ -322,7 +347,10 @@ class QuantScheme(Scheme):
         vscale = scales(L * T * H * (D // gv), (L, T, H, D // gv))
         vmin = None if self.sym else scales(L * T * H * (D // gv), (L, T, H, D // gv))
         r.done()
-        kc = _pad_last(kcodes, gk).reshape(L, H, D, ngk, gk)
+        # a group longer than the chunk (ngk == 1) is the chunk's tokens: padding codes to
+        # the group size would allocate from a parameter, not from the payload
+        g = min(gk, T)
+        kc = _pad_last(kcodes, g).reshape(L, H, D, ngk, g)
         k = _dequantize(kc, kscale, kmin, self.bits).reshape(L, H, D, -1)[..., :T]
         v = _dequantize(vcodes, vscale, vmin, self.bits).reshape(L, T, H, D)
         out = torch.empty((L, 2, T, H, D), dtype=header.dtype)
