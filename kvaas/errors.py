@@ -6,6 +6,11 @@ Every error the API returns has one shape::
 
 Each exception class below carries its HTTP status and ``type`` string; handlers in
 :mod:`kvaas.api.errors` turn them (and FastAPI's own validation errors) into that body.
+
+Internals never reach the caller: a class whose messages may name them (addresses of engine
+nodes or Redis, file paths, texts of lower-level exceptions) sets ``public = False``; the caller
+then gets its ``description`` and the message goes to the log, under the request id. ``detail``
+carries internals of any error to the log the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ class APIError(Exception):
     status_code: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
     description: ClassVar[str] = "Unexpected server error."
+    #: whether ``message`` may be shown to the caller (else the caller gets ``description``)
+    public: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -27,12 +34,20 @@ class APIError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
+        detail: str | None = None,
     ) -> None:
         self.message = message or self.description
         self.param = param
         self.headers = headers or {}
         self.extra = extra or {}
+        #: for the log and the admin API only, never for the caller
+        self.detail = detail
         super().__init__(self.message)
+
+    @property
+    def public_message(self) -> str:
+        """What the caller may read: ``message``, or ``description`` when ``public`` is off."""
+        return self.message if self.public else self.description
 
 
 class BadRequest(APIError):

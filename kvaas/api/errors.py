@@ -1,4 +1,9 @@
-"""Turning exceptions into the one error body, and declaring errors in the OpenAPI spec."""
+"""Turning exceptions into the one error body, and declaring errors in the OpenAPI spec.
+
+A caller reads only what an error allows (:attr:`kvaas.errors.APIError.public_message`);
+what it carries for the operator (messages that are not public, ``detail``, the errors it was
+raised from) is logged with the request id, which the caller's answer also holds.
+"""
 
 from __future__ import annotations
 
@@ -51,10 +56,37 @@ def request_id_of(request: Request) -> str:
     return getattr(request.state, "request_id", "") or ""
 
 
+def internals_of(err: BaseException) -> str | None:
+    """What ``err`` holds for the operator only: its message when that is not public, its
+    ``detail``, and those of the errors it was raised from (``None`` when there is nothing)."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, APIError):
+            parts += [p for p in (None if e.public else e.message, e.detail) if p]
+        else:
+            parts.append(getattr(e, "detail", None) or f"{type(e).__name__}: {e}")
+        e = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
+    return "; ".join(parts) or None
+
+
 def api_error_response(request: Request, err: APIError) -> JSONResponse:
     rid = request_id_of(request)
+    internals = internals_of(err)
+    if internals is not None:
+        log.warning(
+            "request %s: %s %s answered %d %s: %s",
+            rid,
+            request.method,
+            request.url.path,
+            err.status_code,
+            err.type,
+            internals,
+        )
     return JSONResponse(
-        error_payload(err.type, err.message, rid, err.param, **err.extra),
+        error_payload(err.type, err.public_message, rid, err.param, **err.extra),
         status_code=err.status_code,
         headers={**err.headers, "X-Request-ID": rid},
     )
@@ -98,29 +130,38 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DatabaseUnavailable)
     async def _db_down(request: Request, err: DatabaseUnavailable) -> JSONResponse:
-        log.warning("database unavailable: %s", err)
         return api_error_response(
             request,
             ServiceUnavailable(
-                "the metadata database is unavailable; retry later", headers={"Retry-After": "5"}
+                "the metadata database is unavailable; retry later",
+                headers={"Retry-After": "5"},
+                detail=f"database unavailable: {err}",
             ),
         )
 
     @app.exception_handler(DataError)
     async def _bad_value(request: Request, err: DataError) -> JSONResponse:
-        # a value the database refuses to store or compare (e.g. a NUL character in a text
-        # field on PostgreSQL): the request's fault, not the server's
-        log.info("database refused a request value: %s", err.orig)
+        # a value the database refuses to store or compare that request validation let
+        # through: the request's fault, not the server's; the database's words stay in the log
         return api_error_response(
             request,
-            ValidationFailed(f"a value in the request is not valid: {str(err.orig)[:200]}"),
+            ValidationFailed(
+                "a value in the request cannot be stored: remove control characters and "
+                "keep text within the documented lengths",
+                detail=f"the database refused a request value: {err.orig}",
+            ),
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
         if is_connection_error(err):
             return await _db_down(request, DatabaseUnavailable(str(err)))
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        log.exception(
+            "request %s: unhandled error in %s %s",
+            request_id_of(request),
+            request.method,
+            request.url.path,
+        )
         return api_error_response(request, InternalError())
 
 

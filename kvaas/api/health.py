@@ -3,28 +3,52 @@
 Components register readiness probes on ``app.state.health_checks`` (name → async callable
 returning a detail string, raising when the component is down). ``/readyz`` runs them all
 concurrently, each under a time limit, and answers 503 when any is down.
+
+Anyone sees each component's status; why a component is down (error texts, which name hosts,
+ports and paths) is shown only to a caller with the admin token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from kvaas import __version__
-from kvaas.api.deps import HealthCheck, HealthChecksDep
+from kvaas.api.deps import HealthCheck, HealthChecksDep, SettingsDep, require_admin
 from kvaas.api.schemas.health import ComponentStatus, Liveness, Readiness
 
 router = APIRouter(tags=["health"])
 
 PROBE_TIMEOUT_SECONDS = 3.0
 
+_admin_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="AdminToken",
+    description="`Authorization: Bearer <admin token>`",
+)
 
-async def _probe(check: HealthCheck) -> ComponentStatus:
+
+async def _is_admin(
+    request: Request,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
+) -> bool:
+    """Whether the caller presented the admin token; a wrong one is refused as on the admin
+    API (401), no credential at all is the public view."""
+    if credentials is None:
+        return False
+    await require_admin(request, settings, credentials)
+    return True
+
+
+async def _probe(check: HealthCheck, admin: bool) -> ComponentStatus:
+    """One probe's outcome; a down component's error text only for ``admin``."""
     t0 = time.perf_counter()
     try:
         detail = await asyncio.wait_for(check(), PROBE_TIMEOUT_SECONDS)
@@ -32,9 +56,12 @@ async def _probe(check: HealthCheck) -> ComponentStatus:
     except TimeoutError:
         status, detail = "down", f"no answer within {PROBE_TIMEOUT_SECONDS:g} s"
     except Exception as e:
-        status, detail = "down", (str(e).splitlines() or [type(e).__name__])[0][:300]
+        text = getattr(e, "detail", None) or str(e)
+        status, detail = "down", (text.splitlines() or [type(e).__name__])[0][:300]
     return ComponentStatus(
-        status=status, detail=detail, latency_ms=round((time.perf_counter() - t0) * 1000, 2)
+        status=status,
+        detail=detail if admin or status == "ok" else None,
+        latency_ms=round((time.perf_counter() - t0) * 1000, 2),
     )
 
 
@@ -48,9 +75,11 @@ async def healthz() -> Liveness:
     summary="Readiness: every component the service needs answers",
     responses={503: {"model": Readiness, "description": "At least one component is down."}},
 )
-async def readyz(checks: HealthChecksDep) -> JSONResponse:
+async def readyz(
+    checks: HealthChecksDep, admin: Annotated[bool, Depends(_is_admin)]
+) -> JSONResponse:
     names = list(checks)
-    results = await asyncio.gather(*(_probe(checks[n]) for n in names))
+    results = await asyncio.gather(*(_probe(checks[n], admin) for n in names))
     components = dict(zip(names, results, strict=True))
     ok = all(c.status == "ok" for c in results)
     body = Readiness(status="ok" if ok else "down", version=__version__, components=components)

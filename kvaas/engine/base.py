@@ -63,7 +63,12 @@ class Generation:
 
 
 class EngineError(RuntimeError):
-    """The engine failed a request or is not running."""
+    """The engine failed a request or is not running. Its text may reach callers: it names
+    no node, address or answer of the engine; ``detail`` holds those, for the log only."""
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class Engine(ABC):

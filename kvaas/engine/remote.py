@@ -12,7 +12,8 @@ Start each node with (``kvaas engine command`` prints it for the current setting
 
 The nodes must share the store's Redis and/or disk directory with the gateway. Requests go to
 the node with the fewest requests in flight; the plan travels as ``kv_transfer_params``.
-A remote request's completion arrives as one delta when it is done.
+A remote request's completion arrives as one delta when it is done. Errors name no node:
+its URL and answer are in :attr:`~kvaas.engine.base.EngineError.detail`, for the log.
 """
 
 from __future__ import annotations
@@ -65,14 +66,20 @@ class RemoteEngine(Engine):
 
     async def health(self) -> str:
         up = 0
+        down: list[str] = []
         for url in self._urls:
             try:
                 r = await self._client.get(f"{url}/health", timeout=3.0)
                 up += r.status_code == 200
-            except httpx.HTTPError:
-                pass
+                if r.status_code != 200:
+                    down.append(f"{url} answered {r.status_code}")
+            except httpx.HTTPError as e:
+                down.append(f"{url}: {type(e).__name__}: {e}")
         if not up:
-            raise EngineError(f"no vllm serve node answers ({len(self._urls)} configured)")
+            raise EngineError(
+                f"no vllm serve node answers ({len(self._urls)} configured)",
+                detail="; ".join(down),
+            )
         return f"{up}/{len(self._urls)} vllm serve nodes up"
 
     def _body(
@@ -110,11 +117,17 @@ class RemoteEngine(Engine):
                 f"{url}/v1/completions", json=self._body(token_ids, sampling, plan)
             )
         except httpx.HTTPError as e:
-            raise EngineError(f"vllm serve node {url} failed: {e}") from e
+            raise EngineError(
+                "an engine node did not answer",
+                detail=f"vllm serve node {url} failed: {type(e).__name__}: {e}",
+            ) from e
         finally:
             self._inflight[url] -= 1
         if r.status_code != 200:
-            raise EngineError(f"vllm serve node {url} answered {r.status_code}: {r.text[:300]}")
+            raise EngineError(
+                f"an engine node refused the request (HTTP {r.status_code})",
+                detail=f"vllm serve node {url} answered {r.status_code}: {r.text[:300]}",
+            )
         doc = r.json()
         choice = doc["choices"][0]
         usage = doc.get("usage") or {}

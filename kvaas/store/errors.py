@@ -1,8 +1,9 @@
 """Typed errors of the KV store.
 
 Store errors derive from :class:`kvaas.errors.APIError` (a plain exception module with no web
-framework imports), so the gateway can return them as they are; the store itself never imports
-the web stack. A *miss* is never an error: lookups return ``None`` / ``False`` for absent or
+framework imports), so the gateway can return them; the store itself never imports the web
+stack. Their messages name internals (Redis addresses, file paths, driver errors): they are
+not ``public``, so a caller reads the class's ``description`` and the message goes to the log. A *miss* is never an error: lookups return ``None`` / ``False`` for absent or
 corrupt chunks.
 """
 
@@ -17,6 +18,7 @@ class StoreError(APIError):
     status_code = 500
     type = "store_error"
     description = "The KV store failed."
+    public = False
 
 
 class ConfigurationError(StoreError, ValueError):

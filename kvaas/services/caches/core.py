@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -23,9 +24,10 @@ from kvaas.config import Settings
 from kvaas.connector.params import TransferPlan
 from kvaas.db.base import utcnow
 from kvaas.db.models import Cache, CacheTag, CacheVersion, Tenant
+from kvaas.db.repositories import AuditRepository
 from kvaas.db.session import Database
-from kvaas.engine import Engine, Sampling
-from kvaas.errors import BadRequest, Conflict, NotFound, ValidationFailed
+from kvaas.engine import Engine, EngineError, Sampling
+from kvaas.errors import APIError, BadRequest, Conflict, NotFound, ValidationFailed
 from kvaas.metering import hooks as metering
 from kvaas.services import listing, quotas
 from kvaas.services.caches.identity import PrefillJob, bytes_to_tokens, engine_salt, keys_for
@@ -35,6 +37,28 @@ from kvaas.store.crypto import MasterKeys, TenantKeys
 from kvaas.store.errors import StoreError
 from kvaas.store.keys import ChunkKey, derive_namespace, namespace_slot
 from kvaas.store.tiered import TieredStore
+
+log = logging.getLogger("kvaas.caches")
+
+
+def describe_failure(error: BaseException | str) -> tuple[str, str | None]:
+    """What a tenant and what an operator read of a failed prefill: ``(public reason,
+    internal detail)``. The public reason names the component that failed ("the engine
+    failed", "the store is unavailable", ...), never an address, path or lower-level error
+    text; those are in the detail (``None`` for a reason given as text)."""
+    if isinstance(error, str):
+        return error, None
+    if isinstance(error, APIError):
+        text = error.public_message.rstrip(".")
+        public = text[:1].lower() + text[1:]
+        detail = "; ".join(p for p in (error.message, error.detail) if p)
+    elif isinstance(error, EngineError):
+        public = f"the engine failed: {error}"
+        detail = error.detail or str(error)
+    else:
+        public = "internal error"
+        detail = f"{type(error).__name__}: {error}"
+    return public, detail
 
 
 class CacheCore:
@@ -272,10 +296,18 @@ class CacheCore:
         except StoreError:
             return max((v.stored_bytes for v in versions), default=0)
 
-    async def _fail(self, session: AsyncSession, job: PrefillJob, reason: str) -> None:
+    async def _fail(
+        self, session: AsyncSession, job: PrefillJob, error: BaseException | str
+    ) -> str:
         """Transition: the prefill of ``job.version`` failed. A failed create fails the cache;
         a failed extend leaves the cache at its previous version. The version's manifest is
-        released first: a version seen ``failed`` holds no chunks."""
+        released first: a version seen ``failed`` holds no chunks.
+
+        ``error``: a reason meant for the tenant, or the exception that failed the prefill.
+        The tenant's ``failure_reason`` is :func:`describe_failure`'s public text; what the
+        exception says of the platform's internals goes to the log and to the admin API's
+        audit log (action ``cache.prefill_failed``). Returns the public text."""
+        reason, detail = describe_failure(error)
         await self._release(job.slot, job.cache_id, [job.version], job.keys)
         cache = await session.get(Cache, job.cache_id, populate_existing=True, with_for_update=True)
         row = await session.get(CacheVersion, (job.cache_id, job.version), populate_existing=True)
@@ -290,7 +322,18 @@ class CacheCore:
                 cache.token_ids = PURGED
             cache.reserved_tokens = 0
             cache.reserved_bytes = 0
+        if detail is not None:
+            log.warning("prefill of %s v%d failed: %s", job.cache_id, job.version, detail)
+            await AuditRepository(session).record(
+                actor="kvaas",
+                action="cache.prefill_failed",
+                target_type="cache",
+                target_id=job.cache_id,
+                tenant_id=cache.tenant_id if cache is not None else None,
+                details={"version": job.version, "reason": reason, "detail": detail[:2000]},
+            )
         await session.commit()
+        return reason
 
     async def _release(
         self,

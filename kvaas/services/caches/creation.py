@@ -213,8 +213,8 @@ class CreateOps(CacheCore):
             gen = await eng.generate(job.ids, once, job.plan())
             sizes = await self.store.sizes_many(job.keys)
         except (StoreError, EngineError) as e:
-            await self._fail(session, job, str(e))
-            raise ServiceUnavailable(f"the cache could not be stored: {e}") from e
+            reason = await self._fail(session, job, e)
+            raise ServiceUnavailable(f"the cache could not be stored: {reason}") from e
         if not all(sizes):
             n = sum(1 for x in sizes if x)
             reason = f"only {n} of {len(job.keys)} chunks reached the store"
@@ -292,7 +292,7 @@ class CreateOps(CacheCore):
             log.exception("background prefill of %s v%d failed", job.cache_id, job.version)
             with contextlib.suppress(Exception):
                 async with self.db.session() as session:
-                    await self._fail(session, job, f"internal error: {type(e).__name__}")
+                    await self._fail(session, job, e)
 
     @property
     def running_jobs(self) -> int:

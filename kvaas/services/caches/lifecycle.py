@@ -97,7 +97,7 @@ class LifecycleOps(CacheCore):
             for v in await self._ready_versions(session, cache.id):
                 await self.store.set_storage_class(tag, cache.id, v.version, storage_class)
         except StoreError as e:
-            raise ServiceUnavailable(f"the cache could not be moved: {e}") from e
+            raise ServiceUnavailable(f"the cache could not be moved: {e.public_message}") from e
         old = cache.storage_class
         cache.storage_class = storage_class
         cache.updated_at = utcnow()
