@@ -282,7 +282,9 @@ class IdempotentRow:
 class UsageEvent(IdempotentRow, Base):
     """Append-only usage ledger: one row per metered quantity (tokens, cache creations).
 
-    ``idempotency_key`` is unique: recording the same event twice keeps one row.
+    ``idempotency_key`` is unique: recording the same event twice keeps one row. Tenants see
+    an event as its random ``public_id`` (``ue_…``), never the row id: row ids count every
+    tenant's events.
     """
 
     __tablename__ = "usage_events"
@@ -291,6 +293,9 @@ class UsageEvent(IdempotentRow, Base):
         Index("ix_usage_events_tenant_at", "tenant_id", "occurred_at"),
     )
 
+    public_id: Mapped[str] = mapped_column(
+        String(32), unique=True, default=lambda: new_id("ue")
+    )
     meter: Mapped[str] = mapped_column(String(32))
     quantity: Mapped[int] = mapped_column(BigInteger)
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)

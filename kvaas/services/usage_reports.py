@@ -132,12 +132,13 @@ async def usage_events(
     meter: str | None,
     frm: datetime | None,
     to: datetime | None,
-    after: int | None,
+    after: str | None,
     limit: int,
 ) -> tuple[Sequence[UsageEvent], bool]:
     """The tenant's usage events in ``[frm, to)`` (defaults: all of them up to a day ahead),
-    of ``meter`` when given (400 for an unknown one), with an id above ``after``, oldest
-    first: at most ``limit`` of them, and whether more follow."""
+    of ``meter`` when given (400 for an unknown one), recorded after the tenant's event whose
+    public id is ``after`` (400 for an id the tenant has not), oldest first: at most ``limit``
+    of them, and whether more follow."""
     start = aware(frm, datetime(1970, 1, 1, tzinfo=UTC))
     end = aware(to, utcnow() + timedelta(days=1))
     q = select(UsageEvent).where(
@@ -150,6 +151,13 @@ async def usage_events(
             raise BadRequest(f"unknown meter {meter!r}; one of {EVENT_METERS}", param="meter")
         q = q.where(UsageEvent.meter == meter)
     if after is not None:
-        q = q.where(UsageEvent.id > after)
+        row_id = await session.scalar(
+            select(UsageEvent.id).where(
+                UsageEvent.tenant_id == tenant_id, UsageEvent.public_id == after
+            )
+        )
+        if row_id is None:
+            raise BadRequest(f"no usage event {after!r}: pass the `id` of an event", param="after")
+        q = q.where(UsageEvent.id > row_id)
     rows = list(await session.scalars(q.order_by(UsageEvent.id).limit(limit + 1)))
     return rows[:limit], len(rows) > limit

@@ -33,7 +33,9 @@ class UsageReport(BaseModel):
 
 
 class UsageEventOut(BaseModel):
-    id: int
+    id: str = Field(
+        description="Opaque id (`ue_…`); pass it as `after` for the events recorded after it."
+    )
     meter: str
     quantity: int
     occurred_at: datetime
