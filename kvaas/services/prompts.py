@@ -7,7 +7,8 @@ OpenAI-compatible completions, the cost estimate):
   request must be the one it serves;
 - a prompt is exactly one of ``prompt`` (text), ``messages`` (chat, through the model's chat
   template) or ``token_ids`` (each in ``[0, vocabulary size)``);
-- it is not empty;
+- it is not empty, and text is not only whitespace (a ``prompt``, or the contents of all the
+  ``messages``): ``400`` before anything is tokenized;
 - it fits the model: a cached prefix holds at most ``max_model_len - 1`` tokens (one is left to
   generate), and a generation's prompt plus ``max_tokens`` at most ``max_model_len``.
 
@@ -87,6 +88,7 @@ class PromptPolicy:
         given = [x for x in (p.prompt, p.messages, p.token_ids) if x is not None]
         if len(given) != 1:
             raise BadRequest("give exactly one of `prompt`, `messages` or `token_ids`")
+        self._require_text(p)
         if p.token_ids is not None:
             vocab = len(eng.model.tokenizer)
             if any(t < 0 or t >= vocab for t in p.token_ids):
@@ -114,6 +116,21 @@ class PromptPolicy:
         return await asyncio.to_thread(
             eng.model.encode, p.prompt, add_special_tokens=not continuation
         )
+
+    @staticmethod
+    def _require_text(p: Prompt) -> None:
+        """Text forms hold more than whitespace (chat messages: one content at least)."""
+        if p.prompt is not None and not p.prompt.strip():
+            raise BadRequest(
+                "the prompt is empty or only whitespace: give some text", param="prompt"
+            )
+        if p.messages is not None and not any(
+            str(m.get("content", "")).strip() for m in p.messages
+        ):
+            raise BadRequest(
+                "the messages are empty or only whitespace: give a message with some text",
+                param="messages",
+            )
 
     @staticmethod
     def require_tokens(

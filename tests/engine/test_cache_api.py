@@ -140,12 +140,17 @@ async def test_evicted_chunks_miss_and_require_hit(gateway) -> None:  # type: ig
 
 
 async def test_short_cache_and_validation(gateway) -> None:  # type: ignore[no-untyped-def]
-    ids = corpus_ids(gateway)[:100]
-    cache = await create(gateway, ids)
-    assert cache["stored_tokens"] == 0 and cache["compression"] == "int4"
-    r = await attach(gateway, cache["id"], [7, 8, 9])
-    assert r.json()["cache"] == {"id": cache["id"], "hit": False, "miss_reason": "too_short"}
     c = gateway.client
+    # a cache that would hold no full chunk is not created: the answer gives the minimum
+    r = await c.post(
+        "/v1/cache/create", json={"token_ids": corpus_ids(gateway)[:100]}, headers=gateway.auth()
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "at least 256 tokens" in err["message"] and "has 100" in err["message"]
+    assert err["param"] == "prompt"
+    cache = await create(gateway, corpus_ids(gateway)[:256])
+    assert cache["stored_tokens"] == 256 and cache["compression"] == "int4"
     for body, status in [
         ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 422),
         ({}, 422),

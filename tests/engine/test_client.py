@@ -22,7 +22,6 @@ from kvaas.client import (
     AsyncKVaaS,
     AuthenticationError,
     BadRequestError,
-    CacheMissError,
     EngineUnavailableError,
     KVaaS,
     NotFoundError,
@@ -94,10 +93,9 @@ async def test_sync_client_and_errors(gateway, served_gateway: str) -> None:  # 
             assert e.value.param == "ttl_seconds"
             with pytest.raises(ValidationError):
                 kv.create_cache(prompt="x", storage_class="lukewarm")
-            short = kv.create_cache(prompt="a short prefix")
-            with pytest.raises(CacheMissError) as miss:
-                kv.attach(short.id, prompt="x", require_hit=True)
-            assert miss.value.status_code == 409 and miss.value.body["miss_reason"] == "too_short"
+            with pytest.raises(BadRequestError) as e:  # not one full chunk: not created
+                kv.create_cache(prompt="a short prefix")
+            assert "at least 256 tokens" in e.value.message and e.value.param == "prompt"
         with KVaaS(served_gateway, "kvs_nope_nope") as bad, pytest.raises(AuthenticationError):
             bad.models()
         # another tenant's cache does not exist for this one
@@ -192,7 +190,7 @@ async def test_post_retries_reuse_one_idempotency_key(strict_gateway) -> None:  
 async def test_lifecycle_tags_and_listing(gateway, served_gateway: str) -> None:  # type: ignore[no-untyped-def]
     async with AsyncKVaaS(served_gateway, gateway.api_key) as kv:
         name = f"listed-{secrets.token_hex(4)}"
-        made = [await kv.create_cache(prompt=f"{i} {DOC[:300]}", name=name) for i in range(3)]
+        made = [await kv.create_cache(prompt=f"{i} {DOC[:1200]}", name=name) for i in range(3)]
         listed = [c.id async for c in kv.list_caches(name=name, page_size=2)]  # two pages
         assert sorted(listed) == sorted(c.id for c in made)
         got = await kv.get_cache(made[0].id)

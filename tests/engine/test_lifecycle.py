@@ -64,14 +64,14 @@ async def test_list_filters_and_cursor_pagination(gateway) -> None:  # type: ign
     for i in range(5):
         made.append(
             await cl.create(
-                ids[i * 50 : i * 50 + 40],
+                ids[i * 300 : i * 300 + 256],
                 name="even" if i % 2 == 0 else "odd",
                 metadata={"i": str(i), "team": "x" if i < 3 else "y"},
                 storage_class="cold",
             )
         )
     other = await new_client(gateway)
-    await other.create(ids[:40], name="even")
+    await other.create(ids[:256], name="even")
     newest_first = [c["id"] for c in reversed(made)]
 
     async def walk(**params):  # type: ignore[no-untyped-def]
@@ -111,7 +111,7 @@ async def test_list_filters_and_cursor_pagination(gateway) -> None:  # type: ign
     assert (await walk(tag="nope"))[0] == []
     r = await cl.request("GET", "/v1/caches", params={"limit": 1})
     assert (
-        r.json()["data"][0]["tags"] == [] and r.json()["data"][0]["progress"]["tokens_done"] == 40
+        r.json()["data"][0]["tags"] == [] and r.json()["data"][0]["progress"]["tokens_done"] == 256
     )
 
     # deleted caches leave the list
@@ -365,7 +365,8 @@ async def test_quotas(gateway) -> None:  # type: ignore[no-untyped-def]
     assert r.status_code == 402 and r.json()["error"]["current"] == 600
     r = await cl.request("POST", url, json={"token_ids": ids[600:900]})
     assert r.status_code == 201 and r.json()["tokens"] == 900
-    await cl.create(ids[:100])
+    r = await cl.request("POST", "/v1/cache/create", json={"token_ids": ids[:256]})
+    assert r.status_code == 402 and r.json()["error"]["current"] == 900  # the smallest cache
     assert (await cl.request("DELETE", f"/v1/caches/{a['id']}")).status_code == 200
     await cl.create(ids[:600])  # room again
 
@@ -382,15 +383,16 @@ async def test_quotas(gateway) -> None:  # type: ignore[no-untyped-def]
         2 * 147_573 + 1000,
         147_573,
     )
-    await cl.create(ids[:200])  # no full chunk: no bytes
+    r = await cl.request("POST", "/v1/cache/create", json={"token_ids": ids[:200]})
+    assert r.status_code == 400 and "at least 256" in r.json()["error"]["message"]  # no chunk
     r = await cl.request("POST", f"/v1/caches/{c['id']}/extend", json={"token_ids": ids[600:800]})
     assert r.status_code == 402  # a third chunk
 
     # number of live caches
     cl = await new_client(gateway, max_caches=2)
     for _ in range(2):
-        await cl.create(ids[:50])
-    r = await cl.request("POST", "/v1/cache/create", json={"token_ids": ids[:50]})
+        await cl.create(ids[:256])
+    r = await cl.request("POST", "/v1/cache/create", json={"token_ids": ids[:256]})
     assert r.status_code == 429, r.text
     assert "retry-after" not in r.headers
     err = r.json()["error"]

@@ -64,7 +64,7 @@ async def test_deleted_version_and_cache_keep_counts_not_tokens(gateway) -> None
 
 async def test_expired_cache_is_purged_by_the_sweep(gateway) -> None:  # type: ignore[no-untyped-def]
     cl = await new_client(gateway)
-    c = await cl.create(corpus_ids(gateway)[9700:9950], storage_class="cold")
+    c = await cl.create(corpus_ids(gateway)[9700:9960], storage_class="cold")
     async with gateway.app.state.db.session() as s:
         await s.execute(
             update(Cache)

@@ -3,10 +3,11 @@ route answers with."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from kvaas.db.models import Cache
 from kvaas.engine import Sampling
@@ -17,6 +18,31 @@ Compression = Literal["none", "lossless", "int8", "int4"]
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKEN_IDS = 131_072
 TAG_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+#: C0 and C1 control characters and DEL: refused in names, ids and metadata (the databases
+#: disagree about some of them, e.g. PostgreSQL cannot store NUL in text)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_METADATA_PAIRS = 16
+
+
+def _no_control(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (NUL, tabs, line breaks, ...)")
+    return value
+
+
+_printable = AfterValidator(_no_control)
+#: Texts a tenant names things with: bounded, printable characters only.
+CacheName = Annotated[str, Field(max_length=128), _printable]
+CacheIdText = Annotated[str, Field(max_length=64), _printable]
+MetadataKey = Annotated[str, Field(min_length=1, max_length=64), _printable]
+MetadataValue = Annotated[str, Field(max_length=512), _printable]
+#: At most 16 pairs, keys of 1-64 and values of at most 512 printable characters (so at most
+#: 9,216 characters in all).
+Metadata = dict[MetadataKey, MetadataValue]
+METADATA_DESCRIPTION = (
+    f"Up to {MAX_METADATA_PAIRS} string key/value pairs: keys of 1 to 64 characters, values of "
+    "at most 512, no control characters."
+)
 
 
 class ChatMessage(BaseModel):
@@ -74,14 +100,14 @@ class CreateCacheRequest(OnePromptFields):
         },
     )
     model: str | None = Field(None, max_length=128, description="Must name the served model.")
-    name: str | None = Field(None, max_length=128, description="A label of your choice.")
+    name: CacheName | None = Field(None, description="A label of your choice.")
     ttl_seconds: int | None = Field(
         None, description="Lifetime in seconds (bounds: KVAAS_MIN/MAX_TTL_SECONDS)."
     )
     storage_class: StorageClass | None = Field(None, description="Where the KV is kept.")
     compression: Compression | None = Field(None, description="Codec of the stored KV.")
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] = Field(
-        default_factory=dict, max_length=16, description="Up to 16 string key/value pairs."
+    metadata: Metadata = Field(
+        default_factory=dict, max_length=MAX_METADATA_PAIRS, description=METADATA_DESCRIPTION
     )
     refresh_on_hit: bool = Field(
         False, description="Each attach pushes `expires_at` to now + the cache's TTL."
@@ -183,7 +209,7 @@ class AttachRequest(PromptFields):
             ]
         },
     )
-    cache_id: str | None = Field(None, max_length=64, description="The cache (or give `tag`).")
+    cache_id: CacheIdText | None = Field(None, description="The cache (or give `tag`).")
     tag: str | None = Field(None, pattern=TAG_PATTERN, description="A tag naming the cache.")
     version: int | None = Field(None, ge=1, description="Version to attach (default: latest).")
     max_tokens: int = Field(16, ge=1, le=8192)

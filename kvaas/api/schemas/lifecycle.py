@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from kvaas.api.schemas.caches import CacheObject, OnePromptFields, StorageClass
+from kvaas.api.schemas.caches import (
+    MAX_METADATA_PAIRS,
+    METADATA_DESCRIPTION,
+    CacheName,
+    CacheObject,
+    Metadata,
+    OnePromptFields,
+    StorageClass,
+)
 from kvaas.db.models import CacheVersion
 from kvaas.services.caches import UNSET, CachePatch
 
@@ -26,9 +34,11 @@ class CachePatchRequest(BaseModel):
         extra="forbid",
         json_schema_extra={"examples": [{"ttl_seconds": 86400, "storage_class": "cold"}]},
     )
-    name: str | None = Field(None, max_length=128, description="`null` clears it.")
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
-        None, max_length=16, description="Replaces the metadata (up to 16 pairs)."
+    name: CacheName | None = Field(None, description="`null` clears it.")
+    metadata: Metadata | None = Field(
+        None,
+        max_length=MAX_METADATA_PAIRS,
+        description=f"Replaces the metadata. {METADATA_DESCRIPTION}",
     )
     ttl_seconds: int | None = Field(None, description="New lifetime, from now.")
     expires_at: AwareDatetime | None = Field(None, description="New expiry (instead of a TTL).")

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvaas.api.schemas.caches import CacheIdText
 from kvaas.db.models import CacheTag
 
 
@@ -36,7 +37,7 @@ class TagPut(BaseModel):
         extra="forbid",
         json_schema_extra={"examples": [{"cache_id": "cache_0123456789abcdef01234567"}]},
     )
-    cache_id: str = Field(max_length=64, description="The cache the tag points at from now on.")
+    cache_id: CacheIdText = Field(description="The cache the tag points at from now on.")
 
 
 class TagDeleted(BaseModel):

@@ -19,7 +19,7 @@ from kvaas.billing.budget import check_create_allowed
 from kvaas.db.base import utcnow
 from kvaas.db.models import Cache, CacheVersion, Tenant
 from kvaas.engine import EngineError, Generation, Sampling
-from kvaas.errors import Conflict, NotFound, ServiceUnavailable
+from kvaas.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from kvaas.metering import hooks as metering
 from kvaas.services import quotas
 from kvaas.services.caches.core import CacheCore
@@ -57,6 +57,12 @@ class CreateOps(CacheCore):
         self.prompts.require_tokens(ids)
         self.prompts.check_cacheable(ids)
         ttl = self._ttl(spec.ttl_seconds)
+        if len(ids) < s.chunk_tokens:  # it would hold no full chunk: nothing to store
+            raise BadRequest(
+                f"a cache needs at least {s.chunk_tokens} tokens of {eng.model.name!r} (one "
+                f"stored chunk); this prompt has {len(ids)}",
+                param="prompt",
+            )
         scheme = spec.scheme or s.default_compression
         storage_class = spec.storage_class or s.default_storage_class
         keys = self._keys(tenant, ids, scheme)
