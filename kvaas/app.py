@@ -24,6 +24,7 @@ from kvaas.api.invoices import router as invoices_router
 from kvaas.api.lifecycle import router as lifecycle_router
 from kvaas.api.middleware import RequestContextMiddleware
 from kvaas.api.ratelimit import RateLimitMiddleware, build_limiter
+from kvaas.api.scopes import check_scoped, document_scopes
 from kvaas.api.stripe_webhook import router as stripe_webhook_router
 from kvaas.api.tags import router as tags_router
 from kvaas.api.usage import router as usage_router
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_scoped(app)  # deny by default: every API-key route declares its scope
         # An invalid price book stops start-up with an error naming the bad field.
         app.state.pricebook = pricebook_for(settings.pricebook_path)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -180,4 +182,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stripe_webhook_router)
     app.include_router(openai_compat.router)
     document_limits(app, max_key_length=settings.idempotency_key_max_length)
+    document_scopes(app)
     return app

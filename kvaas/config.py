@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
+import typing
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,8 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 StorageClass = Literal["hot", "standard", "cold"]
+#: Shortest admin token accepted: a token short enough to guess is refused at start-up.
+MIN_ADMIN_TOKEN_CHARS = 32
 Compression = Literal["none", "lossless", "int8", "int4"]
 
 
@@ -70,8 +73,9 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None,
         description=(
-            "Bearer token for `/admin/api`. Unset: the admin API answers 403 and tenants are "
-            "managed with the CLI only."
+            "Bearer token for `/admin/api`, at least 32 characters (`openssl rand -hex 32`; "
+            "shorter ones stop start-up). Unset or blank: the admin API answers 403 and tenants "
+            "are managed with the CLI only."
         ),
     )
     max_request_bytes: int = Field(
@@ -231,6 +235,28 @@ class Settings(BaseSettings):
         "is spent. Off: budgets only record the 80% and 100% crossings.",
     )
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, v: object, info: ValidationInfo) -> object:
+        """Every secret setting: surrounding whitespace is dropped, and a blank value (an
+        empty ``KVAAS_…=`` line, an unset compose variable) is unset, never an empty secret."""
+        if info.field_name not in _SECRET_FIELDS:
+            return v
+        text = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if isinstance(text, str):
+            return text.strip() or None
+        return v
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_admin_token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(
+                f"KVAAS_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_CHARS} characters "
+                "(e.g. `openssl rand -hex 32`), or unset to disable the admin API"
+            )
+        return v
+
     @field_validator("database_url")
     @classmethod
     def _normalise_db_url(cls, v: str | None) -> str | None:
@@ -280,6 +306,16 @@ class Settings(BaseSettings):
     @property
     def resolved_disk_tier_dir(self) -> Path:
         return self.disk_tier_dir or self.data_dir / "chunks"
+
+
+def _is_secret(annotation: object) -> bool:
+    return annotation is SecretStr or SecretStr in typing.get_args(annotation)
+
+
+#: The settings that hold secrets (their type is ``SecretStr``), found from the annotations.
+_SECRET_FIELDS = frozenset(
+    name for name, field in Settings.model_fields.items() if _is_secret(field.annotation)
+)
 
 
 def _master_key(text: str) -> bytes:

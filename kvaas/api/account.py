@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from kvaas.api.deps import Auth
+from kvaas.api.deps import Auth, require_scope
 from kvaas.api.errors import error_responses
 from kvaas.api.schemas.account import Me
 from kvaas.auth.keys import display_prefix
@@ -15,6 +15,7 @@ router = APIRouter(prefix="/v1", tags=["account"])
 
 @router.get(
     "/me",
+    dependencies=[require_scope(None)],
     summary="Describe the calling tenant and API key",
     responses=error_responses(AuthenticationError, PermissionDenied),
 )

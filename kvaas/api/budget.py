@@ -6,7 +6,7 @@ from decimal import Decimal
 
 from fastapi import APIRouter
 
-from kvaas.api.deps import Auth, PriceBookDep, SessionDep, SettingsDep
+from kvaas.api.deps import Auth, PriceBookDep, SessionDep, SettingsDep, require_scope
 from kvaas.api.errors import error_responses
 from kvaas.api.schemas.budget import BudgetIn, BudgetOut, Threshold
 from kvaas.billing.budget import BudgetStatus, evaluate_budget, set_budget
@@ -44,6 +44,7 @@ def _out(status: BudgetStatus, pricebook: PriceBook, hard_limit: bool) -> Budget
 
 @router.get(
     "/budget",
+    dependencies=[require_scope("invoices:read")],
     summary="The monthly budget, spend so far this month and thresholds crossed",
     responses=error_responses(AuthenticationError, PermissionDenied),
 )
@@ -56,6 +57,7 @@ async def get_budget(
 
 @router.put(
     "/budget",
+    dependencies=[require_scope("budget:write")],
     summary="Set the monthly budget",
     responses=error_responses(AuthenticationError, PermissionDenied, BadRequest),
 )

@@ -1,5 +1,5 @@
 """FastAPI dependencies: what routers take from the application (settings, database sessions,
-services, the price book), API-key auth and admin auth.
+services, the price book), API-key auth with per-route scopes, and admin auth.
 
 Routers never read ``request.app.state`` themselves: the application's lifespan puts its
 resources there (see :mod:`kvaas.app`) and the typed dependencies below hand them out.
@@ -8,15 +8,17 @@ resources there (see :mod:`kvaas.app`) and the typed dependencies below hand the
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.auth.resolver import INVALID_KEY_MESSAGE, AuthContext, resolve, stashed
-from kvaas.auth.tenancy import Actor
+from kvaas.auth.tenancy import KNOWN_SCOPES, Actor
 from kvaas.billing.pricebook import PriceBook
 from kvaas.config import Settings
 from kvaas.db.repositories import ApiKeyRepository
@@ -33,10 +35,13 @@ __all__ = [
     "CacheServiceDep",
     "HealthChecksDep",
     "PriceBookDep",
+    "ScopeRequirement",
     "SessionDep",
     "SettingsDep",
     "authenticate",
     "require_admin",
+    "require_scope",
+    "route_auth",
 ]
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`")
@@ -90,7 +95,8 @@ async def authenticate(
     """The caller of a tenant API request: 401 for any bad key, 403 for a disabled tenant.
 
     Reuses the resolution a middleware stashed for this request (one key lookup per request)
-    and resolves the bearer credential itself otherwise. Counts each failure once in
+    and resolves the bearer credential itself otherwise. A route that declares no scope
+    (:func:`require_scope`) is refused (403) even to a valid key. Counts each failure once in
     ``kvaas_auth_failures_total`` and records the key's use (``last_used_at``).
     """
     resolution = stashed(request.scope)
@@ -99,6 +105,9 @@ async def authenticate(
     if not isinstance(resolution, AuthContext):
         AUTH_FAILURES.labels(resolution.reason).inc()
         raise resolution.error()
+    takes_key, requirements = route_auth(request.scope.get("route"))
+    if takes_key and not requirements:  # deny by default: the route declares no scope
+        raise PermissionDenied("this route declares no API-key scope; no key may call it")
     if await ApiKeyRepository(session).touch(resolution.key):
         await session.commit()
     return resolution
@@ -107,17 +116,64 @@ async def authenticate(
 Auth = Annotated[AuthContext, Depends(authenticate)]
 
 
+class ScopeRequirement:
+    """The API-key scope a route needs, declared with :func:`require_scope`. As a dependency it
+    authenticates the caller and refuses (403) a key without the scope, before the route does
+    any work."""
+
+    def __init__(self, scope: str | None) -> None:
+        self.scope = scope
+
+    async def __call__(self, auth: Auth) -> AuthContext:
+        if self.scope is not None and not auth.has_scope(self.scope):
+            held = ", ".join(sorted(auth.scopes)) or "none"
+            raise PermissionDenied(
+                f"this API key lacks the `{self.scope}` scope this route needs (its scopes: "
+                f"{held}); use a key with `{self.scope}` or `*`",
+                extra={"required_scope": self.scope},
+            )
+        return auth
+
+    def __repr__(self) -> str:
+        return f"require_scope({self.scope!r})"
+
+
+def require_scope(scope: str | None) -> Any:
+    """``dependencies=[require_scope("caches:write")]``: the route needs an API key with
+    ``scope`` (or ``*``); ``None`` declares on purpose that any valid key will do. Every route
+    that takes an API key declares one: an API-key route without it stops start-up
+    (:func:`kvaas.api.scopes.check_scoped`) and is refused at request time (deny by default)."""
+    if scope is not None and scope not in KNOWN_SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; known scopes: {list(KNOWN_SCOPES)}")
+    return Depends(ScopeRequirement(scope))
+
+
+def _calls(dependant: Dependant) -> Iterator[Any]:
+    for sub in dependant.dependencies:
+        yield sub.call
+        yield from _calls(sub)
+
+
+def route_auth(route: object) -> tuple[bool, list[ScopeRequirement]]:
+    """Whether ``route`` takes an API key, and the scope requirements it declares."""
+    if not isinstance(route, APIRoute):
+        return False, []
+    calls = list(_calls(route.dependant))
+    return authenticate in calls, [c for c in calls if isinstance(c, ScopeRequirement)]
+
+
 async def require_admin(
     request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
 ) -> Actor:
-    """Admin-token check for ``/admin/api``. 403 when no admin token is configured."""
-    if settings.admin_token is None:
+    """Admin-token check for ``/admin/api``: 403 when no admin token is configured (or it is
+    blank), 401 unless the bearer credential equals it. An empty credential never matches."""
+    expected = settings.admin_token.get_secret_value().encode() if settings.admin_token else b""
+    if not expected.strip():
         raise PermissionDenied("the admin API is disabled: set KVAAS_ADMIN_TOKEN to enable it")
-    expected = settings.admin_token.get_secret_value().encode()
     given = credentials.credentials.encode() if credentials else b""
-    if not hmac.compare_digest(given, expected):
+    if not given or not hmac.compare_digest(given, expected):
         AUTH_FAILURES.labels("admin").inc()
         raise AuthenticationError("invalid admin token; pass `Authorization: Bearer <admin token>`")
     return Actor("admin-api", getattr(request.state, "request_id", None))

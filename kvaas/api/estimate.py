@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from kvaas.api.deps import Auth, CacheServiceDep, PriceBookDep, SettingsDep
+from kvaas.api.deps import Auth, CacheServiceDep, PriceBookDep, SettingsDep, require_scope
 from kvaas.api.errors import error_responses
 from kvaas.api.schemas.estimate import Comparison, Estimate, EstimateRequest, StoredSize
 from kvaas.billing.money import format_amount
@@ -18,6 +18,7 @@ router = APIRouter(prefix="/v1", tags=["caches"])
 
 @router.post(
     "/cache/estimate",
+    dependencies=[require_scope("caches:read")],
     summary="Estimate a cache's size, price and break-even before creating it",
     responses=error_responses(AuthenticationError, PermissionDenied, BadRequest, EngineUnavailable),
 )

@@ -7,7 +7,7 @@ from typing import Literal
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from kvaas.api.deps import Auth, PriceBookDep, SessionDep, SettingsDep
+from kvaas.api.deps import Auth, PriceBookDep, SessionDep, SettingsDep, require_scope
 from kvaas.api.errors import error_responses
 from kvaas.api.schemas.invoices import InvoiceList, InvoiceOut
 from kvaas.billing.invoices import invoice_file, load_lines, tenant_invoice, tenant_invoices
@@ -18,6 +18,7 @@ router = APIRouter(prefix="/v1", tags=["billing"])
 
 @router.get(
     "/invoices",
+    dependencies=[require_scope("invoices:read")],
     summary="List the calling tenant's invoices",
     responses=error_responses(AuthenticationError, PermissionDenied),
 )
@@ -52,6 +53,7 @@ def _invoice_file_route(
     router.get(
         f"/invoices/{{invoice_id}}.{kind}",
         name=f"get_invoice_{kind}",
+        dependencies=[require_scope("invoices:read")],
         summary=summary,
         response_class=Response,
         responses={
@@ -67,6 +69,7 @@ _invoice_file_route("html", "text/html; charset=utf-8", "View an invoice as HTML
 
 @router.get(
     "/invoices/{invoice_id}",
+    dependencies=[require_scope("invoices:read")],
     summary="Get an invoice with its lines",
     responses=error_responses(AuthenticationError, PermissionDenied, NotFound),
 )

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from kvaas.api.deps import Auth, CacheServiceDep, SessionDep
+from kvaas.api.deps import Auth, CacheServiceDep, SessionDep, require_scope
 from kvaas.api.errors import error_responses
 from kvaas.api.schemas.caches import CacheObject, CacheUsage
 from kvaas.api.schemas.lifecycle import (
@@ -67,6 +67,7 @@ _READ_ERRORS = (AuthenticationError, PermissionDenied, NotFound)
 
 @router.get(
     "/caches",
+    dependencies=[require_scope("caches:read")],
     summary="List caches (newest first, cursor pagination)",
     responses=error_responses(AuthenticationError, PermissionDenied),
 )
@@ -111,6 +112,7 @@ async def list_caches(
 
 @router.get(
     "/caches/{cache_id}",
+    dependencies=[require_scope("caches:read")],
     summary="Get a cache",
     responses=error_responses(*_READ_ERRORS),
 )
@@ -123,6 +125,7 @@ async def get_cache(
 
 @router.patch(
     "/caches/{cache_id}",
+    dependencies=[require_scope("caches:write")],
     summary="Update a cache: name, metadata, lifetime, storage class, refresh on hit",
     responses=error_responses(BadRequest, *_READ_ERRORS, Conflict),
 )
@@ -139,6 +142,7 @@ async def update_cache(
 
 @router.delete(
     "/caches/{cache_id}",
+    dependencies=[require_scope("caches:write")],
     summary="Delete a cache and every version of it",
     responses=error_responses(*_READ_ERRORS),
 )
@@ -151,6 +155,7 @@ async def delete_cache(
 
 @router.post(
     "/caches/{cache_id}/extend",
+    dependencies=[require_scope("caches:write")],
     summary="Create the next version: the latest version's tokens followed by new ones",
     status_code=201,
     responses=error_responses(
@@ -180,6 +185,7 @@ async def extend_cache(
 
 @router.get(
     "/caches/{cache_id}/versions",
+    dependencies=[require_scope("caches:read")],
     summary="List a cache's versions",
     responses=error_responses(*_READ_ERRORS),
 )
@@ -196,6 +202,7 @@ async def list_cache_versions(
 
 @router.delete(
     "/caches/{cache_id}/versions/{version}",
+    dependencies=[require_scope("caches:write")],
     summary="Delete one version of a cache (not its only one)",
     responses=error_responses(*_READ_ERRORS, Conflict),
 )

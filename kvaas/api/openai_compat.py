@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.types import DecoratedCallable
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from kvaas.api.deps import Auth, AuthContext, CacheServiceDep, SessionDep
+from kvaas.api.deps import Auth, AuthContext, CacheServiceDep, SessionDep, require_scope
 from kvaas.api.errors import error_responses
 from kvaas.api.schemas.openai import (
     AssistantMessage,
@@ -240,8 +240,14 @@ STREAM_200: dict[int | str, dict[str, Any]] = {
 
 
 def _completion_route(path: str, summary: str) -> Callable[[DecoratedCallable], DecoratedCallable]:
-    """``POST path``, a completion route (its errors, and its answer streamed or not)."""
-    return router.post(path, summary=summary, responses={**COMPLETION_ERRORS, **STREAM_200})
+    """``POST path``, a completion route (its errors, and its answer streamed or not); it runs
+    the engine and is billed, so it needs ``caches:write``."""
+    return router.post(
+        path,
+        dependencies=[require_scope("caches:write")],
+        summary=summary,
+        responses={**COMPLETION_ERRORS, **STREAM_200},
+    )
 
 
 @_completion_route(
@@ -260,6 +266,7 @@ async def create_completion(body: CompletionRequest, caller: Caller) -> Completi
 
 @router.get(
     "/models",
+    dependencies=[require_scope("caches:read")],
     summary="List the served models (OpenAI-compatible)",
     responses=error_responses(AuthenticationError, PermissionDenied),
 )

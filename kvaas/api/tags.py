@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from kvaas.api.deps import Auth, CacheServiceDep, SessionDep
+from kvaas.api.deps import Auth, CacheServiceDep, SessionDep, require_scope
 from kvaas.api.errors import error_responses
 from kvaas.api.schemas.caches import TAG_PATTERN
 from kvaas.api.schemas.tags import TagDeleted, TagList, TagObject, TagPut
@@ -27,6 +27,7 @@ _ERRORS = (AuthenticationError, PermissionDenied, NotFound)
 
 @router.put(
     "/tags/{tag}",
+    dependencies=[require_scope("caches:write")],
     summary="Point a tag at a cache (create it, or re-point it atomically)",
     responses=error_responses(*_ERRORS, Conflict),
 )
@@ -38,6 +39,7 @@ async def put_tag(
 
 @router.get(
     "/tags",
+    dependencies=[require_scope("caches:read")],
     summary="List tags (by name, cursor pagination)",
     responses=error_responses(AuthenticationError, PermissionDenied),
 )
@@ -55,14 +57,24 @@ async def list_tags(
     )
 
 
-@router.get("/tags/{tag}", summary="Get a tag", responses=error_responses(*_ERRORS))
+@router.get(
+    "/tags/{tag}",
+    dependencies=[require_scope("caches:read")],
+    summary="Get a tag",
+    responses=error_responses(*_ERRORS),
+)
 async def get_tag(
     tag: TagName, auth: Auth, session: SessionDep, service: CacheServiceDep
 ) -> TagObject:
     return TagObject.of(await service.get_tag(session, auth.tenant, tag))
 
 
-@router.delete("/tags/{tag}", summary="Delete a tag", responses=error_responses(*_ERRORS))
+@router.delete(
+    "/tags/{tag}",
+    dependencies=[require_scope("caches:write")],
+    summary="Delete a tag",
+    responses=error_responses(*_ERRORS),
+)
 async def delete_tag(
     tag: TagName, auth: Auth, session: SessionDep, service: CacheServiceDep
 ) -> TagDeleted:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from kvaas.api.deps import Auth, SessionDep
+from kvaas.api.deps import Auth, SessionDep, require_scope
 from kvaas.api.errors import error_responses
 from kvaas.api.schemas.usage import Meters, UsageBucket, UsageEventList, UsageEventOut, UsageReport
 from kvaas.errors import AuthenticationError, BadRequest, PermissionDenied
@@ -19,6 +19,7 @@ router = APIRouter(prefix="/v1", tags=["usage"])
 
 @router.get(
     "/usage",
+    dependencies=[require_scope("usage:read")],
     summary="Running usage meters of the calling tenant",
     response_model_by_alias=True,
     responses=error_responses(AuthenticationError, PermissionDenied, BadRequest),
@@ -54,6 +55,7 @@ async def get_usage(
 
 @router.get(
     "/usage/events",
+    dependencies=[require_scope("usage:read")],
     summary="Usage events of the calling tenant (the ledger behind invoice lines)",
     responses=error_responses(AuthenticationError, PermissionDenied, BadRequest),
 )
@@ -63,10 +65,7 @@ async def list_usage_events(
     meter: Annotated[str | None, Query(description="Only this meter.")] = None,
     frm: Annotated[datetime | None, Query(alias="from", description="Start (UTC).")] = None,
     to: Annotated[datetime | None, Query(description="End, excluded.")] = None,
-    after: Annotated[
-        str | None,
-        Query(max_length=32, description="Only events recorded after this one (its `id`)."),
-    ] = None,
+    after: Annotated[int | None, Query(description="Only events with a larger id.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> UsageEventList:
     rows, has_more = await usage_reports.usage_events(
@@ -75,7 +74,7 @@ async def list_usage_events(
     return UsageEventList(
         data=[
             UsageEventOut(
-                id=r.public_id,
+                id=r.id,
                 meter=r.meter,
                 quantity=r.quantity,
                 occurred_at=r.occurred_at,

@@ -13,8 +13,8 @@ resolved before.
 Checks, in order: a ``Bearer`` credential is present (``missing``), shaped like an API key
 (``malformed``), names a stored key whose secret matches (``unknown``), not revoked
 (``revoked``), of an active tenant (``tenant_disabled``, the only failure that names the tenant:
-only a valid key's holder learns it). Scopes are carried, not enforced: a route that needs one
-asks :meth:`AuthContext.has_scope`.
+only a valid key's holder learns it). Scopes are carried here and enforced per route by the
+scope each route declares (``kvaas.api.deps.require_scope``).
 """
 
 from __future__ import annotations

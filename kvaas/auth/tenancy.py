@@ -20,7 +20,9 @@ from kvaas.db.repositories import ApiKeyRepository, AuditRepository, TenantRepos
 from kvaas.errors import Conflict, NotFound, ValidationFailed
 
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-KNOWN_SCOPES = ("*", "caches:read", "caches:write", "usage:read", "invoices:read")
+#: Scopes an API key may hold (``*``: all). Each API route declares the one it needs
+#: (``kvaas.api.deps.require_scope``); docs/api.md has the table.
+KNOWN_SCOPES = ("*", "caches:read", "caches:write", "usage:read", "invoices:read", "budget:write")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from kvtest.gateway import ADMIN_TOKEN, new_tenant, running_app
 
-from kvaas.api.deps import Auth
+from kvaas.api.deps import Auth, require_scope
 
 
 @dataclass
@@ -29,8 +29,9 @@ class SideEffects:
 
 
 def side_effect_router(effects: SideEffects) -> APIRouter:
-    """POST routes standing for any route another part of the product adds."""
-    router = APIRouter(prefix="/v1/test")
+    """POST routes standing for any route another part of the product adds (any valid key
+    may call them)."""
+    router = APIRouter(prefix="/v1/test", dependencies=[require_scope(None)])
 
     @router.post("/orders", status_code=201)
     async def create_order(request: Request, auth: Auth) -> JSONResponse:

@@ -32,12 +32,13 @@ def test_embedded_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 def test_env_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _clean_env(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / ".env").write_text("KVAAS_PORT=9100\nKVAAS_ADMIN_TOKEN=from-dotenv\n")
+    token = "from-dotenv-0123456789abcdefghijklmn"
+    (tmp_path / ".env").write_text(f"KVAAS_PORT=9100\nKVAAS_ADMIN_TOKEN={token}\n")
     monkeypatch.setenv("KVAAS_PORT", "9200")  # the environment wins over .env
     monkeypatch.setenv("KVAAS_DATABASE_URL", "postgres://u:p@db:5432/kvaas")
     s = Settings()
     assert s.port == 9200
-    assert s.admin_token is not None and s.admin_token.get_secret_value() == "from-dotenv"
+    assert s.admin_token is not None and s.admin_token.get_secret_value() == token
     assert s.database_url == "postgresql+psycopg://u:p@db:5432/kvaas"
     assert "from-dotenv" not in repr(s)  # secrets are masked
 

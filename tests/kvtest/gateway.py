@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from kvaas.app import create_app
 from kvaas.config import Settings
 
-ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdefghijkl"
 
 
 def admin_headers() -> dict[str, str]:
