@@ -65,7 +65,10 @@ async def list_usage_events(
     meter: Annotated[str | None, Query(description="Only this meter.")] = None,
     frm: Annotated[datetime | None, Query(alias="from", description="Start (UTC).")] = None,
     to: Annotated[datetime | None, Query(description="End, excluded.")] = None,
-    after: Annotated[int | None, Query(description="Only events with a larger id.")] = None,
+    after: Annotated[
+        str | None,
+        Query(max_length=32, description="Only events recorded after this one (its `id`)."),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> UsageEventList:
     rows, has_more = await usage_reports.usage_events(
@@ -74,7 +77,7 @@ async def list_usage_events(
     return UsageEventList(
         data=[
             UsageEventOut(
-                id=r.id,
+                id=r.public_id,
                 meter=r.meter,
                 quantity=r.quantity,
                 occurred_at=r.occurred_at,
