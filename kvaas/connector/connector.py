@@ -50,6 +50,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvaas import codec
+from kvaas.connector.chunks import ChunkShape, decode_fitting
 from kvaas.connector.paged import PagedLayout, gather, scatter, slots
 from kvaas.connector.params import TransferPlan
 from kvaas.store.crypto import ChunkSealer, TenantKeys
@@ -338,9 +339,15 @@ class KVaaSConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVaaSConnectorMetadata)
         for task in meta.loads:
-            self._load(task)
+            try:
+                self._load(task)
+            except Exception as e:  # never out of the worker: the whole load is recomputed
+                log.error("request %s: loading chunks failed: %s", task.req_id, e)
+                self._fail(task, task.start)
 
     def _load(self, task: LoadTask) -> None:
+        """Load ``task``'s chunks into its blocks; chunks missing, unreadable or not of this
+        engine's shape end the load there, and the rest is reported failed (recomputed)."""
         assert self._layout is not None
         c = task.chunk_tokens
         first, last = task.start // c, -(-task.end // c)
@@ -351,18 +358,21 @@ class KVaaSConnector(KVConnectorBase_V1):
         except Exception as e:
             log.warning("request %s: chunk fetch failed: %s", task.req_id, e)
             blobs = []
-        loaded_end = min(task.end, (first + len(blobs)) * c)
+        expected = ChunkShape(
+            len(self._layers), c, self._kv_heads, self._head_dim, self._layers[0][1].dtype
+        )
+        chunks, refused = decode_fitting(blobs, expected)
+        if refused is not None:
+            log.warning("request %s: refused a stored chunk: %s", task.req_id, refused)
+        loaded_end = min(task.end, (first + len(chunks)) * c)
         if loaded_end > task.start:
-            kv = torch.cat([codec.decode(b) for b in blobs], dim=2)  # [L, 2, n, H, D]
+            kv = torch.cat(chunks, dim=2)  # [L, 2, n, H, D]
             kv = kv[:, :, task.start - first * c : loaded_end - first * c]
             blk, off = slots(task.block_ids, task.start, loaded_end, self._block_size)
             for i, (_, layer) in enumerate(self._layers):
                 scatter(layer, self._layout, blk, off, kv[i])
         if loaded_end < task.end:
-            lo = max(task.start, loaded_end) // self._block_size
-            hi = -(-task.end // self._block_size)
-            self._failed_blocks.update(task.block_ids[lo:hi])
-            self._short_loads[task.req_id] = max(task.start, loaded_end)
+            self._fail(task, loaded_end)
             log.warning(
                 "request %s: loaded %d of %d tokens; the rest is recomputed",
                 task.req_id,
@@ -376,6 +386,14 @@ class KVaaSConnector(KVConnectorBase_V1):
             loaded_end,
             (time.perf_counter() - t0) * 1e3,
         )
+
+    def _fail(self, task: LoadTask, loaded_end: int) -> None:
+        """Report tokens ``loaded_end .. task.end`` of ``task`` as not loaded: their blocks to
+        vLLM (recomputed), the tokens loaded to the scheduler (``load_failed``)."""
+        lo = max(task.start, loaded_end) // self._block_size
+        hi = -(-task.end // self._block_size)
+        self._failed_blocks.update(task.block_ids[lo:hi])
+        self._short_loads[task.req_id] = max(task.start, loaded_end)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
