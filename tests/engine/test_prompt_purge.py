@@ -76,7 +76,7 @@ async def test_expired_cache_is_purged_by_the_sweep(gateway) -> None:  # type: i
         assert await cl.service.sweep(s) >= 1
     cache, (v1,) = await _rows(gateway, c["id"])
     assert cache.status == "expired" and cache.token_ids == b"" and v1.token_ids == b""
-    assert cache.tokens == v1.tokens == 250
+    assert cache.tokens == v1.tokens == 260
 
 
 async def test_failed_prefill_is_purged(gateway, monkeypatch) -> None:  # type: ignore[no-untyped-def]
