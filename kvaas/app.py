@@ -34,6 +34,7 @@ from kvaas.db import migrate
 from kvaas.db.session import Database
 from kvaas.engine import build_engine
 from kvaas.services.caches import CacheService
+from kvaas.services.fairness import FairGate
 from kvaas.store.factory import StoreConfig, build_store
 from kvaas.store.tiered import TieredStore
 
@@ -138,7 +139,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.start()
             app.state.health_checks["engine"] = engine.health
         app.state.engine = engine
-        app.state.cache_service = CacheService(settings, store, engine, db)
+        # one gate per process: every engine request of every tenant takes its turn here
+        gate = FairGate.from_settings(settings)
+        app.state.cache_service = CacheService(settings, store, engine, db, gate)
         sweeper = asyncio.create_task(_sweep_forever(app.state.cache_service, db))
         try:
             yield

@@ -182,12 +182,53 @@ class Settings(BaseSettings):
         30 * 24 * 3600, ge=1, description="Longest `ttl_seconds` accepted (30 days)."
     )
     default_max_caches: int = Field(
-        100_000,
+        1_000,
         ge=0,
         description=(
             "Most live (pending or ready) caches a tenant may hold when its own `max_caches` "
             "is unset (429 `cache_limit_exceeded` above)."
         ),
+    )
+    default_storage_quota_tokens: int | None = Field(
+        5_000_000,
+        ge=0,
+        description=(
+            "Storage quota in tokens of a tenant whose own `storage_quota_tokens` is unset "
+            "(402 `quota_exceeded` above); `unlimited` lifts it for such tenants."
+        ),
+    )
+    default_storage_quota_bytes: int | None = Field(
+        5 * 1024**3,
+        ge=0,
+        description=(
+            "Storage quota in stored bytes of a tenant whose own `storage_quota_bytes` is unset "
+            "(5 GiB; 402 `quota_exceeded` above); `unlimited` lifts it for such tenants."
+        ),
+    )
+
+    # --- engine fairness -----------------------------------------------------------------
+    engine_max_inflight: int = Field(
+        32,
+        ge=1,
+        description="Engine requests (prefills, attaches, completions) a gateway process runs "
+        "at once, all tenants together; more wait in their tenant's queue.",
+    )
+    tenant_max_inflight: int = Field(
+        4,
+        ge=1,
+        description="Engine requests one tenant may run at once in a gateway process; its "
+        "next ones wait their turn (freed slots go to tenants in turn).",
+    )
+    tenant_max_queued: int = Field(
+        16,
+        ge=0,
+        description="Engine requests one tenant may have waiting in a gateway process; one more "
+        "is refused at once (429 `engine_busy`).",
+    )
+    engine_queue_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait for an engine slot; then 429 `engine_busy`.",
     )
 
     # --- limits --------------------------------------------------------------------------
@@ -289,6 +330,14 @@ class Settings(BaseSettings):
                 )
             pairs.append(f"{kid}:{_master_key(key).hex()}")
         return SecretStr(",".join(pairs))
+
+    @field_validator("default_storage_quota_tokens", "default_storage_quota_bytes", mode="before")
+    @classmethod
+    def _unlimited(cls, v: object) -> object:
+        """``unlimited`` (any case) lifts a default quota: ``None``."""
+        if isinstance(v, str) and v.strip().lower() == "unlimited":
+            return None
+        return v
 
     @model_validator(mode="after")
     def _check_engine(self) -> Settings:

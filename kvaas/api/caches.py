@@ -31,8 +31,10 @@ from kvaas.services.caches import (
     EngineUnavailable,
     Progress,
 )
+from kvaas.services.fairness import EngineBusy
 from kvaas.services.inference import CacheRef
 from kvaas.services.quotas import CacheLimitExceeded, QuotaExceeded
+from kvaas.services.streams import aclose
 
 router = APIRouter(prefix="/v1", tags=["caches"])
 
@@ -51,6 +53,7 @@ router = APIRouter(prefix="/v1", tags=["caches"])
             PermissionDenied,
             CacheLimitExceeded,
             EngineUnavailable,
+            EngineBusy,
         ),
         202: {
             "model": CacheObject,
@@ -106,6 +109,7 @@ async def create_cache(
             NotFound,
             CacheMiss,
             EngineUnavailable,
+            EngineBusy,
         ),
         200: {
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -122,12 +126,12 @@ async def attach_cache(
     prompt, sampling = body.to_prompt(), body.sampling()
     if body.stream:
         outcome, deltas = await ref.attach(
-            service.attach_stream, session, auth.tenant, prompt, sampling
+            service.attach_stream, session, auth.tenant, prompt, sampling, rid
         )
         return StreamingResponse(  # type: ignore[return-value]
             _sse(rid, outcome, deltas), media_type="text/event-stream"
         )
-    o = await ref.attach(service.attach, session, auth.tenant, prompt, sampling)
+    o = await ref.attach(service.attach, session, auth.tenant, prompt, sampling, rid)
     g = o.generation
     return AttachResponse(
         id=rid,
@@ -151,7 +155,8 @@ async def _sse(
     rid: str, outcome: AttachOutcome, deltas: AsyncIterator[Any]
 ) -> AsyncIterator[bytes]:
     """Server-sent events of an attach: one chunk per delta (the last with ``usage`` and
-    ``cache``), then ``[DONE]``; a failure mid-stream is reported in-band."""
+    ``cache``), then ``[DONE]``; a failure mid-stream is reported in-band. Closing this closes
+    ``deltas`` (the attach is metered then, its slot freed)."""
     try:
         async for d in deltas:
             chunk: dict[str, Any] = {
@@ -174,4 +179,6 @@ async def _sse(
     except Exception as e:  # the status line is gone: report in-band
         err = {"error": {"type": "internal_error", "message": f"generation failed: {e}"}}
         yield f"data: {json.dumps(err)}\n\n".encode()
+    finally:
+        await aclose(deltas)
     yield b"data: [DONE]\n\n"

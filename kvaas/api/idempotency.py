@@ -402,19 +402,19 @@ def document_limits(app: FastAPI, *, max_key_length: int) -> None:
                 continue
             for method, op in item.items():
                 responses = op.setdefault("responses", {})
-                responses.setdefault(
+                limited = responses.setdefault(
                     "429",
                     {
                         "description": RateLimited.description,
-                        "headers": {
-                            "Retry-After": {
-                                "description": "Seconds until the request may be retried.",
-                                "schema": {"type": "integer"},
-                            }
-                        },
                         "content": {"application/json": {"schema": error_ref}},
                     },
                 )
+                if RateLimited.description not in limited["description"]:  # the route's own 429
+                    limited["description"] += f" / {RateLimited.description}"
+                limited.setdefault("headers", {})["Retry-After"] = {
+                    "description": "Seconds until the request may be retried.",
+                    "schema": {"type": "integer"},
+                }
                 if method != "post":
                     continue
                 params = op.setdefault("parameters", [])

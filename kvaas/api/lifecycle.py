@@ -29,6 +29,7 @@ from kvaas.errors import (
     ValidationFailed,
 )
 from kvaas.services.caches import CacheService, EngineUnavailable, Progress
+from kvaas.services.fairness import EngineBusy
 from kvaas.services.listing import MAX_LIMIT, CacheFilter
 from kvaas.services.quotas import QuotaExceeded
 
@@ -159,7 +160,7 @@ async def delete_cache(
     summary="Create the next version: the latest version's tokens followed by new ones",
     status_code=201,
     responses=error_responses(
-        BadRequest, *_READ_ERRORS, QuotaExceeded, Conflict, EngineUnavailable
+        BadRequest, *_READ_ERRORS, QuotaExceeded, Conflict, EngineBusy, EngineUnavailable
     ),
 )
 async def extend_cache(

@@ -49,7 +49,9 @@ from kvaas.api.schemas.openai import (
 from kvaas.engine import Generation, Sampling
 from kvaas.errors import AuthenticationError, BadRequest, NotFound, PermissionDenied
 from kvaas.services.caches import CacheMiss, CacheService, EngineUnavailable, Prompt
+from kvaas.services.fairness import EngineBusy
 from kvaas.services.inference import CacheRef, Inference, Run, generate, generate_stream
+from kvaas.services.streams import aclose
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -177,8 +179,8 @@ async def _complete(kind: _Kind[RequestT, AnswerT], body: RequestT, caller: _Cal
     sampling = kind.sampling(body)
     prompt = kind.prompt(body)
     ref = _cache_ref(body, caller.cache_header)
-    inf = Inference(service, caller.session, caller.auth.tenant, ref, prompt, sampling)
     rid, created = f"{kind.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+    inf = Inference(service, caller.session, caller.auth.tenant, ref, prompt, sampling, rid)
     model = engine.model.name
     if body.stream:
         run, deltas = await generate_stream(inf)
@@ -206,7 +208,8 @@ async def _event_stream(
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     """OpenAI chunks: the opening one when ``kind`` has one, one per delta, the usage chunk on
-    request, then ``[DONE]``. An engine failure mid-stream is reported in-band."""
+    request, then ``[DONE]``. An engine failure mid-stream is reported in-band. Closing this
+    closes ``deltas`` (the request is metered then, its slot freed)."""
 
     def choice(content: dict[str, Any], reason: str | None) -> dict[str, Any]:
         return {"index": 0, **content, "logprobs": None, "finish_reason": _finish(reason)}
@@ -224,11 +227,19 @@ async def _event_stream(
             yield _sse({**head, "choices": [], "usage": _usage(run).model_dump()})
     except Exception as e:  # the status line is gone: report in-band
         yield _sse({"error": {"type": "internal_error", "message": f"generation failed: {e}"}})
+    finally:
+        await aclose(deltas)
     yield b"data: [DONE]\n\n"
 
 
 COMPLETION_ERRORS = error_responses(
-    BadRequest, AuthenticationError, PermissionDenied, NotFound, CacheMiss, EngineUnavailable
+    BadRequest,
+    AuthenticationError,
+    PermissionDenied,
+    NotFound,
+    CacheMiss,
+    EngineBusy,
+    EngineUnavailable,
 )
 STREAM_200: dict[int | str, dict[str, Any]] = {
     200: {

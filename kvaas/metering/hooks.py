@@ -21,9 +21,12 @@ old, new, at)``
 bytes_by_tier, at)``
 ``on_cache_ended(s, cache, reason,     deleted (``at`` = the deletion time), expired (pass
 at)``                                  ``at=cache.expires_at`` or leave it None), failed
-``on_attach(s, cache, *,               an attach finished (streaming: after the last delta)
-cached_tokens, prefill_tokens,
+``on_attach(s, cache, *,               an attach finished (streaming: when the stream ended or
+cached_tokens, prefill_tokens,         its client went away, with the tokens produced until then)
 output_tokens, request_id, at)``
+``on_inference(s, tenant_id, *,        an engine request without a cache finished (a completion
+prefill_tokens, output_tokens,         of the OpenAI-compatible routes; streaming: as for
+request_id, at)``                      ``on_attach``)
 =====================================  ===========================================================
 
 Storage is metered per second from these lifecycle facts; a cache that is never ended is
@@ -247,3 +250,30 @@ async def on_attach(
         ("output_tokens", output_tokens),
     ):
         await _usage(session, cache, f"attach:{rid}:{meter}", meter, qty, at, details)
+
+
+async def on_inference(
+    session: AsyncSession,
+    tenant_id: str,
+    *,
+    prefill_tokens: int,
+    output_tokens: int,
+    request_id: str,
+    at: datetime | None = None,
+) -> None:
+    """An engine request of ``tenant_id`` on no cache computed ``prefill_tokens`` prompt tokens
+    (those the engine's own prefix cache held excluded) and generated ``output_tokens``.
+    Idempotent by ``request_id``: the same request is metered once."""
+    at = at or utcnow()
+    details = {"request_id": request_id, "op": "inference"}
+    for meter, qty in (("prefill_tokens", prefill_tokens), ("output_tokens", output_tokens)):
+        if qty > 0:
+            await record_usage(
+                session,
+                idempotency_key=f"inference:{request_id}:{meter}",
+                tenant_id=tenant_id,
+                meter=meter,
+                quantity=qty,
+                occurred_at=at,
+                details=details,
+            )

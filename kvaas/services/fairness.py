@@ -13,7 +13,10 @@ one that waits longer than ``max_wait_s`` gives up: both raise :class:`EngineBus
 (``429 engine_busy`` with ``Retry-After``). Cancellation (a client that disconnects) removes the
 waiter or releases its slot; slots are never leaked.
 
-One gate serves one gateway process (the engine it guards is in or behind that process).
+One gate serves one gateway process (the engine it guards is in or behind that process): the
+application builds it from the settings (:meth:`FairGate.from_settings`) and hands it to the
+cache service, whose every engine request (prefill, attach, completion) holds a slot while the
+engine works on it; a stream holds its slot until it ends or its client goes.
 """
 
 from __future__ import annotations
@@ -22,10 +25,15 @@ import asyncio
 import contextlib
 import math
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
+from kvaas.config import Settings
 from kvaas.errors import APIError
+from kvaas.services.streams import aclose
+
+T = TypeVar("T")
 
 
 class EngineBusy(APIError):
@@ -59,9 +67,25 @@ class FairGate:
         self._turns: OrderedDict[str, _Tenant] = OrderedDict()
         self._tenants: dict[str, _Tenant] = {}
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FairGate:
+        """The gate the settings describe (``engine_max_inflight``, ``tenant_max_inflight``,
+        ``tenant_max_queued``, ``engine_queue_timeout_seconds``)."""
+        return cls(
+            settings.engine_max_inflight,
+            settings.tenant_max_inflight,
+            max_queue=settings.tenant_max_queued,
+            max_wait_s=settings.engine_queue_timeout_seconds,
+        )
+
     @property
     def running(self) -> int:
         return self._running
+
+    def running_for(self, tenant_id: str) -> int:
+        """Slots ``tenant_id`` holds."""
+        t = self._tenants.get(tenant_id)
+        return t.running if t else 0
 
     def queued(self, tenant_id: str | None = None) -> int:
         """Requests waiting (of one tenant, or of all)."""
@@ -78,6 +102,27 @@ class FairGate:
             yield
         finally:
             self._release(tenant_id)
+
+    async def stream(self, tenant_id: str, items: AsyncIterator[T]) -> Admitted[T]:
+        """Admit the stream ``items`` and start it: wait for a slot of ``tenant_id`` (a refusal,
+        :class:`EngineBusy`, is raised here) and for its first item (so is an error before
+        it). The iterator returned yields every item; the slot is held until the stream ends,
+        fails or is closed (``aclose``: a client that went away), and ``items`` is closed
+        with it."""
+        held = self._held(tenant_id, items)
+        try:
+            first = await anext(held)
+        except StopAsyncIteration:
+            return Admitted(held, ())
+        return Admitted(held, (first,))
+
+    async def _held(self, tenant_id: str, items: AsyncIterator[T]) -> AsyncGenerator[T, None]:
+        async with self.slot(tenant_id):
+            try:
+                async for item in items:
+                    yield item
+            finally:
+                await aclose(items)
 
     def _can_run(self, t: _Tenant) -> bool:
         return self._running < self.capacity and t.running < self.per_tenant
@@ -153,3 +198,24 @@ class FairGate:
             fut.set_result(None)
             if t.waiting:
                 self._turns[tenant_id] = t
+
+
+
+class Admitted(Generic[T]):
+    """An admitted stream (:meth:`FairGate.stream`): its first item, already produced, then the
+    rest. ``aclose`` frees the slot and closes the source whether or not it was read."""
+
+    def __init__(self, held: AsyncGenerator[T, None], first: tuple[T, ...]) -> None:
+        self._held = held
+        self._first = list(first)
+
+    def __aiter__(self) -> Admitted[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._first:
+            return self._first.pop()
+        return await anext(self._held)
+
+    async def aclose(self) -> None:
+        await self._held.aclose()

@@ -7,6 +7,12 @@ prompt policy (``service.prompts``: an engine must run, the prompt is one non-em
 prompt + ``max_tokens`` fit the model), with the tenant's salt so no tenant reuses another's
 engine-side prefix cache. An engine failure before the first token is ``503``.
 
+Every request is metered once, by its request id: with a cache as an attach, without one by
+:func:`kvaas.metering.hooks.on_inference` (the prompt tokens the engine computed and the
+tokens it generated). The engine runs while the request holds a slot of the service's gate
+(``429 engine_busy`` when its tenant's turn does not come); a stream holds it until it ends or
+its client goes, and is metered then with the tokens produced so far.
+
 An :class:`Inference` is one such request; a :class:`Run` carries its generation and counts (a
 streamed run's generation fills up as its deltas are consumed).
 """
@@ -22,7 +28,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from kvaas.db.models import Tenant
 from kvaas.engine import EngineError, Generation, Sampling
 from kvaas.errors import ServiceUnavailable
+from kvaas.metering import hooks as metering
 from kvaas.services.caches import AttachOutcome, CacheService, Prompt
+from kvaas.services.streams import metered
 
 R = TypeVar("R")
 
@@ -48,9 +56,10 @@ class CacheRef:
         tenant: Tenant,
         prompt: Prompt,
         sampling: Sampling,
+        request_id: str | None = None,
     ) -> R:
         """``method`` (:meth:`CacheService.attach` or :meth:`CacheService.attach_stream`) run
-        on this cache for ``prompt``."""
+        on this cache for ``prompt``, metered as ``request_id``."""
         return await method(
             session,
             tenant,
@@ -60,6 +69,7 @@ class CacheRef:
             require_hit=self.require_hit,
             tag=self.tag,
             version=self.version,
+            request_id=request_id,
         )
 
 
@@ -85,11 +95,22 @@ class Run:
     def completion_tokens(self) -> int:
         return len(self.generation.token_ids)
 
+    async def meter(self, session: AsyncSession, tenant_id: str, request_id: str) -> None:
+        """Record (not commit) the usage of a run without a cache: the prompt tokens the
+        engine computed, and those it generated."""
+        await metering.on_inference(
+            session,
+            tenant_id,
+            prefill_tokens=max(0, self.plain_prompt_tokens - self.generation.cached_tokens),
+            output_tokens=self.completion_tokens,
+            request_id=request_id,
+        )
+
 
 @dataclass(frozen=True)
 class Inference:
     """One request to run: the tenant's, on its session and the cache service, with the cache
-    it attaches (:class:`CacheRef`), its prompt and its sampling."""
+    it attaches (:class:`CacheRef`), its prompt and its sampling; ``request_id`` meters it."""
 
     service: CacheService
     session: AsyncSession
@@ -97,6 +118,7 @@ class Inference:
     ref: CacheRef
     prompt: Prompt
     sampling: Sampling
+    request_id: str
 
     async def plain_ids(self) -> list[int]:
         """Token ids of the prompt run without a cache, checked against the model's limits."""
@@ -110,40 +132,55 @@ class Inference:
 
 
 async def generate(inf: Inference) -> Run:
-    """Run the request to its end."""
+    """Run the request to its end; its usage is committed before this returns."""
     service, tenant = inf.service, inf.tenant
     if inf.ref.attached:
         outcome = await inf.ref.attach(
-            service.attach, inf.session, tenant, inf.prompt, inf.sampling
+            service.attach, inf.session, tenant, inf.prompt, inf.sampling, inf.request_id
         )
         return Run(outcome, outcome.generation)
     engine = service.prompts.engine
     ids = await inf.plain_ids()
     try:
-        gen = await engine.generate(ids, service.salted(tenant, inf.sampling))
+        async with service.gate.slot(tenant.id):
+            gen = await engine.generate(ids, service.salted(tenant, inf.sampling))
     except EngineError as e:
         raise ServiceUnavailable(f"the engine failed: {e}") from e
-    return Run(None, gen, len(ids))
+    run = Run(None, gen, len(ids))
+    await run.meter(inf.session, tenant.id, inf.request_id)
+    await inf.session.commit()
+    return run
 
 
 async def generate_stream(inf: Inference) -> tuple[Run, AsyncIterator[Generation]]:
-    """Start the request: its run, and its deltas as the engine produces them (the run's
-    generation absorbs each delta when no cache is attached; the cache service keeps an
-    attached run's outcome current itself)."""
+    """Start the request (errors, ``429`` and an engine failure before the first token
+    included, are raised here): its run, and its deltas as the engine produces them (the
+    run's generation absorbs each delta when no cache is attached; the cache service keeps an
+    attached run's outcome current itself). The usage is recorded when the deltas end, fail
+    or are closed, with what was produced until then."""
     service, tenant = inf.service, inf.tenant
     if inf.ref.attached:
         outcome, stream = await inf.ref.attach(
-            service.attach_stream, inf.session, tenant, inf.prompt, inf.sampling
+            service.attach_stream, inf.session, tenant, inf.prompt, inf.sampling, inf.request_id
         )
         return Run(outcome, outcome.generation), stream
     engine = service.prompts.engine
     ids = await inf.plain_ids()
-    salted = service.salted(tenant, inf.sampling)
     run = Run(None, Generation(), len(ids))
+    tenant_id = tenant.id
 
-    async def deltas() -> AsyncIterator[Generation]:
-        async for d in engine.stream(ids, salted):
-            run.generation.absorb(d)
-            yield d
+    async def record() -> None:
+        async with service.db.session() as s:  # the request's session may be closed by now
+            await run.meter(s, tenant_id, inf.request_id)
+            await s.commit()
 
-    return run, deltas()
+    deltas = metered(
+        engine.stream(ids, service.salted(tenant, inf.sampling)),
+        run.generation.absorb,
+        record,
+        service.settling,
+    )
+    try:
+        return run, await service.gate.stream(tenant_id, deltas)
+    except EngineError as e:
+        raise ServiceUnavailable(f"the engine failed: {e}") from e

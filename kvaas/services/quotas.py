@@ -2,13 +2,15 @@
 
 A tenant's usage is the sum over its *live* caches (``pending`` or ``ready`` and not past
 ``expires_at``) of their tokens and stored bytes, plus what prefills in progress have
-reserved (``reserved_tokens`` / ``reserved_bytes``), and their count. Limits:
+reserved (``reserved_tokens`` / ``reserved_bytes``), and their count. Limits, each the
+tenant's own value or, when that is ``None``, the default setting (:class:`Defaults`): every
+tenant is bounded, so one tenant cannot fill the tiers that all of them share.
 
-- ``storage_quota_tokens`` / ``storage_quota_bytes`` (``None``: unlimited): a create or extend
-  that would go over answers ``402 quota_exceeded``;
-- ``max_caches`` (``None``: the ``default_max_caches`` setting): one more live cache than that
-  answers ``429 cache_limit_exceeded`` (no ``Retry-After``: waiting does not help, deleting
-  does).
+- ``storage_quota_tokens`` / ``storage_quota_bytes`` (defaults ``default_storage_quota_tokens``
+  / ``default_storage_quota_bytes``; an operator lifts a default with ``unlimited``): a create
+  or extend that would go over answers ``402 quota_exceeded``;
+- ``max_caches`` (default ``default_max_caches``): one more live cache than that answers
+  ``429 cache_limit_exceeded`` (no ``Retry-After``: waiting does not help, deleting does).
 
 The error's ``error`` object names the ``limit`` (``storage_tokens``, ``storage_bytes`` or
 ``caches``), the ``current`` usage, the ``maximum`` and what the request ``requested``.
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from kvaas.config import Settings
 from kvaas.db.base import utcnow
 from kvaas.db.models import Cache, Tenant
 from kvaas.errors import APIError
@@ -47,6 +50,23 @@ class CacheLimitExceeded(APIError):
     status_code = 429
     type = "cache_limit_exceeded"
     description = "The tenant holds as many live caches as it may; delete one first."
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """The limits of a tenant whose own are unset (``None`` quota: unlimited)."""
+
+    max_caches: int
+    storage_tokens: int | None
+    storage_bytes: int | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Defaults:
+        return cls(
+            settings.default_max_caches,
+            settings.default_storage_quota_tokens,
+            settings.default_storage_quota_bytes,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,26 +101,33 @@ def check(
     new_cache: bool,
     tokens: int,
     nbytes: int,
-    default_max_caches: int,
+    defaults: Defaults,
 ) -> None:
-    """Raise if adding ``tokens`` / ``nbytes`` (and one cache when ``new_cache``) goes over."""
+    """Raise if adding ``tokens`` / ``nbytes`` (and one cache when ``new_cache``) goes over the
+    tenant's limits (its own, else ``defaults``)."""
     if new_cache:
-        maximum = tenant.max_caches if tenant.max_caches is not None else default_max_caches
+        maximum = tenant.max_caches if tenant.max_caches is not None else defaults.max_caches
         if current.caches + 1 > maximum:
             raise CacheLimitExceeded(
                 f"this tenant holds {current.caches} live caches, its maximum is {maximum}; "
                 "delete caches (or let them expire) first",
                 extra={"limit": "caches", "current": current.caches, "maximum": maximum},
             )
+    quota_tokens = _own(tenant.storage_quota_tokens, defaults.storage_tokens)
+    quota_bytes = _own(tenant.storage_quota_bytes, defaults.storage_bytes)
     for limit, used, add, quota in (
-        ("storage_tokens", current.tokens, tokens, tenant.storage_quota_tokens),
-        ("storage_bytes", current.bytes, nbytes, tenant.storage_quota_bytes),
+        ("storage_tokens", current.tokens, tokens, quota_tokens),
+        ("storage_bytes", current.bytes, nbytes, quota_bytes),
     ):
         if quota is not None and used + add > quota:
             raise QuotaExceeded(
                 f"{limit}: {used} used + {add} requested exceeds the quota of {quota}",
                 extra={"limit": limit, "current": used, "maximum": quota, "requested": add},
             )
+
+
+def _own(value: int | None, default: int | None) -> int | None:
+    return value if value is not None else default
 
 
 class Guard:

@@ -1,9 +1,14 @@
 """Attach: generate with a stored cache's tokens as the prompt's prefix, loading their KV from
 the store instead of computing it; streaming too. The attach's tokens are metered, and the hit
-recorded, in :meth:`AttachOps._record_hit` (one transaction)."""
+recorded, in :meth:`AttachOps._record_hit` (one transaction), once per request id.
+
+The engine runs while the request holds a slot of the service's gate (its tenant's turn); a
+stream holds it until it ends or its client goes, and is metered then with the tokens
+produced so far (:func:`kvaas.services.streams.metered`)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -21,6 +26,7 @@ from kvaas.services.caches.core import CacheCore
 from kvaas.services.caches.identity import bytes_to_tokens
 from kvaas.services.caches.records import AttachOutcome, CacheMiss
 from kvaas.services.prompts import Prompt
+from kvaas.services.streams import metered
 from kvaas.store.errors import StoreError
 
 
@@ -72,12 +78,10 @@ class AttachOps(CacheCore):
         plan = self._load_plan(tenant, cache, keys[:available]) if available else None
         return cache, version, ids, plan, expected, available_tokens
 
-    async def _record_hit(
-        self, session: AsyncSession, cache: Cache, outcome: AttachOutcome
+    @staticmethod
+    async def _meter_attach(
+        session: AsyncSession, cache: Cache, outcome: AttachOutcome, request_id: str
     ) -> None:
-        """Transition: the cache was attached (and, with ``refresh_on_hit``, its lifetime
-        re-granted from now); the attach's tokens are metered in the same transaction."""
-        now = utcnow()
         cached = outcome.cached_tokens
         await metering.on_attach(
             session,
@@ -85,9 +89,17 @@ class AttachOps(CacheCore):
             cached_tokens=cached,
             prefill_tokens=max(0, outcome.prompt_tokens - cached),
             output_tokens=len(outcome.generation.token_ids),
-            request_id=None,
-            at=now,
+            request_id=request_id,
+            at=utcnow(),
         )
+
+    async def _record_hit(
+        self, session: AsyncSession, cache: Cache, outcome: AttachOutcome, request_id: str
+    ) -> None:
+        """Transition: the cache was attached (and, with ``refresh_on_hit``, its lifetime
+        re-granted from now); the attach's tokens are metered in the same transaction."""
+        now = utcnow()
+        await self._meter_attach(session, cache, outcome, request_id)
         values: dict[str, Any] = {"hit_count": Cache.hit_count + 1, "last_used_at": now}
         if cache.refresh_on_hit:
             values["expires_at"] = now + timedelta(seconds=cache.ttl_seconds)
@@ -107,25 +119,32 @@ class AttachOps(CacheCore):
         require_hit: bool = False,
         tag: str | None = None,
         version: int | None = None,
+        request_id: str | None = None,
     ) -> AttachOutcome:
         """Generate with the cache named by ``cache_id`` or ``tag`` (exactly one) as the
-        prompt's prefix; ``version`` defaults to the latest."""
+        prompt's prefix; ``version`` defaults to the latest. ``request_id`` (default: a new
+        one) meters the request once. ``429 engine_busy`` when the tenant's turn does not
+        come."""
+        rid = request_id or _request_id()
         sampling = self.salted(tenant, sampling)
         cache, version, ids, plan, expected, available = await self._prepare_attach(
             session, tenant, cache_id, tag, version, prompt, sampling, require_hit
         )
         try:
-            gen = await self._engine().generate(ids, sampling, plan)
+            async with self.gate.slot(tenant.id):
+                gen = await self._engine().generate(ids, sampling, plan)
         except EngineError as e:
             raise ServiceUnavailable(f"the engine failed: {e}") from e
         out = AttachOutcome(gen, cache, len(ids), expected, available, version)
-        if require_hit and not out.hit:
+        if require_hit and not out.hit:  # refused, but the engine's work is paid for
+            await self._meter_attach(session, cache, out, rid)
+            await session.commit()
             raise CacheMiss(
                 f"cache {cache.id!r} could not be loaded ({out.miss_reason}) "
                 "and require_hit is set",
                 extra={"miss_reason": out.miss_reason},
             )
-        await self._record_hit(session, cache, out)
+        await self._record_hit(session, cache, out, rid)
         return out
 
     async def attach_stream(
@@ -139,22 +158,35 @@ class AttachOps(CacheCore):
         require_hit: bool = False,
         tag: str | None = None,
         version: int | None = None,
+        request_id: str | None = None,
     ) -> tuple[AttachOutcome, AsyncIterator[Generation]]:
-        """Validate now (errors surface before the stream starts); the iterator yields deltas
-        and fills the returned outcome's generation as it goes."""
+        """Validate and start now: errors (``429 engine_busy`` and an engine failure before
+        the first token included) surface before the stream does. The iterator yields deltas
+        and fills the returned outcome's generation as it goes; when it ends, fails or is
+        closed the attach is recorded once (``request_id``, default a new one), metered with
+        the tokens produced until then."""
+        rid = request_id or _request_id()
         sampling = self.salted(tenant, sampling)
         cache, version, ids, plan, expected, available = await self._prepare_attach(
             session, tenant, cache_id, tag, version, prompt, sampling, require_hit
         )
         outcome = AttachOutcome(Generation(), cache, len(ids), expected, available, version)
-        eng = self._engine()
 
-        async def deltas() -> AsyncIterator[Generation]:
-            total = outcome.generation
-            async for d in eng.stream(ids, sampling, plan):
-                total.absorb(d)
-                yield d
+        async def record() -> None:
             async with self.db.session() as s:  # the request's session may be closed by now
-                await self._record_hit(s, cache, outcome)
+                await self._record_hit(s, cache, outcome, rid)
 
-        return outcome, deltas()
+        deltas = metered(
+            self._engine().stream(ids, sampling, plan),
+            outcome.generation.absorb,
+            record,
+            self.settling,
+        )
+        try:
+            return outcome, await self.gate.stream(tenant.id, deltas)
+        except EngineError as e:
+            raise ServiceUnavailable(f"the engine failed: {e}") from e
+
+
+def _request_id() -> str:
+    return f"att_{uuid.uuid4().hex[:24]}"

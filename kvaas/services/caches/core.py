@@ -32,6 +32,7 @@ from kvaas.metering import hooks as metering
 from kvaas.services import listing, quotas
 from kvaas.services.caches.identity import PrefillJob, bytes_to_tokens, engine_salt, keys_for
 from kvaas.services.caches.records import NOT_FOUND, PURGED, TAG_NOT_FOUND, Progress
+from kvaas.services.fairness import FairGate
 from kvaas.services.prompts import PromptPolicy
 from kvaas.store.crypto import MasterKeys, TenantKeys
 from kvaas.store.errors import StoreError
@@ -65,9 +66,17 @@ class CacheCore:
     """Collaborators, identity, lookups and the shared transitions."""
 
     def __init__(
-        self, settings: Settings, store: TieredStore, engine: Engine | None, db: Database
+        self,
+        settings: Settings,
+        store: TieredStore,
+        engine: Engine | None,
+        db: Database,
+        gate: FairGate | None = None,
     ) -> None:
         self.settings = settings
+        #: admission of every engine request (one per gateway process; else from ``settings``)
+        self.gate = gate or FairGate.from_settings(settings)
+        self.settling: set[asyncio.Task[None]] = set()  # usage recordings under way
         self.db = db
         self.store = store
         self.engine = engine

@@ -4,6 +4,9 @@ stored, synchronously or as a background job the service owns.
 Transitions committed here: :meth:`CreateOps._begin_create` / :meth:`CreateOps._begin_extend`
 (rows inserted ``pending``, quota reserved) and :meth:`CreateOps._complete` (a version became
 ``ready``, its usage metered in the same transaction).
+
+A prefill runs while it holds a slot of the service's gate, as its tenant's turn comes; one
+refused there (``429 engine_busy``) fails its version with that reason.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from kvaas.services.caches.records import (
     CreateResult,
     CreateSpec,
 )
+from kvaas.services.fairness import EngineBusy
 from kvaas.services.prompts import Prompt
 from kvaas.store.errors import StoreError
 
@@ -95,9 +99,9 @@ class CreateOps(CacheCore):
         await self._begin_create(session, tenant, cache)
         job = self._job(tenant, cache, 1, ids, keys)
         if not wait:
-            self._spawn(job)
+            self._spawn(job, tenant.id)
             return CreateResult(cache, None, None)
-        gen = await self._prefill(session, job)  # completes `cache` (the same row object)
+        gen = await self._prefill(session, job, tenant.id)  # completes `cache` (the same row)
         return CreateResult(cache, gen.prompt_tokens - gen.cached_tokens, gen.ttft_ms)
 
     async def _begin_create(self, session: AsyncSession, tenant: Tenant, cache: Cache) -> None:
@@ -110,7 +114,7 @@ class CreateOps(CacheCore):
                 new_cache=True,
                 tokens=cache.tokens,
                 nbytes=cache.reserved_bytes,
-                default_max_caches=self.settings.default_max_caches,
+                defaults=quotas.Defaults.from_settings(self.settings),
             )
             session.add(cache)
             await session.flush()  # the cache row first: the version references it
@@ -153,7 +157,7 @@ class CreateOps(CacheCore):
         )
         version = await self._begin_extend(session, tenant, cache, ids, len(new), reserve_bytes)
         job = self._job(tenant, cache, version, ids, keys, skip)
-        gen = await self._prefill(session, job)
+        gen = await self._prefill(session, job, tenant.id)
         return CreateResult(cache, gen.prompt_tokens - gen.cached_tokens, gen.ttft_ms)
 
     async def _begin_extend(
@@ -180,7 +184,7 @@ class CreateOps(CacheCore):
                 new_cache=False,
                 tokens=new_tokens,
                 nbytes=reserve_bytes,
-                default_max_caches=self.settings.default_max_caches,
+                defaults=quotas.Defaults.from_settings(self.settings),
             )
             last = (
                 await session.execute(
@@ -209,15 +213,20 @@ class CreateOps(CacheCore):
             await session.commit()
         return version
 
-    async def _prefill(self, session: AsyncSession, job: PrefillJob) -> Generation:
-        """Store the manifest, run the engine with a save plan, check the chunks and complete
-        the version; on failure mark it failed and raise 503."""
+    async def _prefill(self, session: AsyncSession, job: PrefillJob, tenant_id: str) -> Generation:
+        """Store the manifest, run the engine with a save plan (in a slot of ``tenant_id``),
+        check the chunks and complete the version; on failure mark it failed and raise 503
+        (429 when the gate refused the prefill)."""
         eng = self._engine()
         try:
             await self.store.put_manifest(job.manifest())
             once = Sampling(max_tokens=1, temperature=0.0, cache_salt=job.salt)
-            gen = await eng.generate(job.ids, once, job.plan())
+            async with self.gate.slot(tenant_id):
+                gen = await eng.generate(job.ids, once, job.plan())
             sizes = await self.store.sizes_many(job.keys)
+        except EngineBusy as e:
+            await self._fail(session, job, e.message)
+            raise
         except (StoreError, EngineError) as e:
             reason = await self._fail(session, job, e)
             raise ServiceUnavailable(f"the cache could not be stored: {reason}") from e
@@ -278,21 +287,21 @@ class CreateOps(CacheCore):
             return
         await metering.on_extend(session, cache, version, prefill_tokens, now)
 
-    def _spawn(self, job: PrefillJob) -> None:
+    def _spawn(self, job: PrefillJob, tenant_id: str) -> None:
         key = (job.cache_id, job.version)
-        task = asyncio.create_task(self._background(job), name=f"prefill {key}")
+        task = asyncio.create_task(self._background(job, tenant_id), name=f"prefill {key}")
         self._jobs[key] = task
         task.add_done_callback(lambda _t: self._jobs.pop(key, None))
 
-    async def _background(self, job: PrefillJob) -> None:
+    async def _background(self, job: PrefillJob, tenant_id: str) -> None:
         try:
             async with self.db.session() as session:
-                await self._prefill(session, job)
+                await self._prefill(session, job, tenant_id)
         except asyncio.CancelledError:
             async with self.db.session() as session:
                 await self._fail(session, job, SHUTDOWN_REASON)
             raise
-        except (ServiceUnavailable, NotFound) as e:  # marked failed / released already
+        except (ServiceUnavailable, NotFound, EngineBusy) as e:  # failed / released already
             log.info("background prefill of %s v%d: %s", job.cache_id, job.version, e.message)
         except Exception as e:
             log.exception("background prefill of %s v%d failed", job.cache_id, job.version)
@@ -306,7 +315,9 @@ class CreateOps(CacheCore):
 
     async def drain(self, grace_s: float = 10.0) -> None:
         """Wait up to ``grace_s`` for background prefills, then cancel the rest; each cancelled
-        one marks its cache (or version) ``failed`` before it ends."""
+        one marks its cache (or version) ``failed`` before it ends. Usage recordings under way
+        (of streams that ended) are waited for."""
+        await asyncio.gather(*self.settling, return_exceptions=True)
         tasks = list(self._jobs.values())
         if not tasks:
             return
