@@ -3,8 +3,9 @@
 Store errors derive from :class:`kvaas.errors.APIError` (a plain exception module with no web
 framework imports), so the gateway can return them; the store itself never imports the web
 stack. Their messages name internals (Redis addresses, file paths, driver errors): they are
-not ``public``, so a caller reads the class's ``description`` and the message goes to the log. A *miss* is never an error: lookups return ``None`` / ``False`` for absent or
-corrupt chunks.
+not ``public``, so a caller reads the class's ``description`` and the message goes to the
+log. A *miss* is never an error: lookups return ``None`` / ``False`` for absent or corrupt
+chunks.
 """
 
 from __future__ import annotations
