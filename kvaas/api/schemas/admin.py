@@ -7,6 +7,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvaas.api.schemas.bounds import INT32_MAX, INT64_MAX
 from kvaas.auth.keys import display_prefix
 from kvaas.db.models import ApiKey
 
@@ -68,9 +69,11 @@ class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=63, examples=["acme"])
-    storage_quota_tokens: int | None = Field(None, ge=0)
-    storage_quota_bytes: int | None = Field(None, ge=0)
-    max_caches: int | None = Field(None, ge=0, description="Most live caches at once.")
+    storage_quota_tokens: int | None = Field(None, ge=0, le=INT64_MAX)
+    storage_quota_bytes: int | None = Field(None, ge=0, le=INT64_MAX)
+    max_caches: int | None = Field(
+        None, ge=0, le=INT32_MAX, description="Most live caches at once."
+    )
     create_key: bool = Field(True, description="Also create the tenant's first API key.")
 
 

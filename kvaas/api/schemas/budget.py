@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kvaas.billing.money import MAX_MINOR
+
 
 class BudgetIn(BaseModel):
     """Exactly one of ``amount_minor`` (integer minor units) or ``amount`` (decimal string)."""
@@ -14,7 +16,9 @@ class BudgetIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"amount": "250.00", "currency": "USD"}]}
     )
-    amount_minor: int | None = Field(None, ge=0, description="Budget in minor units (cents).")
+    amount_minor: int | None = Field(
+        None, ge=0, le=MAX_MINOR, description="Budget in minor units (cents)."
+    )
     amount: str | None = Field(None, max_length=32, description="Budget as a decimal string.")
     currency: str = Field(description="Must be the price book's currency.")
 

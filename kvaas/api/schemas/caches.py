@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from kvaas.api.schemas.bounds import INT32_MAX, TokenId
 from kvaas.db.models import Cache
 from kvaas.engine import Sampling
 from kvaas.services.caches import AttachOutcome, Progress, Prompt
@@ -64,7 +65,7 @@ class PromptFields(BaseModel):
     messages: list[ChatMessage] | None = Field(
         None, max_length=1024, description="Chat messages, rendered with the model's template."
     )
-    token_ids: list[int] | None = Field(
+    token_ids: list[TokenId] | None = Field(
         None, max_length=MAX_TOKEN_IDS, description="Token ids of the served model."
     )
 
@@ -102,7 +103,7 @@ class CreateCacheRequest(OnePromptFields):
     model: str | None = Field(None, max_length=128, description="Must name the served model.")
     name: CacheName | None = Field(None, description="A label of your choice.")
     ttl_seconds: int | None = Field(
-        None, description="Lifetime in seconds (bounds: KVAAS_MIN/MAX_TTL_SECONDS)."
+        None, le=INT32_MAX, description="Lifetime in seconds (bounds: KVAAS_MIN/MAX_TTL_SECONDS)."
     )
     storage_class: StorageClass | None = Field(None, description="Where the KV is kept.")
     compression: Compression | None = Field(None, description="Codec of the stored KV.")
@@ -211,7 +212,9 @@ class AttachRequest(PromptFields):
     )
     cache_id: CacheIdText | None = Field(None, description="The cache (or give `tag`).")
     tag: str | None = Field(None, pattern=TAG_PATTERN, description="A tag naming the cache.")
-    version: int | None = Field(None, ge=1, description="Version to attach (default: latest).")
+    version: int | None = Field(
+        None, ge=1, le=INT32_MAX, description="Version to attach (default: latest)."
+    )
     max_tokens: int = Field(16, ge=1, le=8192)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

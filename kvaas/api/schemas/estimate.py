@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvaas.api.schemas.bounds import INT32_MAX
 from kvaas.api.schemas.caches import Compression, PromptFields, StorageClass
 
 
@@ -20,7 +21,9 @@ class EstimateRequest(PromptFields):
     )
     storage_class: StorageClass | None = Field(None, description="Default: the service's.")
     compression: Compression | None = Field(None, description="Default: the service's.")
-    ttl_seconds: int | None = Field(None, ge=1, description="How long the cache is kept.")
+    ttl_seconds: int | None = Field(
+        None, ge=1, le=INT32_MAX, description="How long the cache is kept."
+    )
     expected_attaches: int | None = Field(None, ge=0, le=10**9)
 
 

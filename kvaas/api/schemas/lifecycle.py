@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from kvaas.api.schemas.bounds import INT32_MAX
 from kvaas.api.schemas.caches import (
     MAX_METADATA_PAIRS,
     METADATA_DESCRIPTION,
@@ -40,7 +41,7 @@ class CachePatchRequest(BaseModel):
         max_length=MAX_METADATA_PAIRS,
         description=f"Replaces the metadata. {METADATA_DESCRIPTION}",
     )
-    ttl_seconds: int | None = Field(None, description="New lifetime, from now.")
+    ttl_seconds: int | None = Field(None, le=INT32_MAX, description="New lifetime, from now.")
     expires_at: AwareDatetime | None = Field(None, description="New expiry (instead of a TTL).")
     storage_class: StorageClass | None = Field(None, description="Moves the stored chunks.")
     refresh_on_hit: bool | None = Field(None, description="Each attach re-grants the TTL.")

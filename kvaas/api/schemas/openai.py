@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kvaas.api.schemas.bounds import INT32_MAX, TokenId
 from kvaas.api.schemas.caches import TAG_PATTERN
 from kvaas.engine import Sampling
 from kvaas.errors import BadRequest
@@ -58,7 +59,10 @@ class CacheFields(BaseModel):
         None, pattern=TAG_PATTERN, description="Attach the cache this tag points at first."
     )
     cache_version: int | None = Field(
-        None, ge=1, description="Version of the cache to attach (default: the latest)."
+        None,
+        ge=1,
+        le=INT32_MAX,
+        description="Version of the cache to attach (default: the latest).",
     )
     require_hit: bool = Field(
         False, description="Answer 409 `cache_miss` instead of recomputing a missed cache."
@@ -133,7 +137,7 @@ class CompletionRequest(SamplingFields, CacheFields):
     )
     prompt: (
         Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-        | Annotated[list[int], Field(min_length=1, max_length=MAX_TOKEN_IDS)]
+        | Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TOKEN_IDS)]
     ) = Field(description="Text, or token ids of the served model.")
     logprobs: int | None = Field(None, ge=0, le=5, description="Not supported; must be absent.")
     echo: bool = Field(False, description="Not supported; must be false.")
