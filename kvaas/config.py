@@ -156,6 +156,15 @@ class Settings(BaseSettings):
     engine_urls: list[str] = Field(
         default_factory=list, description="Base URLs of remote `vllm serve` nodes (engine=remote)."
     )
+    engine_api_key: SecretStr | None = Field(
+        None,
+        description=(
+            "API key of the remote `vllm serve` nodes (engine=remote): the gateway sends it as a "
+            "bearer token on every request, and `kvaas engine command` starts nodes requiring it "
+            "(`VLLM_API_KEY` in their environment). Unset or blank: nodes answer anyone who can "
+            "reach them."
+        ),
+    )
     engine_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weight and KV dtype of the engine (`auto`: the checkpoint's)."
     )

@@ -16,9 +16,9 @@ app.add_typer(engine_app, name="engine")
 def engine_command(
     port: Annotated[int, typer.Option(help="Port the node listens on.")] = 8100,
 ) -> None:
-    """Print the `vllm serve` command of a remote engine node for the current settings."""
-    import shlex
-
+    """Print the `vllm serve` command of a remote engine node for the current settings: one
+    shell line, `KVAAS_REDIS_URL=... VLLM_API_KEY=... python -m ...` (the secrets go in the
+    node's environment, not its command line)."""
     from kvaas.engine import kv_dtype
     from kvaas.engine.remote import serve_command
     from kvaas.model_presets import resolve_model
@@ -31,9 +31,10 @@ def engine_command(
         s.model if "/" not in s.model else model_dir.name,
         StoreConfig.from_settings(s).to_dict(),
         port=port,
+        api_key=s.engine_api_key.get_secret_value() if s.engine_api_key else None,
         dtype=kv_dtype(model_dir, s.engine_dtype),
         max_model_len=s.engine_max_model_len,
         max_num_batched_tokens=s.engine_max_batched_tokens,
         prefix_caching=s.engine_prefix_caching,
     )
-    typer.echo(shlex.join(cmd))
+    typer.echo(cmd.shell())

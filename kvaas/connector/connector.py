@@ -7,7 +7,9 @@ Load it with::
                      kv_role="kv_both", kv_load_failure_policy="recompute",
                      kv_connector_extra_config={"store": StoreConfig(...).to_dict()})
 
-(:func:`kvaas.connector.transfer_config` builds it.) Requests opt in with a
+(:func:`kvaas.connector.transfer_config` builds it; a remote node's has ``"redis_url_env":
+"KVAAS_REDIS_URL"`` beside the store, whose Redis URL is then read from that environment
+variable, never from the command line.) Requests opt in with a
 :class:`~kvaas.connector.params.TransferPlan` in ``kv_transfer_params``.
 
 **Scheduler side** (no side effects beyond its own bookkeeping): for a ``load`` plan (and for
@@ -21,13 +23,16 @@ only channel to the worker side.
 
 **Worker side**: ``start_load_kv`` fetches a request's chunks concurrently from the tiers,
 opens them with the plan's tenant keys (:class:`~kvaas.store.crypto.ChunkSealer`: AES-GCM,
-bound to each chunk's key, the model fingerprint and the scheme), decodes them and scatters them
-into the request's paged blocks (one indexed copy per layer) before the forward pass; chunks that
-are missing, corrupt or fail authentication are reported through
+bound to each chunk's key, the model fingerprint and the scheme), checks each chunk's header
+against this engine's layers, KV heads, head size, dtype and the plan's chunk size, decodes them
+and scatters them into the request's paged blocks (one indexed copy per layer) before the
+forward pass. A chunk that is missing, corrupt, fails authentication, does not fit or does not
+decode ends the load: it and every chunk after it are reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes them (``kv_load_failure_policy =
-"recompute"``). ``wait_for_save`` runs after the step's forward pass: it gathers the completed
-chunks' KV from the paged blocks, encodes each chunk with the plan's scheme, seals it and writes
-the chunks the store does not hold yet, in one batch. The worker never sees a master key: the
+"recompute"``); nothing a stored chunk holds raises out of the worker. ``wait_for_save``
+runs after the step's forward pass: it gathers the completed chunks' KV from the paged blocks,
+encodes each chunk with the plan's scheme, seals it and writes the chunks the store does not
+hold yet, in one batch. The worker never sees a master key: the
 plan carries the tenant's derived keys (see :mod:`kvaas.store.crypto`).
 
 Partial trailing chunk: only full chunks are stored; the last ``len(prompt) % chunk_tokens``
@@ -50,6 +55,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvaas import codec
+from kvaas.connector import store_config
 from kvaas.connector.chunks import ChunkShape, decode_fitting
 from kvaas.connector.paged import PagedLayout, gather, scatter, slots
 from kvaas.connector.params import TransferPlan
@@ -147,10 +153,7 @@ class _SaveState:
 
 def _store_config(vllm_config: VllmConfig) -> StoreConfig:
     transfer = vllm_config.kv_transfer_config
-    extra = (transfer.kv_connector_extra_config if transfer is not None else None) or {}
-    if "store" not in extra:
-        raise ValueError("KVaaSConnector needs kv_connector_extra_config['store']")
-    return StoreConfig.from_dict(extra["store"])
+    return store_config(transfer.kv_connector_extra_config if transfer is not None else None)
 
 
 class KVaaSConnector(KVConnectorBase_V1):

@@ -36,7 +36,10 @@ def build_engine(settings: Settings) -> Engine | None:
     if settings.engine == "remote":
         from kvaas.engine.remote import RemoteEngine
 
-        return RemoteEngine(info, settings.engine_urls)
+        key = settings.engine_api_key
+        return RemoteEngine(
+            info, settings.engine_urls, api_key=key.get_secret_value() if key else None
+        )
     from kvaas.engine.inprocess import InProcessEngine
 
     return InProcessEngine(

@@ -2,13 +2,20 @@
 
 Start each node with (``kvaas engine command`` prints it for the current settings)::
 
+    KVAAS_REDIS_URL=<redis url> VLLM_API_KEY=<KVAAS_ENGINE_API_KEY> \\
     python -m vllm.entrypoints.openai.api_server --model <model dir> \\
         --served-model-name <name> --enforce-eager \\
         --enable-prompt-tokens-details \\
         --kv-transfer-config '{"kv_connector": "KVaaSConnector",
                                "kv_connector_module_path": "kvaas.connector.connector",
                                "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                               "kv_connector_extra_config": {"store": {...}}}'
+                               "kv_connector_extra_config": {"store": {...},
+                                   "redis_url_env": "KVAAS_REDIS_URL"}}'
+
+Secrets travel in the node's environment, never on its command line (which every local user
+can read): the connector reads the store's Redis URL from ``KVAAS_REDIS_URL``, and vLLM's server
+requires ``VLLM_API_KEY`` as a bearer token on its ``/v1`` routes. The gateway sends
+``KVAAS_ENGINE_API_KEY`` as that token on every request (health probes included).
 
 The nodes must share the store's Redis and/or disk directory with the gateway. Requests go to
 the node with the fewest requests in flight; the plan travels as ``kv_transfer_params``.
@@ -18,8 +25,10 @@ its URL and answer are in :attr:`~kvaas.engine.base.EngineError.detail`, for the
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -32,13 +41,25 @@ from kvaas.engine.model_info import ModelInfo
 class RemoteEngine(Engine):
     """Round-robin by load over ``urls`` (base URLs of ``vllm serve`` nodes)."""
 
-    def __init__(self, model: ModelInfo, urls: Sequence[str], *, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        model: ModelInfo,
+        urls: Sequence[str],
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+    ) -> None:
+        """``api_key``: the nodes' ``VLLM_API_KEY``, sent as a bearer token on every request
+        (``None``: nodes that accept anyone)."""
         if not urls:
             raise ValueError("a remote engine needs at least one URL")
         self.model = model
         self._urls = [u.rstrip("/") for u in urls]
         self._inflight = dict.fromkeys(self._urls, 0)
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=5.0), headers=headers
+        )
         self._max_model_len = 0
 
     @property
@@ -152,25 +173,48 @@ class RemoteEngine(Engine):
         yield g
 
 
+@dataclass(frozen=True)
+class NodeCommand:
+    """How to start one remote engine node: its argument list, which holds no secret (every
+    local user can read a process's command line), and the environment variables that carry
+    the secrets (``KVAAS_REDIS_URL``, ``VLLM_API_KEY``; a process's environment is readable by
+    its own user only)."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+    def shell(self) -> str:
+        """One shell line that starts the node: ``NAME=value ... python -m ...``."""
+        assigns = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        return " ".join([*assigns, shlex.join(self.argv)])
+
+
 def serve_command(
     model_dir: str,
     name: str,
     store: dict[str, Any],
     *,
     port: int,
+    api_key: str | None = None,
     dtype: str = "auto",
     max_model_len: int = 4096,
     max_num_batched_tokens: int = 2048,
     prefix_caching: bool = True,
-) -> list[str]:
-    """The command line of one remote engine node on the store ``store``
-    (``StoreConfig.to_dict()``), as an argument list: vLLM's OpenAI server module, which is
-    ``vllm serve`` under another name and also works with the CPU package (whose ``vllm``
-    launcher looks for a distribution named ``vllm``)."""
+) -> NodeCommand:
+    """The command of one remote engine node on the store ``store``
+    (``StoreConfig.to_dict()``), requiring ``api_key`` (``None``: none) of its clients: vLLM's
+    OpenAI server module, which is ``vllm serve`` under another name and also works with the
+    CPU package (whose ``vllm`` launcher looks for a distribution named ``vllm``). The store's
+    Redis URL and the key go in :attr:`NodeCommand.env`, never in its argv."""
     import json
 
-    from kvaas.connector import transfer_config
+    from kvaas.connector import REDIS_URL_ENV, transfer_config
 
+    env: dict[str, str] = {}
+    if store.get("redis_url"):
+        env[REDIS_URL_ENV] = str(store["redis_url"])
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     cmd = [
         "python",
         "-m",
@@ -190,8 +234,8 @@ def serve_command(
         "--enforce-eager",
         "--enable-prompt-tokens-details",
         "--kv-transfer-config",
-        json.dumps(transfer_config(store)),
+        json.dumps(transfer_config(store, redis_url_env=REDIS_URL_ENV)),
     ]
     if not prefix_caching:
         cmd.append("--no-enable-prefix-caching")
-    return cmd
+    return NodeCommand(cmd, env)
