@@ -25,6 +25,9 @@ from .conftest import Gateway, engine_settings
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
+#: The node's API key: it runs with ``VLLM_API_KEY`` and the gateway sends it.
+NODE_KEY = "node-key-" + "5e" * 16
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -42,16 +45,17 @@ def vllm_node(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Ite
         s.model,
         StoreConfig.from_settings(s).to_dict(),
         port=port,
+        api_key=NODE_KEY,
         dtype=kv_dtype(model_dir, s.engine_dtype),
         max_model_len=s.engine_max_model_len,
         max_num_batched_tokens=s.engine_max_batched_tokens,
         prefix_caching=False,
     )
-    cmd[0] = sys.executable
+    argv = [sys.executable, *cmd.argv[1:]]
     log = tmp_path_factory.mktemp("vllm") / "serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **cmd.env, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -83,6 +87,7 @@ async def remote_gateway(gateway: Gateway, vllm_node: str) -> AsyncIterator[Gate
         s.resolved_database_url,
         engine="remote",
         engine_urls=[vllm_node],
+        engine_api_key=NODE_KEY,
         redis_prefix=s.redis_prefix,
         auto_migrate=False,
     )
@@ -139,3 +144,19 @@ async def test_remote_attach_matches_cold_in_process_run(
     for tok, lp in ref.logprobs[0].items():
         if tok in first:
             assert abs(first[tok] - lp) < 1e-4
+
+
+async def test_node_answers_only_the_gateway_key(remote_gateway: Gateway, vllm_node: str) -> None:
+    """The node requires its key on its API; the gateway's engine sends it on every call."""
+    async with httpx.AsyncClient(base_url=vllm_node, timeout=30) as c:
+        assert (await c.get("/v1/models")).status_code == 401
+        bad = {"Authorization": "Bearer not-the-key"}
+        assert (await c.get("/v1/models", headers=bad)).status_code == 401
+        r = await c.post("/v1/completions", json={"model": "tiny", "prompt": [1, 2, 3]})
+        assert r.status_code == 401
+        ok = await c.get("/v1/models", headers={"Authorization": f"Bearer {NODE_KEY}"})
+        assert ok.status_code == 200
+    engine = remote_gateway.app.state.engine
+    assert "1/1" in await engine.health()
+    g = await engine.generate([1, 2, 3, 4], Sampling(max_tokens=2, temperature=0.0))
+    assert len(g.token_ids) == 2
