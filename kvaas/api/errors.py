@@ -75,8 +75,9 @@ def internals_of(err: BaseException) -> str | None:
 def api_error_response(request: Request, err: APIError) -> JSONResponse:
     rid = request_id_of(request)
     internals = internals_of(err)
-    if internals is not None:
-        log.warning(
+    if internals is not None:  # the caller's fault (4xx) is routine; the platform's is not
+        log.log(
+            logging.WARNING if err.status_code >= 500 else logging.INFO,
             "request %s: %s %s answered %d %s: %s",
             rid,
             request.method,
