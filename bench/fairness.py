@@ -1,0 +1,345 @@
+"""Fairness between tenants: a quiet tenant's attach latency, alone and beside a noisy one.
+
+Runs the gateway in this process (the ``tiny`` model on the in-process engine, the embedded
+SQLite database and local tiers, no rate limit), served by uvicorn on 127.0.0.1, with two
+tenants (the noisy one's load comes from a process of its own, as a remote client's would):
+
+- ``quiet`` attaches its 1k-token cache, one request after the other (``--attaches`` times per
+  phase), each attach timed;
+- ``noisy`` runs ``10 x`` its in-flight limit (``KVAAS_TENANT_MAX_INFLIGHT``) of concurrent
+  workers, each looping over a create of a new 1k-token cache, an attach of it and a completion
+  without a cache.
+
+Phases: ``baseline`` (quiet alone), ``noisy`` (quiet beside the noisy workers), and
+``huge_bodies`` (the noisy workers send multi-MB prompts instead, refused by their character
+count, by the request schema or the prompt policy, before any tokenizing). Each phase reports
+the quiet tenant's attach p50/p99 and its ratio to the baseline (the target: p99 ratio <=
+1.5), and what the noisy tenant got back, by status and error type (429 ``engine_busy``: its
+excess).
+
+    python bench/fairness.py [--quick] [--json PATH] [--tenant-inflight N]
+
+The engine, the gateway and both clients share this machine's cores: on a small CPU-only
+machine the engine's own compute is shared too, which a GPU's batching mostly hides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = "bench-admin-token-0123456789-abcdef"
+CACHE_TOKENS = 1024
+HUGE_CHARS = 4 * 1024 * 1024  # a 4 MB prompt: refused by its length, never tokenized
+
+
+def _corpus_text() -> str:
+    """Real text to tokenize: the standard library's ``os`` modules."""
+    return Path(os.__file__).read_text() + Path(os.path.__file__).read_text()
+
+
+def _settings(data_dir: Path, tenant_inflight: int) -> Any:
+    from kvaas.config import Settings
+
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=data_dir,
+        admin_token=ADMIN_TOKEN,
+        engine="inprocess",
+        model="tiny",
+        memory_tier_bytes=256 * 1024 * 1024,
+        chunk_tokens=256,
+        engine_max_model_len=4096,
+        engine_max_batched_tokens=2048,
+        engine_prefix_caching=False,
+        engine_kv_cache_gib=2.0,
+        rate_limit_per_second=0,
+        tenant_max_inflight=tenant_inflight,
+    )
+
+
+async def _tenant(client: httpx.AsyncClient, name: str) -> dict[str, str]:
+    r = await client.post(
+        "/admin/api/tenants",
+        json={"name": name},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
+    r.raise_for_status()
+    return {"Authorization": f"Bearer {r.json()['api_key']['secret']}"}
+
+
+def _stats(ms: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(ms, n=100, method="inclusive")
+    return {"n": len(ms), "p50_ms": round(q[49], 2), "p99_ms": round(q[98], 2)}
+
+
+async def _quiet(
+    client: httpx.AsyncClient, headers: dict[str, str], cache_id: str, suffix: list[int], n: int
+) -> list[float]:
+    """``n`` sequential attaches; their wall times in ms."""
+    out = []
+    body = {"cache_id": cache_id, "token_ids": suffix, "max_tokens": 4, "temperature": 0.0}
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = await client.post("/v1/cache/attach", json=body, headers=headers)
+        out.append((time.perf_counter() - t0) * 1e3)
+        r.raise_for_status()
+    return out
+
+
+def _outcome(r: httpx.Response) -> str:
+    if r.status_code < 400:
+        return str(r.status_code)
+    try:
+        return f"{r.status_code} {r.json()['error']['type']}"
+    except (ValueError, KeyError):
+        return str(r.status_code)
+
+
+async def _noisy_worker(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    corpus: list[int],
+    seed: int,
+    stop: asyncio.Event,
+    seen: Counter[str],
+) -> None:
+    """Create a new cache, attach it, run a completion without a cache; again until stopped."""
+    i = seed
+    while not stop.is_set():
+        start = (i * 97) % (len(corpus) - CACHE_TOKENS - 64)
+        ids = corpus[start : start + CACHE_TOKENS]
+        r = await client.post("/v1/cache/create", json={"token_ids": ids}, headers=headers)
+        seen[f"create {_outcome(r)}"] += 1
+        if r.status_code == 201:
+            cid = r.json()["id"]
+            r = await client.post(
+                "/v1/cache/attach",
+                json={"cache_id": cid, "token_ids": corpus[:16], "max_tokens": 16},
+                headers=headers,
+            )
+            seen[f"attach {_outcome(r)}"] += 1
+            await client.delete(f"/v1/caches/{cid}", headers=headers)  # stay within quotas
+        r = await client.post(
+            "/v1/completions",
+            json={"model": "tiny", "prompt": ids[:512], "max_tokens": 16},
+            headers=headers,
+        )
+        seen[f"completion {_outcome(r)}"] += 1
+        i += 1
+
+
+async def _huge_worker(
+    client: httpx.AsyncClient, headers: dict[str, str], stop: asyncio.Event, seen: Counter[str]
+) -> None:
+    """Multi-MB prompts to a completion and to a create, again until stopped."""
+    text = "lorem ipsum " * (HUGE_CHARS // 12)
+    while not stop.is_set():
+        r = await client.post(
+            "/v1/completions",
+            json={"model": "tiny", "prompt": text, "max_tokens": 16},
+            headers=headers,
+        )
+        seen[f"completion {_outcome(r)}"] += 1
+        r = await client.post("/v1/cache/create", json={"prompt": text}, headers=headers)
+        seen[f"create {_outcome(r)}"] += 1
+
+
+def _load_process(
+    url: str,
+    headers: dict[str, str],
+    corpus: list[int],
+    kind: str,
+    width: int,
+    stop: Any,
+    out: Any,
+) -> None:
+    """The noisy tenant: ``width`` concurrent workers of ``kind`` until ``stop`` is set; puts
+    what it got back (outcome -> count) on ``out``."""
+
+    async def main() -> Counter[str]:
+        seen: Counter[str] = Counter()
+        done = asyncio.Event()
+        limits = httpx.Limits(max_connections=width + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+            async def watch() -> None:
+                await asyncio.to_thread(stop.wait)
+                done.set()
+
+            def worker(i: int) -> Any:
+                if kind == "huge":
+                    return _huge_worker(client, headers, done, seen)
+                return _noisy_worker(client, headers, corpus, i, done, seen)
+
+            await asyncio.gather(watch(), *(worker(i) for i in range(width)))
+        return seen
+
+    out.put(dict(asyncio.run(main())))
+
+
+@contextlib.asynccontextmanager
+async def _noisy(
+    url: str, headers: dict[str, str], corpus: list[int], kind: str, width: int
+) -> AsyncIterator[Counter[str]]:
+    """The noisy tenant's load in a process of its own for the block; the counter it yields is
+    filled with what the tenant got back once the block ends."""
+    ctx = mp.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_load_process, args=(url, headers, corpus, kind, width, stop, out))
+    proc.start()
+    seen: Counter[str] = Counter()
+    try:
+        yield seen
+    finally:
+        stop.set()  # its requests in flight still need this loop to be answered
+        seen.update(await asyncio.to_thread(out.get, True, 600))
+        await asyncio.to_thread(proc.join, 60)
+
+
+async def _phase(
+    name: str,
+    client: httpx.AsyncClient,
+    quiet: tuple[dict[str, str], str, list[int]],
+    n: int,
+    noisy: tuple[str, dict[str, str], list[int], str, int] | None,
+) -> dict[str, Any]:
+    """The quiet tenant's ``n`` attaches, alone or while the noisy load runs."""
+    headers, cache_id, suffix = quiet
+    if noisy is None:
+        return {"phase": name, **_stats(await _quiet(client, headers, cache_id, suffix, n))}
+    async with _noisy(*noisy) as seen:
+        await asyncio.sleep(5.0)  # let the noisy load start and reach its steady state
+        ms = await _quiet(client, headers, cache_id, suffix, n)
+    return {
+        "phase": name,
+        **_stats(ms),
+        "noisy": dict(sorted(seen.items())),
+        "noisy_429": sum(v for k, v in seen.items() if " 429" in k),
+    }
+
+
+@contextlib.asynccontextmanager
+async def _served(app: Any) -> AsyncIterator[str]:
+    """``app`` served by uvicorn on a free port of 127.0.0.1, in this event loop."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(3000):
+            if server.started:
+                break
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+async def run(n: int, tenant_inflight: int) -> dict[str, Any]:
+    from kvaas.app import create_app
+
+    with tempfile.TemporaryDirectory(prefix="kvaas-fairness-") as tmp:
+        settings = _settings(Path(tmp), tenant_inflight)
+        app = create_app(settings)
+        async with (
+            app.router.lifespan_context(app),
+            _served(app) as url,
+            httpx.AsyncClient(base_url=url, timeout=600) as client,
+        ):
+            corpus = app.state.engine.model.encode(_corpus_text())
+            quiet_h = await _tenant(client, "quiet")
+            noisy_h = await _tenant(client, "noisy")
+            r = await client.post(
+                "/v1/cache/create", json={"token_ids": corpus[:CACHE_TOKENS]}, headers=quiet_h
+            )
+            r.raise_for_status()
+            quiet = (quiet_h, r.json()["id"], corpus[CACHE_TOKENS : CACHE_TOKENS + 16])
+            await _quiet(client, *quiet, 5)  # warm up
+            width = 10 * tenant_inflight
+            phases = [
+                await _phase("baseline", client, quiet, n, None),
+                await _phase("noisy", client, quiet, n, (url, noisy_h, corpus, "noisy", width)),
+                await _phase(
+                    "huge_bodies", client, quiet, n, (url, noisy_h, corpus, "huge", width)
+                ),
+            ]
+    base = phases[0]
+    for p in phases[1:]:
+        p["p50_ratio"] = round(p["p50_ms"] / base["p50_ms"], 3)
+        p["p99_ratio"] = round(p["p99_ms"] / base["p99_ms"], 3)
+    return {
+        "config": {
+            "model": "tiny",
+            "engine": "inprocess (CPU)",
+            "cache_tokens": CACHE_TOKENS,
+            "attaches_per_phase": n,
+            "engine_max_inflight": settings.engine_max_inflight,
+            "tenant_max_inflight": tenant_inflight,
+            "tenant_max_queued": settings.tenant_max_queued,
+            "noisy_workers": 10 * tenant_inflight,
+            "huge_prompt_chars": HUGE_CHARS,
+            "cpus": os.cpu_count(),
+        },
+        "phases": phases,
+        "target_p99_ratio": 1.5,
+    }
+
+
+def report(res: dict[str, Any]) -> None:
+    c = res["config"]
+    print(
+        f"quiet tenant: sequential attaches of a {c['cache_tokens']}-token cache; noisy tenant: "
+        f"{c['noisy_workers']} workers (10 x its in-flight limit {c['tenant_max_inflight']})"
+    )
+    print(
+        f"{'phase':<12} {'n':>4} {'p50 ms':>9} {'p99 ms':>9} {'p50 x':>7} {'p99 x':>7}  noisy 429s"
+    )
+    for p in res["phases"]:
+        print(
+            f"{p['phase']:<12} {p['n']:>4} {p['p50_ms']:>9.1f} {p['p99_ms']:>9.1f} "
+            f"{p.get('p50_ratio', 1.0):>7.2f} {p.get('p99_ratio', 1.0):>7.2f}  "
+            f"{p.get('noisy_429', '-')}"
+        )
+    for p in res["phases"][1:]:
+        print(f"  {p['phase']}: noisy tenant got {p['noisy']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few attaches (under a minute)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--attaches", type=int, help="quiet attaches per phase")
+    ap.add_argument("--tenant-inflight", type=int, default=4, help="per-tenant in-flight cap")
+    args = ap.parse_args()
+    n = args.attaches or (20 if args.quick else 200)
+    res = asyncio.run(run(n, args.tenant_inflight))
+    report(res)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
