@@ -68,7 +68,6 @@ async def _link_usage(
             "from": frm,
             "to": to,
             "caches": caches,
-            "lifecycle_event_ids": usage.lifecycle_event_ids[:MAX_LINKED_EVENTS],
             "query": f"/v1/usage?from={frm}&to={to}",
         }
     if line.meter == "minimum_charge":

@@ -158,7 +158,6 @@ class Usage:
     output_tokens: int = 0
     cache_creations: int = 0
     per_cache: dict[tuple[str, str], int] = field(default_factory=dict)
-    lifecycle_event_ids: list[int] = field(default_factory=list)
 
     def meter(self, name: str) -> int:
         return int(getattr(self, name))
@@ -232,17 +231,18 @@ async def event_ids(
     start: datetime,
     end: datetime,
     limit: int = 1000,
-) -> list[int]:
-    """Ids of the usage events behind a meter's total (at most ``limit``, oldest first)."""
+) -> list[str]:
+    """Public ids of the usage events behind a meter's total (at most ``limit``, oldest first):
+    the ``id`` that ``/v1/usage/events`` shows, never the row's sequence number."""
     rows = await session.scalars(
-        select(UsageEvent.id)
+        select(UsageEvent.public_id)
         .where(
             UsageEvent.tenant_id == tenant_id,
             UsageEvent.meter == meter,
             UsageEvent.occurred_at >= start,
             UsageEvent.occurred_at < end,
         )
-        .order_by(UsageEvent.id)
+        .order_by(UsageEvent.occurred_at, UsageEvent.id)
         .limit(limit)
     )
     return list(rows)
@@ -252,7 +252,7 @@ async def meter_usage(
     session: AsyncSession, tenant_id: str, start: datetime, end: datetime
 ) -> Usage:
     """All meters of ``tenant_id`` within ``[start, end)``."""
-    segments, lifecycle_ids = await load_segments(session, tenant_id, start, end)
+    segments, _lifecycle_ids = await load_segments(session, tenant_id, start, end)
     totals = integrate(segments, epoch_s(start), epoch_s(end))
     sums = await sum_events(session, tenant_id, start, end)
     return Usage(
@@ -261,7 +261,6 @@ async def meter_usage(
         storage_token_seconds=totals.token_seconds,
         stored_byte_seconds=totals.byte_seconds,
         per_cache=totals.per_cache,
-        lifecycle_event_ids=lifecycle_ids,
         **sums,
     )
 

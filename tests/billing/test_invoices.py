@@ -118,6 +118,8 @@ async def test_lines_link_back_to_their_usage(db: Database, make_tenant, seed) -
     }
     cached = by_meter["cached_tokens"].usage_ref
     assert cached["event_count"] == 20 and len(cached["event_ids"]) == 20
+    # linked by their public ids, never by row numbers that count the platform's volume
+    assert all(str(i).startswith("ue_") for i in cached["event_ids"])
     assert cached["query"].startswith("/v1/usage/events?meter=cached_tokens&from=2026-10-01")
     assert by_meter["prefill_tokens"].usage_ref["event_count"] == 21  # create + 20 suffixes
 
