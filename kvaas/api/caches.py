@@ -11,7 +11,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
 from kvaas.api.deps import Auth, CacheServiceDep, SessionDep, require_scope
-from kvaas.api.errors import error_responses
+from kvaas.api.errors import error_responses, stream_error_event
 from kvaas.api.schemas.caches import (
     AttachCacheInfo,
     AttachRequest,
@@ -177,8 +177,7 @@ async def _sse(
                 chunk["cache"] = AttachCacheInfo.of(outcome).model_dump()
             yield f"data: {json.dumps(chunk)}\n\n".encode()
     except Exception as e:  # the status line is gone: report in-band
-        err = {"error": {"type": "internal_error", "message": f"generation failed: {e}"}}
-        yield f"data: {json.dumps(err)}\n\n".encode()
+        yield f"data: {json.dumps(stream_error_event(e))}\n\n".encode()
     finally:
         await aclose(deltas)
     yield b"data: [DONE]\n\n"

@@ -72,6 +72,18 @@ def internals_of(err: BaseException) -> str | None:
     return "; ".join(parts) or None
 
 
+def stream_error_event(err: Exception, request_id: str = "") -> dict[str, Any]:
+    """The in-band error of a stream whose status line is already sent: the error's public
+    message (a generic one for anything that is not an :class:`APIError`); its internals go
+    to the log, never to the client."""
+    public = err if isinstance(err, APIError) else None
+    rid = request_id or "-"
+    log.warning("request %s: stream failed: %s", rid, internals_of(err), exc_info=public is None)
+    if public is None:
+        return error_payload("internal_error", "generation failed", request_id)
+    return error_payload(public.type, f"generation failed: {public.public_message}", request_id)
+
+
 def api_error_response(request: Request, err: APIError) -> JSONResponse:
     rid = request_id_of(request)
     internals = internals_of(err)

@@ -30,7 +30,7 @@ from fastapi.types import DecoratedCallable
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.api.deps import Auth, AuthContext, CacheServiceDep, SessionDep, require_scope
-from kvaas.api.errors import error_responses
+from kvaas.api.errors import error_responses, stream_error_event
 from kvaas.api.schemas.openai import (
     AssistantMessage,
     CacheFields,
@@ -226,7 +226,7 @@ async def _event_stream(
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(run).model_dump()})
     except Exception as e:  # the status line is gone: report in-band
-        yield _sse({"error": {"type": "internal_error", "message": f"generation failed: {e}"}})
+        yield _sse(stream_error_event(e))
     finally:
         await aclose(deltas)
     yield b"data: [DONE]\n\n"
