@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get(
     "KVAAS_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-ADMIN_TOKEN = "bench-admin-token-0123456789"
+ADMIN_TOKEN = "bench-admin-token-0123456789-abcdef"
 
 #: The bare app the gateway is compared with (served by uvicorn as ``gateway:bare_app``).
 bare_app = FastAPI()

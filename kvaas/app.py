@@ -23,7 +23,7 @@ from kvaas.api.idempotency import IdempotencyMiddleware, document_limits
 from kvaas.api.invoices import router as invoices_router
 from kvaas.api.lifecycle import router as lifecycle_router
 from kvaas.api.middleware import RequestContextMiddleware
-from kvaas.api.ratelimit import RateLimitMiddleware, build_limiter
+from kvaas.api.ratelimit import RateLimitMiddleware, build_address_guard, build_limiter
 from kvaas.api.scopes import check_scoped, document_scopes
 from kvaas.api.stripe_webhook import router as stripe_webhook_router
 from kvaas.api.tags import router as tags_router
@@ -102,8 +102,43 @@ async def _sweep_forever(service: CacheService, db: Database, every_s: float = 3
             log.warning("cache sweep failed: %s", e)
 
 
+def create_admin_app(settings: Settings | None = None) -> FastAPI:
+    """The admin API alone (``/admin/api``), for the separate admin listener
+    (``KVAAS_ADMIN_PORT``): the metadata database and nothing else (no engine, no store); the
+    public application migrates the database."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        app.state.db = Database(
+            settings.resolved_database_url,
+            pool_size=settings.database_pool_size,
+            timeout=settings.database_timeout_seconds,
+        )
+        try:
+            yield
+        finally:
+            await app.state.db.dispose()
+
+    app = FastAPI(
+        title="KVaaS admin",
+        version=__version__,
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(RateLimitMiddleware, limiter=None, guard=build_address_guard(settings))
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
+    app.include_router(admin.router)
+    return app
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the application. ``settings`` defaults to the process settings (env / .env)."""
+    """Build the application. ``settings`` defaults to the process settings (env / .env).
+    With a separate admin listener configured (``KVAAS_ADMIN_PORT``) it leaves ``/admin/api``
+    to :func:`create_admin_app`."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -170,14 +205,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ttl_seconds=settings.idempotency_ttl_seconds,
         max_key_length=settings.idempotency_key_max_length,
     )
-    app.add_middleware(RateLimitMiddleware, limiter=build_limiter(settings))
+    app.state.rate_limiter = build_limiter(settings)
+    app.add_middleware(
+        RateLimitMiddleware,
+        limiter=app.state.rate_limiter,
+        guard=build_address_guard(settings),
+    )
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
     app.include_router(health.router)
     app.include_router(account.router)
     app.include_router(caches.router)
     app.include_router(lifecycle_router)
     app.include_router(tags_router)
-    app.include_router(admin.router)
+    if settings.admin_bind is None:  # else only the admin listener serves it
+        app.include_router(admin.router)
     app.include_router(estimate_router)
     app.include_router(usage_router)
     app.include_router(invoices_router)

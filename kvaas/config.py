@@ -78,6 +78,21 @@ class Settings(BaseSettings):
             "are managed with the CLI only."
         ),
     )
+    admin_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description=(
+            "Port of a separate listener for `/admin/api`, started by `kvaas serve` beside the "
+            "public one. Set: the public port answers 404 under `/admin`. Unset: the admin API "
+            "is served on the public port."
+        ),
+    )
+    admin_host: str | None = Field(
+        None,
+        description="Address the separate admin listener binds to (with `admin_port`). "
+        "Default: `127.0.0.1`, reachable from this host only.",
+    )
     max_request_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 above)."
     )
@@ -252,6 +267,20 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(
         100, ge=1, description="Requests an API key may make at once (token bucket size)."
     )
+    unauth_rate_limit_per_second: float = Field(
+        0.2,
+        ge=0,
+        description=(
+            "Failed authentications per second each client address may make: bad or missing "
+            "API keys, wrong admin tokens, Stripe webhooks that do not verify (token bucket "
+            "refill rate; 0 disables). An address whose bucket is empty gets 429 on every API "
+            "route, before any key lookup, until a token is back. Kept in Redis when "
+            "`redis_url` is set."
+        ),
+    )
+    unauth_rate_limit_burst: int = Field(
+        20, ge=1, description="Failed authentications a client address may make at once."
+    )
     idempotency_ttl_seconds: int = Field(
         24 * 3600,
         ge=60,
@@ -347,6 +376,22 @@ class Settings(BaseSettings):
         if isinstance(v, str) and v.strip().lower() == "unlimited":
             return None
         return v
+
+    @model_validator(mode="after")
+    def _check_admin_bind(self) -> Settings:
+        if self.admin_host is not None and self.admin_port is None:
+            raise ValueError("KVAAS_ADMIN_HOST needs KVAAS_ADMIN_PORT (the admin listener's port)")
+        if self.admin_bind is not None and self.admin_bind == (self.host, self.port):
+            raise ValueError("KVAAS_ADMIN_PORT must differ from KVAAS_PORT on the same address")
+        return self
+
+    @property
+    def admin_bind(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the separate admin listener, or ``None`` (admin API on the
+        public port)."""
+        if self.admin_port is None:
+            return None
+        return (self.admin_host or "127.0.0.1", self.admin_port)
 
     @model_validator(mode="after")
     def _check_engine(self) -> Settings:

@@ -1,7 +1,8 @@
-"""``kvaas serve``: run the HTTP service."""
+"""``kvaas serve``: run the HTTP service (and the admin listener, when one is configured)."""
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import Annotated
 
 import typer
@@ -10,13 +11,33 @@ from kvaas import __version__
 from kvaas.cli.root import app, load_settings, out, redact
 
 
+def _serve_admin(host: str, port: int, log_level: str) -> None:
+    """The admin listener's process: ``/admin/api`` alone (settings from the environment, as
+    the public listener's)."""
+    import uvicorn
+
+    uvicorn.run(
+        "kvaas.app:create_admin_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=1,
+        log_level=log_level,
+        proxy_headers=True,
+    )
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address [KVAAS_HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [KVAAS_PORT].")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes [KVAAS_WORKERS].")] = None,
 ) -> None:
-    """Run the HTTP service (uvicorn)."""
+    """Run the HTTP service (uvicorn).
+
+    With KVAAS_ADMIN_PORT set, the admin API runs on its own listener beside it (a second
+    process, stopped with this one) and not on the public port.
+    """
     import uvicorn
 
     s = load_settings()
@@ -34,12 +55,31 @@ def serve(
         soft_wrap=True,
         highlight=False,
     )
-    uvicorn.run(
-        "kvaas.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=s.log_level,
-        proxy_headers=True,
-    )
+    admin = None
+    if s.admin_bind is not None:
+        admin_host, admin_port = s.admin_bind
+        admin = multiprocessing.get_context("spawn").Process(
+            target=_serve_admin,
+            args=(admin_host, admin_port, s.log_level),
+            name="kvaas-admin",
+            daemon=True,
+        )
+        admin.start()
+        out.print(
+            f"Admin API on http://{admin_host}:{admin_port}/admin/api (not on {base})",
+            highlight=False,
+        )
+    try:
+        uvicorn.run(
+            "kvaas.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=s.log_level,
+            proxy_headers=True,
+        )
+    finally:
+        if admin is not None:
+            admin.terminate()  # SIGTERM: uvicorn shuts down gracefully
+            admin.join(timeout=15)
