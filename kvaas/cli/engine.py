@@ -16,9 +16,10 @@ app.add_typer(engine_app, name="engine")
 def engine_command(
     port: Annotated[int, typer.Option(help="Port the node listens on.")] = 8100,
 ) -> None:
-    """Print the `vllm serve` command of a remote engine node for the current settings: one
-    shell line, `KVAAS_REDIS_URL=... VLLM_API_KEY=... python -m ...` (the secrets go in the
-    node's environment, not its command line)."""
+    """Print the command that starts a remote engine node (`vllm serve`).
+
+    One shell line, `KVAAS_REDIS_URL=... VLLM_API_KEY=... python -m ...`: the secrets go in
+    the node's environment, not its command line."""
     from kvaas.engine import kv_dtype
     from kvaas.engine.remote import serve_command
     from kvaas.model_presets import resolve_model
