@@ -8,7 +8,17 @@ import pytest
 from kvaas.billing.money import MAX_MINOR, parse_minor
 from kvaas.errors import BadRequest
 
-HOSTILE = ["1e300000", "1e999999999", "9" * 10_000, "1" * 13, "-1", "NaN", "Infinity", "1.001", "١٢"]
+HOSTILE = [
+    "1e300000",
+    "1e999999999",
+    "9" * 10_000,
+    "1" * 13,
+    "-1",
+    "NaN",
+    "Infinity",
+    "1.001",
+    "١٢",
+]
 
 
 @pytest.mark.parametrize("text", HOSTILE)
@@ -27,7 +37,9 @@ async def test_budget_api_refuses_hostile_amounts(make_keyed_tenant, make_app) -
     auth = {"Authorization": f"Bearer {key}"}
     async with make_app() as (_app, client):
         for text in ["1e300000", "1e999999999", "1" * 30]:
-            r = await client.put("/v1/budget", json={"amount": text, "currency": "USD"}, headers=auth)
+            r = await client.put(
+                "/v1/budget", json={"amount": text, "currency": "USD"}, headers=auth
+            )
             assert r.status_code == 400, r.text
             assert r.json()["error"]["param"] == "amount"
         for minor in [2**63, 10**30, MAX_MINOR + 1]:
@@ -41,5 +53,7 @@ async def test_budget_api_refuses_hostile_amounts(make_keyed_tenant, make_app) -
             "/v1/budget", content=body, headers={**auth, "Content-Type": "application/json"}
         )
         assert r.status_code in (400, 422), r.text
-        r = await client.put("/v1/budget", json={"amount": "250.00", "currency": "USD"}, headers=auth)
+        r = await client.put(
+            "/v1/budget", json={"amount": "250.00", "currency": "USD"}, headers=auth
+        )
         assert r.status_code == 200 and r.json()["amount_minor"] == 25000
