@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 
-from kvaas.api.deps import AdminActor, SessionDep
+from kvaas.api.deps import AdminActor, MasterKeysDep, SessionDep
 from kvaas.api.errors import error_responses
 from kvaas.api.schemas.admin import (
     ApiKeyOut,
@@ -47,7 +47,7 @@ async def _new_key_out(session: SessionDep, key_id: str, secret: str) -> NewApiK
     responses=error_responses(*_AUTH_ERRORS, Conflict),
 )
 async def admin_create_tenant(
-    body: TenantCreate, session: SessionDep, actor: AdminActor
+    body: TenantCreate, session: SessionDep, actor: AdminActor, master_keys: MasterKeysDep
 ) -> TenantCreated:
     tenant, secret = await tenancy.create_tenant(
         session,
@@ -57,6 +57,7 @@ async def admin_create_tenant(
         storage_quota_bytes=body.storage_quota_bytes,
         max_caches=body.max_caches,
         with_key=body.create_key,
+        master_keys=master_keys,
     )
     key_out = None
     if secret is not None:

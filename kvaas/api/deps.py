@@ -26,6 +26,7 @@ from kvaas.db.session import Database
 from kvaas.errors import AuthenticationError, PermissionDenied
 from kvaas.metrics import AUTH_FAILURES
 from kvaas.services.caches import CacheService
+from kvaas.store.crypto import MasterKeys
 
 __all__ = [
     "INVALID_KEY_MESSAGE",
@@ -34,6 +35,7 @@ __all__ = [
     "AuthContext",
     "CacheServiceDep",
     "HealthChecksDep",
+    "MasterKeysDep",
     "PriceBookDep",
     "ScopeRequirement",
     "SessionDep",
@@ -70,6 +72,14 @@ def get_pricebook(request: Request) -> PriceBook:
     return request.app.state.pricebook
 
 
+def get_master_keys(request: Request) -> MasterKeys:
+    """The app's master keys (from its settings; a generated key is created on first use)."""
+    keys: MasterKeys | None = getattr(request.app.state, "master_keys", None)
+    if keys is None:
+        keys = request.app.state.master_keys = MasterKeys.from_settings(request.app.state.settings)
+    return keys
+
+
 def get_health_checks(request: Request) -> dict[str, HealthCheck]:
     return request.app.state.health_checks
 
@@ -83,6 +93,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 CacheServiceDep = Annotated[CacheService, Depends(get_cache_service)]
 PriceBookDep = Annotated[PriceBook, Depends(get_pricebook)]
+MasterKeysDep = Annotated[MasterKeys, Depends(get_master_keys)]
 HealthChecksDep = Annotated[dict[str, HealthCheck], Depends(get_health_checks)]
 
 

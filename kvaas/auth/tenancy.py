@@ -7,6 +7,7 @@ audit record, nor the other way round.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.db.models import ApiKey, Tenant
 from kvaas.db.repositories import ApiKeyRepository, AuditRepository, TenantRepository
-from kvaas.errors import Conflict, NotFound, ValidationFailed
+from kvaas.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
+from kvaas.store.crypto import (
+    MasterKeys,
+    SealError,
+    is_wrapped,
+    namespace_secret_context,
+    unwrap_secret,
+    wrap_secret,
+)
 
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 #: Scopes an API key may hold (``*``: all). Each API route declares the one it needs
@@ -75,6 +84,25 @@ def validate_scopes(scopes: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(scopes)) or ["*"]
 
 
+def _wrap(keys: MasterKeys, tenant_id: str, secret: bytes) -> str:
+    return wrap_secret(keys, secret, namespace_secret_context(tenant_id))
+
+
+def namespace_secret(tenant: Tenant, master_keys: MasterKeys) -> bytes:
+    """The tenant's namespace secret, unwrapped (a secret stored in clear is read as it is);
+    ``503`` when this gateway's master keys cannot unwrap it (a key id not configured here)."""
+    stored = tenant.namespace_secret
+    if not is_wrapped(stored):
+        return bytes.fromhex(stored)
+    try:
+        return unwrap_secret(master_keys, stored, namespace_secret_context(tenant.id))
+    except SealError as e:
+        raise ServiceUnavailable(
+            "the tenant's keys are not available on this gateway; contact the operator",
+            detail=f"namespace secret of {tenant.id}: {e}",
+        ) from None
+
+
 async def create_tenant(
     session: AsyncSession,
     actor: Actor,
@@ -84,8 +112,11 @@ async def create_tenant(
     storage_quota_bytes: int | None = None,
     max_caches: int | None = None,
     with_key: bool = True,
+    master_keys: MasterKeys | None = None,
 ) -> tuple[Tenant, str | None]:
-    """Create a tenant (and, by default, its first API key). Returns the key's plaintext once."""
+    """Create a tenant (and, by default, its first API key). Returns the key's plaintext once.
+    With ``master_keys`` (the API and the CLI always pass them) the tenant's namespace secret
+    is stored wrapped under the current master key."""
     validate_tenant_name(name)
     tenants = TenantRepository(session)
     if await tenants.get_by_name(name) is not None:
@@ -96,6 +127,7 @@ async def create_tenant(
             storage_quota_tokens=storage_quota_tokens,
             storage_quota_bytes=storage_quota_bytes,
             max_caches=max_caches,
+            wrap_secret=None if master_keys is None else functools.partial(_wrap, master_keys),
         )
         plaintext = None
         details: dict[str, object] = {"name": name}

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kvaas.cli.root import app, err, out, with_session
+from kvaas.cli.root import app, err, load_settings, out, with_session
 
 tenants_app = typer.Typer(help="Manage tenants.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
@@ -26,7 +26,9 @@ def tenants_create(
 ) -> None:
     """Create a tenant and print its first API key (shown once)."""
     from kvaas.auth.tenancy import Actor, create_tenant
+    from kvaas.store.crypto import MasterKeys
 
+    master_keys = MasterKeys.from_settings(load_settings())
     tenant, secret = with_session(
         lambda s: create_tenant(
             s,
@@ -35,6 +37,7 @@ def tenants_create(
             storage_quota_tokens=quota_tokens,
             storage_quota_bytes=quota_bytes,
             max_caches=max_caches,
+            master_keys=master_keys,
         )
     )
     err.print(f"created tenant [bold]{tenant.name}[/] ({tenant.id}); its API key, shown once:")

@@ -56,8 +56,12 @@ class Tenant(Base):
     storage_quota_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     #: Most live (pending or ready) caches at once; ``None``: the ``default_max_caches`` setting.
     max_caches: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    #: Secret salt of the tenant's chunk-key namespace; never leaves the server.
-    namespace_secret: Mapped[str] = mapped_column(String(64), default=lambda: secrets.token_hex(32))
+    #: Secret salt of the tenant's chunk-key namespace; never leaves the server. Stored wrapped
+    #: under the master key (``w1:…``, :func:`kvaas.store.crypto.wrap_secret`) when the tenant
+    #: is created by the API or the CLI; plain hex (64 digits) is read as it is.
+    namespace_secret: Mapped[str] = mapped_column(
+        String(160), default=lambda: secrets.token_hex(32)
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

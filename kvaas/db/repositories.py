@@ -6,7 +6,8 @@ transaction (``await session.commit()``), so several repository calls can form o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.auth.keys import NewKey, generate_key
 from kvaas.db.base import utcnow
-from kvaas.db.models import ApiKey, AuditLog, Tenant
+from kvaas.db.models import ApiKey, AuditLog, Tenant, new_id
 
 #: ``last_used_at`` is written at most this often per key, to keep auth read-only on hot paths.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
@@ -32,13 +33,19 @@ class TenantRepository:
         storage_quota_tokens: int | None = None,
         storage_quota_bytes: int | None = None,
         max_caches: int | None = None,
+        wrap_secret: Callable[[str, bytes], str] | None = None,
     ) -> Tenant:
+        """A new tenant with a random namespace secret, stored as ``wrap_secret(tenant id,
+        secret)`` when given (the master key's wrapping), else as hex."""
         tenant = Tenant(
+            id=new_id("ten"),
             name=name,
             storage_quota_tokens=storage_quota_tokens,
             storage_quota_bytes=storage_quota_bytes,
             max_caches=max_caches,
         )
+        secret = secrets.token_bytes(32)
+        tenant.namespace_secret = wrap_secret(tenant.id, secret) if wrap_secret else secret.hex()
         self.s.add(tenant)
         await self.s.flush()
         return tenant

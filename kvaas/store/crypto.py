@@ -52,6 +52,7 @@ chunks, far more than a tenant stores.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import os
@@ -195,6 +196,11 @@ class MasterKeys:
             keys[kid] = bytes.fromhex(hexkey)
         return cls(current, keys)
 
+    def wrapping_key(self, kid: str) -> bytes:
+        """The key that wraps secrets kept in the metadata database under key id ``kid``
+        (``KeyError`` for an id that is not configured)."""
+        return _derive(self._keys[kid], kid, WRAP_PURPOSE)
+
     def tenant_keys(self, namespace: bytes) -> TenantKeys:
         """The data keys of the tenant whose chunk namespace is ``namespace``."""
         if len(namespace) < 16:
@@ -202,6 +208,48 @@ class MasterKeys:
         return TenantKeys(
             self.current, {kid: _derive(m, kid, namespace) for kid, m in self._keys.items()}
         )
+
+
+WRAP_PURPOSE = b"kvaas 2026-11 secret wrapping key v1"
+WRAP_PREFIX = "w1"
+
+
+def is_wrapped(stored: str) -> bool:
+    """Whether ``stored`` is a :func:`wrap_secret` value (else: a secret kept in clear)."""
+    return stored.startswith(WRAP_PREFIX + ":")
+
+
+def namespace_secret_context(tenant_id: str) -> str:
+    """What a tenant's wrapped namespace secret is bound to: its column and its tenant, so a
+    wrapped secret copied to another tenant's row fails to unwrap."""
+    return f"tenants.namespace_secret:{tenant_id}"
+
+
+def wrap_secret(keys: MasterKeys, secret: bytes, context: str) -> str:
+    """``secret`` sealed for storage in the metadata database: AES-256-GCM under a key derived
+    from the current master key, bound to ``context`` (which column holds it), as
+    ``w1:<key id>:<urlsafe base64 of nonce, ciphertext and tag>``."""
+    kid = keys.current
+    nonce = os.urandom(NONCE_BYTES)
+    ct = AESGCM(keys.wrapping_key(kid)).encrypt(nonce, secret, context.encode())
+    return f"{WRAP_PREFIX}:{kid}:{base64.urlsafe_b64encode(nonce + ct).decode()}"
+
+
+def unwrap_secret(keys: MasterKeys, stored: str, context: str) -> bytes:
+    """The secret of a :func:`wrap_secret` value; ``SealError`` when it is not one, names a key
+    id this process does not hold, or was altered or moved to another ``context``."""
+    prefix, _, rest = stored.partition(":")
+    kid, _, body = rest.partition(":")
+    if prefix != WRAP_PREFIX or not body:
+        raise SealError("not a wrapped secret")
+    try:
+        raw = base64.urlsafe_b64decode(body.encode())
+        key = keys.wrapping_key(kid)
+        return AESGCM(key).decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.encode())
+    except KeyError:
+        raise ForeignSeal(f"wrapped under key id {kid!r}, which is not configured") from None
+    except (ValueError, InvalidTag):
+        raise SealError("the wrapped secret was altered or belongs elsewhere") from None
 
 
 def _derive(master: bytes, kid: str, namespace: bytes) -> bytes:

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from kvaas.auth.tenancy import namespace_secret
 from kvaas.codec.sizing import chunk_size, read_kv_shape
 from kvaas.config import Settings
 from kvaas.connector.params import TransferPlan
@@ -99,8 +100,15 @@ class CacheCore:
                 param="cache_id",
             )
 
+    @property
+    def master_keys(self) -> MasterKeys:
+        """The master keys (loaded, or generated under the data directory, on first use)."""
+        if self._master_keys is None:
+            self._master_keys = MasterKeys.from_settings(self.settings)
+        return self._master_keys
+
     def _namespace(self, tenant: Tenant) -> bytes:
-        return derive_namespace(bytes.fromhex(tenant.namespace_secret))
+        return derive_namespace(namespace_secret(tenant, self.master_keys))
 
     def _keys(self, tenant: Tenant, ids: Sequence[int], scheme: str) -> list[ChunkKey]:
         """Chunk keys of ``ids`` for a new cache: the served model, the configured chunk size."""
@@ -121,9 +129,7 @@ class CacheCore:
 
     def _tenant_keys(self, tenant: Tenant) -> TenantKeys:
         """The tenant's chunk encryption keys, derived from the master keys, for its plans."""
-        if self._master_keys is None:
-            self._master_keys = MasterKeys.from_settings(self.settings)
-        return self._master_keys.tenant_keys(self._namespace(tenant))
+        return self.master_keys.tenant_keys(self._namespace(tenant))
 
     def _load_plan(self, tenant: Tenant, cache: Cache, keys: Sequence[ChunkKey]) -> TransferPlan:
         """The plan that loads ``keys`` of ``cache``, with the tenant's keys to open them."""
