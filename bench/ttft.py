@@ -147,15 +147,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
+    """Run one engine configuration in its own process; its results come back in a file (the
+    engine's own output on stdout and stderr cannot corrupt them)."""
+    with tempfile.TemporaryDirectory(prefix="kvaas-ttft-") as tmp:
+        result = Path(tmp) / "result.json"
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps({**spec, "result": str(result)})],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode == 0 and result.exists():
+            return dict(json.loads(result.read_text()))
     raise RuntimeError(f"{spec['kind']} engine failed:\n{out.stderr[-3000:]}")
 
 
@@ -169,7 +172,8 @@ def main() -> int:
     )
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        spec = json.loads(args.worker)
+        Path(spec["result"]).write_text(json.dumps(worker(spec)))
         return 0
 
     from rich.console import Console
