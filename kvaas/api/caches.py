@@ -27,12 +27,12 @@ from kvaas.errors import AuthenticationError, BadRequest, NotFound, PermissionDe
 from kvaas.services.caches import (
     AttachOutcome,
     CacheMiss,
+    CacheRef,
     CreateSpec,
     EngineUnavailable,
     Progress,
 )
 from kvaas.services.fairness import EngineBusy
-from kvaas.services.inference import CacheRef
 from kvaas.services.quotas import CacheLimitExceeded, QuotaExceeded
 from kvaas.services.streams import aclose
 
@@ -125,13 +125,13 @@ async def attach_cache(
     ref = CacheRef(body.cache_id, body.tag, body.version, body.require_hit)
     prompt, sampling = body.to_prompt(), body.sampling()
     if body.stream:
-        outcome, deltas = await ref.attach(
-            service.attach_stream, session, auth.tenant, prompt, sampling, rid
+        outcome, deltas = await service.attach_stream(
+            session, auth.tenant, ref, prompt, sampling, rid
         )
         return StreamingResponse(  # type: ignore[return-value]
             _sse(rid, outcome, deltas), media_type="text/event-stream"
         )
-    o = await ref.attach(service.attach, session, auth.tenant, prompt, sampling, rid)
+    o = await service.attach(session, auth.tenant, ref, prompt, sampling, rid)
     g = o.generation
     return AttachResponse(
         id=rid,

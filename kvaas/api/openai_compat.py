@@ -48,9 +48,9 @@ from kvaas.api.schemas.openai import (
 )
 from kvaas.engine import Generation, Sampling
 from kvaas.errors import AuthenticationError, BadRequest, NotFound, PermissionDenied
-from kvaas.services.caches import CacheMiss, CacheService, EngineUnavailable, Prompt
+from kvaas.services.caches import CacheMiss, CacheRef, CacheService, EngineUnavailable, Prompt
 from kvaas.services.fairness import EngineBusy
-from kvaas.services.inference import CacheRef, Inference, Run, generate, generate_stream
+from kvaas.services.inference import Inference, Run, generate, generate_stream
 from kvaas.services.streams import aclose
 
 router = APIRouter(prefix="/v1", tags=["openai"])

@@ -19,9 +19,8 @@ streamed run's generation fills up as its deltas are consumed).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -29,48 +28,8 @@ from kvaas.db.models import Tenant
 from kvaas.engine import EngineError, Generation, Sampling
 from kvaas.errors import ServiceUnavailable
 from kvaas.metering import hooks as metering
-from kvaas.services.caches import AttachOutcome, CacheService, Prompt
+from kvaas.services.caches import AttachOutcome, CacheRef, CacheService, Prompt
 from kvaas.services.streams import metered
-
-R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class CacheRef:
-    """The cache a request attaches: by id or by tag (neither: none), which version (``None``:
-    the latest), and whether a miss is refused (``409``) instead of recomputed."""
-
-    cache_id: str | None = None
-    tag: str | None = None
-    version: int | None = None
-    require_hit: bool = False
-
-    @property
-    def attached(self) -> bool:
-        return self.cache_id is not None or self.tag is not None
-
-    async def attach(
-        self,
-        method: Callable[..., Awaitable[R]],
-        session: AsyncSession,
-        tenant: Tenant,
-        prompt: Prompt,
-        sampling: Sampling,
-        request_id: str | None = None,
-    ) -> R:
-        """``method`` (:meth:`CacheService.attach` or :meth:`CacheService.attach_stream`) run
-        on this cache for ``prompt``, metered as ``request_id``."""
-        return await method(
-            session,
-            tenant,
-            self.cache_id,
-            prompt,
-            sampling,
-            require_hit=self.require_hit,
-            tag=self.tag,
-            version=self.version,
-            request_id=request_id,
-        )
 
 
 @dataclass
@@ -135,8 +94,8 @@ async def generate(inf: Inference) -> Run:
     """Run the request to its end; its usage is committed before this returns."""
     service, tenant = inf.service, inf.tenant
     if inf.ref.attached:
-        outcome = await inf.ref.attach(
-            service.attach, inf.session, tenant, inf.prompt, inf.sampling, inf.request_id
+        outcome = await service.attach(
+            inf.session, tenant, inf.ref, inf.prompt, inf.sampling, inf.request_id
         )
         return Run(outcome, outcome.generation)
     engine = service.prompts.engine
@@ -160,8 +119,8 @@ async def generate_stream(inf: Inference) -> tuple[Run, AsyncIterator[Generation
     or are closed, with what was produced until then."""
     service, tenant = inf.service, inf.tenant
     if inf.ref.attached:
-        outcome, stream = await inf.ref.attach(
-            service.attach_stream, inf.session, tenant, inf.prompt, inf.sampling, inf.request_id
+        outcome, stream = await service.attach_stream(
+            inf.session, tenant, inf.ref, inf.prompt, inf.sampling, inf.request_id
         )
         return Run(outcome, outcome.generation), stream
     engine = service.prompts.engine

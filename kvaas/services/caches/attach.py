@@ -24,7 +24,7 @@ from kvaas.errors import Conflict, ServiceUnavailable
 from kvaas.metering import hooks as metering
 from kvaas.services.caches.core import CacheCore
 from kvaas.services.caches.identity import bytes_to_tokens
-from kvaas.services.caches.records import AttachOutcome, CacheMiss
+from kvaas.services.caches.records import AttachOutcome, CacheMiss, CacheRef
 from kvaas.services.prompts import Prompt
 from kvaas.services.streams import metered
 from kvaas.store.errors import StoreError
@@ -37,15 +37,16 @@ class AttachOps(CacheCore):
         self,
         session: AsyncSession,
         tenant: Tenant,
-        cache_id: str | None,
-        tag: str | None,
-        version: int | None,
+        ref: CacheRef,
         prompt: Prompt,
         sampling: Sampling,
-        require_hit: bool,
-    ) -> tuple[Cache, int, list[int], TransferPlan | None, int, int]:
+    ) -> tuple[Sampling, tuple[Cache, int, list[int], TransferPlan | None, int, int]]:
+        """What an attach runs: ``sampling`` with the tenant's salt, and the cache, version,
+        token ids, load plan and the expected and available cached tokens (``409`` for a
+        ``require_hit`` attach that cannot hit)."""
         eng = self._engine()
-        cache = await self.resolve(session, tenant, cache_id=cache_id, tag=tag)
+        cache = await self.resolve(session, tenant, cache_id=ref.cache_id, tag=ref.tag)
+        version, require_hit = ref.version, ref.require_hit
         cid = cache.id
         self._require_current(cache)
         if version is None or version == cache.version:
@@ -76,7 +77,8 @@ class AttachOps(CacheCore):
                 extra={"miss_reason": reason},
             )
         plan = self._load_plan(tenant, cache, keys[:available]) if available else None
-        return cache, version, ids, plan, expected, available_tokens
+        salted = self.salted(tenant, sampling)
+        return salted, (cache, version, ids, plan, expected, available_tokens)
 
     @staticmethod
     async def _meter_attach(
@@ -112,23 +114,17 @@ class AttachOps(CacheCore):
         self,
         session: AsyncSession,
         tenant: Tenant,
-        cache_id: str | None,
+        ref: CacheRef,
         prompt: Prompt,
         sampling: Sampling,
-        *,
-        require_hit: bool = False,
-        tag: str | None = None,
-        version: int | None = None,
         request_id: str | None = None,
     ) -> AttachOutcome:
-        """Generate with the cache named by ``cache_id`` or ``tag`` (exactly one) as the
-        prompt's prefix; ``version`` defaults to the latest. ``request_id`` (default: a new
-        one) meters the request once. ``429 engine_busy`` when the tenant's turn does not
-        come."""
+        """Generate with the cache ``ref`` names (by id or tag, exactly one; ``version``
+        defaults to the latest) as the prompt's prefix. ``request_id`` (default: a new one)
+        meters the request once. ``429 engine_busy`` when the tenant's turn does not come."""
         rid = request_id or _request_id()
-        sampling = self.salted(tenant, sampling)
-        cache, version, ids, plan, expected, available = await self._prepare_attach(
-            session, tenant, cache_id, tag, version, prompt, sampling, require_hit
+        sampling, (cache, version, ids, plan, expected, available) = await self._prepare_attach(
+            session, tenant, ref, prompt, sampling
         )
         try:
             async with self.gate.slot(tenant.id):
@@ -136,7 +132,7 @@ class AttachOps(CacheCore):
         except EngineError as e:
             raise ServiceUnavailable(f"the engine failed: {e}") from e
         out = AttachOutcome(gen, cache, len(ids), expected, available, version)
-        if require_hit and not out.hit:  # refused, but the engine's work is paid for
+        if ref.require_hit and not out.hit:  # refused, but the engine's work is paid for
             await self._meter_attach(session, cache, out, rid)
             await session.commit()
             raise CacheMiss(
@@ -151,13 +147,9 @@ class AttachOps(CacheCore):
         self,
         session: AsyncSession,
         tenant: Tenant,
-        cache_id: str | None,
+        ref: CacheRef,
         prompt: Prompt,
         sampling: Sampling,
-        *,
-        require_hit: bool = False,
-        tag: str | None = None,
-        version: int | None = None,
         request_id: str | None = None,
     ) -> tuple[AttachOutcome, AsyncIterator[Generation]]:
         """Validate and start now: errors (``429 engine_busy`` and an engine failure before
@@ -166,9 +158,8 @@ class AttachOps(CacheCore):
         closed the attach is recorded once (``request_id``, default a new one), metered with
         the tokens produced until then."""
         rid = request_id or _request_id()
-        sampling = self.salted(tenant, sampling)
-        cache, version, ids, plan, expected, available = await self._prepare_attach(
-            session, tenant, cache_id, tag, version, prompt, sampling, require_hit
+        sampling, (cache, version, ids, plan, expected, available) = await self._prepare_attach(
+            session, tenant, ref, prompt, sampling
         )
         outcome = AttachOutcome(Generation(), cache, len(ids), expected, available, version)
 

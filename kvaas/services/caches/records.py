@@ -29,6 +29,21 @@ STALE_PENDING = timedelta(hours=1)
 PURGED = b""
 
 
+@dataclass(frozen=True)
+class CacheRef:
+    """The cache a request attaches: by id or by tag (neither: none), which version (``None``:
+    the latest), and whether a miss is refused (``409``) instead of recomputed."""
+
+    cache_id: str | None = None
+    tag: str | None = None
+    version: int | None = None
+    require_hit: bool = False
+
+    @property
+    def attached(self) -> bool:
+        return self.cache_id is not None or self.tag is not None
+
+
 @dataclass
 class CreateSpec:
     prompt: Prompt
