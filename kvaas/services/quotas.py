@@ -3,7 +3,7 @@
 A tenant's usage is the sum over its *live* caches (``pending`` or ``ready`` and not past
 ``expires_at``) of their tokens and stored bytes, plus what prefills in progress have
 reserved (``reserved_tokens`` / ``reserved_bytes``), and their count. Limits, each the
-tenant's own value or, when that is ``None``, the default setting (:class:`Defaults`): every
+tenant's own value or, when that is ``None``, the default setting (:func:`limits_of`): every
 tenant is bounded, so one tenant cannot fill the tiers that all of them share.
 
 - ``storage_quota_tokens`` / ``storage_quota_bytes`` (defaults ``default_storage_quota_tokens``
@@ -53,15 +53,16 @@ class CacheLimitExceeded(APIError):
 
 
 @dataclass(frozen=True, slots=True)
-class Defaults:
-    """The limits of a tenant whose own are unset (``None`` quota: unlimited)."""
+class Limits:
+    """A tenant's limits (``None`` quota: unlimited): the service's defaults
+    (:meth:`from_settings`), or those in force for one tenant (:func:`limits_of`)."""
 
     max_caches: int
     storage_tokens: int | None
     storage_bytes: int | None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Defaults:
+    def from_settings(cls, settings: Settings) -> Limits:
         return cls(
             settings.default_max_caches,
             settings.default_storage_quota_tokens,
@@ -101,29 +102,37 @@ def check(
     new_cache: bool,
     tokens: int,
     nbytes: int,
-    defaults: Defaults,
+    defaults: Limits,
 ) -> None:
     """Raise if adding ``tokens`` / ``nbytes`` (and one cache when ``new_cache``) goes over the
     tenant's limits (its own, else ``defaults``)."""
+    limits = limits_of(tenant, defaults)
     if new_cache:
-        maximum = tenant.max_caches if tenant.max_caches is not None else defaults.max_caches
+        maximum = limits.max_caches
         if current.caches + 1 > maximum:
             raise CacheLimitExceeded(
                 f"this tenant holds {current.caches} live caches, its maximum is {maximum}; "
                 "delete caches (or let them expire) first",
                 extra={"limit": "caches", "current": current.caches, "maximum": maximum},
             )
-    quota_tokens = _own(tenant.storage_quota_tokens, defaults.storage_tokens)
-    quota_bytes = _own(tenant.storage_quota_bytes, defaults.storage_bytes)
     for limit, used, add, quota in (
-        ("storage_tokens", current.tokens, tokens, quota_tokens),
-        ("storage_bytes", current.bytes, nbytes, quota_bytes),
+        ("storage_tokens", current.tokens, tokens, limits.storage_tokens),
+        ("storage_bytes", current.bytes, nbytes, limits.storage_bytes),
     ):
         if quota is not None and used + add > quota:
             raise QuotaExceeded(
                 f"{limit}: {used} used + {add} requested exceeds the quota of {quota}",
                 extra={"limit": limit, "current": used, "maximum": quota, "requested": add},
             )
+
+
+def limits_of(tenant: Tenant, defaults: Limits) -> Limits:
+    """The limits in force for ``tenant``: each of its own, else the default."""
+    return Limits(
+        tenant.max_caches if tenant.max_caches is not None else defaults.max_caches,
+        _own(tenant.storage_quota_tokens, defaults.storage_tokens),
+        _own(tenant.storage_quota_bytes, defaults.storage_bytes),
+    )
 
 
 def _own(value: int | None, default: int | None) -> int | None:

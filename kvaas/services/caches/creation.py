@@ -114,7 +114,7 @@ class CreateOps(CacheCore):
                 new_cache=True,
                 tokens=cache.tokens,
                 nbytes=cache.reserved_bytes,
-                defaults=quotas.Defaults.from_settings(self.settings),
+                defaults=quotas.Limits.from_settings(self.settings),
             )
             session.add(cache)
             await session.flush()  # the cache row first: the version references it
@@ -184,7 +184,7 @@ class CreateOps(CacheCore):
                 new_cache=False,
                 tokens=new_tokens,
                 nbytes=reserve_bytes,
-                defaults=quotas.Defaults.from_settings(self.settings),
+                defaults=quotas.Limits.from_settings(self.settings),
             )
             last = (
                 await session.execute(
