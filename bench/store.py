@@ -267,14 +267,8 @@ async def bench_lookup(
     prefix_keys = keys.take(PREFIX_CHUNKS)
     tiny = container(64)
     rows = []
-    tier: Tier
     refs = SqliteRefIndex(Path(":memory:"))
-    if kind == "memory":
-        tier = MemoryTier(1 << 40)
-    elif kind == "redis":
-        tier = RedisTier(RedisConnection(REDIS_URL, prefix=prefix))
-    else:
-        tier = DiskTier(tmp / "lookup", 1 << 40, durable=False)
+    tier = one_tier(kind, tmp / "lookup", 1 << 40, prefix)
     store = TieredStore([tier], refs)
     await store.open()
     await tier.put_many([(k, tiny) for k in prefix_keys])
@@ -319,17 +313,21 @@ def fill_files(root: Path, start: int, end: int) -> None:
         os.close(fd)
 
 
+def one_tier(kind: str, disk_dir: Path, capacity: int, prefix: str) -> Tier:
+    """The tier ``kind`` names (``memory``, ``redis`` or ``disk``, the disk one without fsync)
+    for a single-tier store."""
+    if kind == "memory":
+        return MemoryTier(capacity)
+    if kind == "redis":
+        return RedisTier(RedisConnection(REDIS_URL, prefix=prefix))
+    return DiskTier(disk_dir, capacity, durable=False)
+
+
 # -- prefix fetch --------------------------------------------------------------------------------
 async def bench_fetch(kind: str, tmp: Path, prefix: str, reps: int) -> dict[str, Any]:
     keys = Keys().take(PREFIX_CHUNKS)
     blobs = [realistic_chunk(i % 8) for i in range(PREFIX_CHUNKS)]
-    tier: Tier
-    if kind == "memory":
-        tier = MemoryTier(1 << 34)
-    elif kind == "redis":
-        tier = RedisTier(RedisConnection(REDIS_URL, prefix=prefix))
-    else:
-        tier = DiskTier(tmp / "fetch", 1 << 34, durable=False)
+    tier = one_tier(kind, tmp / "fetch", 1 << 34, prefix)
     store = TieredStore([tier], SqliteRefIndex(Path(":memory:")), encrypted=False)
     await store.open()
     try:
@@ -365,13 +363,7 @@ async def bench_encryption(kind: str, tmp: Path, prefix: str, reps: int) -> dict
     blobs = [realistic_chunk(i % 8) for i in range(PREFIX_CHUNKS)]
     master = MasterKeys("k1", {"k1": os.urandom(32)})
     sealer = ChunkSealer(master.tenant_keys(keys.namespace), "bench", "int4")
-    tier: Tier
-    if kind == "memory":
-        tier = MemoryTier(1 << 34)
-    elif kind == "redis":
-        tier = RedisTier(RedisConnection(REDIS_URL, prefix=prefix))
-    else:
-        tier = DiskTier(tmp / "encryption", 1 << 34, durable=False)
+    tier = one_tier(kind, tmp / "encryption", 1 << 34, prefix)
     stores = {on: TieredStore([tier], SqliteRefIndex(Path(":memory:")), encrypted=on)
               for on in (False, True)}  # fmt: skip
     for store in stores.values():
