@@ -72,8 +72,10 @@ def kv_shape(config: dict[str, Any], dtype: str) -> KVShape:
     return KVShape(int(cfg["num_hidden_layers"]), kv_heads, head_dim, dtype)
 
 
+@lru_cache(maxsize=16)
 def read_kv_shape(model_dir: Path, dtype: str) -> KVShape:
-    """The KV shape of the checkpoint in ``model_dir`` with the engine's dtype setting."""
+    """The KV shape of the checkpoint in ``model_dir`` with the engine's dtype setting (read
+    once per process: a served model's directory does not change under it)."""
     config = json.loads((model_dir / "config.json").read_text())
     return kv_shape(config, kv_dtype(model_dir, dtype))
 
