@@ -219,6 +219,10 @@ class CacheVersion(Base):
     stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: While ``pending``: until when the gateway process running its prefill vouches for it
+    #: (renewed by that process's maintenance loop). A pending version past its lease has lost
+    #: its gateway and the sweep fails it. ``None``: no lease (rows written before leases).
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class CacheTag(Base):
@@ -262,9 +266,42 @@ class IdempotencyRecord(Base):
     response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     response_headers: Mapped[list[Any] | None] = mapped_column(PortableJSON, nullable=True)
     response_body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    #: Size of the whole response body; above the stored limit the body is not kept
+    #: (``response_body`` stays ``None``) and a replay says so instead of running again.
+    response_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: The object the request created (a cache id), recorded in the create's own transaction:
+    #: a retry after the gateway died before the response was stored answers with it.
+    resource_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# --- store releases (outbox) ------------------------------------------------------------------
+
+
+class StoreRelease(Base):
+    """A manifest release the store still owes: written in the transaction that retires a
+    cache or version (delete, expiry, version delete, failed prefill), removed once the store
+    confirmed the release. ``version`` ``None`` releases every stored version of the cache;
+    ``chunk_keys`` (hex) are chunks a prefill may have written after a concurrent release,
+    queued for collection too. Releasing is idempotent, so a row drained twice is harmless."""
+
+    __tablename__ = "store_releases"
+    __table_args__ = (Index("ix_store_releases_due", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    slot: Mapped[str] = mapped_column(String(16))
+    cache_id: Mapped[str] = mapped_column(String(40))
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    chunk_keys: Mapped[list[str]] = mapped_column(PortableJSON, default=list)
+    reason: Mapped[str] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 # --- metering and billing -------------------------------------------------------------------
