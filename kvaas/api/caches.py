@@ -24,6 +24,7 @@ from kvaas.api.schemas.caches import (
 )
 from kvaas.billing.budget import BudgetExceeded
 from kvaas.errors import AuthenticationError, BadRequest, NotFound, PermissionDenied
+from kvaas.metrics import record_ttft
 from kvaas.services.caches import (
     AttachOutcome,
     CacheMiss,
@@ -87,6 +88,7 @@ async def create_cache(
         response.status_code = 202
         progress = await service.progress(auth.tenant, [result.cache])
         return CacheObject.of(result.cache, progress=progress.get(result.cache.id))
+    record_ttft("create", result.ttft_ms, result.prefill_tokens)
     return CacheObject.of(
         result.cache,
         CacheUsage(
@@ -133,6 +135,7 @@ async def attach_cache(
         )
     o = await service.attach(session, auth.tenant, ref, prompt, sampling, rid)
     g = o.generation
+    record_ttft("attach", g.ttft_ms, o.prompt_tokens - o.cached_tokens)
     return AttachResponse(
         id=rid,
         model=o.cache.model,
