@@ -54,7 +54,7 @@ def _corpus_text() -> str:
     return Path(os.__file__).read_text() + Path(os.path.__file__).read_text()
 
 
-def _settings(data_dir: Path, tenant_inflight: int) -> Any:
+def _settings(data_dir: Path, tenant_inflight: int, batched: int) -> Any:
     from kvaas.config import Settings
 
     return Settings(
@@ -66,7 +66,7 @@ def _settings(data_dir: Path, tenant_inflight: int) -> Any:
         memory_tier_bytes=256 * 1024 * 1024,
         chunk_tokens=256,
         engine_max_model_len=4096,
-        engine_max_batched_tokens=2048,
+        engine_max_batched_tokens=batched,
         engine_prefix_caching=False,
         engine_kv_cache_gib=2.0,
         rate_limit_per_second=0,
@@ -257,11 +257,11 @@ async def _served(app: Any) -> AsyncIterator[str]:
         sock.close()
 
 
-async def run(n: int, tenant_inflight: int) -> dict[str, Any]:
+async def run(n: int, tenant_inflight: int, batched: int) -> dict[str, Any]:
     from kvaas.app import create_app
 
     with tempfile.TemporaryDirectory(prefix="kvaas-fairness-") as tmp:
-        settings = _settings(Path(tmp), tenant_inflight)
+        settings = _settings(Path(tmp), tenant_inflight, batched)
         app = create_app(settings)
         async with (
             app.router.lifespan_context(app),
@@ -280,6 +280,13 @@ async def run(n: int, tenant_inflight: int) -> dict[str, Any]:
             width = 10 * tenant_inflight
             phases = [
                 await _phase("baseline", client, quiet, n, None),
+                await _phase(
+                    "at_limit",
+                    client,
+                    quiet,
+                    n,
+                    (url, noisy_h, corpus, "noisy", tenant_inflight),
+                ),
                 await _phase("noisy", client, quiet, n, (url, noisy_h, corpus, "noisy", width)),
                 await _phase(
                     "huge_bodies", client, quiet, n, (url, noisy_h, corpus, "huge", width)
@@ -297,6 +304,7 @@ async def run(n: int, tenant_inflight: int) -> dict[str, Any]:
             "attaches_per_phase": n,
             "engine_max_inflight": settings.engine_max_inflight,
             "tenant_max_inflight": tenant_inflight,
+            "engine_max_batched_tokens": batched,
             "tenant_max_queued": settings.tenant_max_queued,
             "noisy_workers": 10 * tenant_inflight,
             "huge_prompt_chars": HUGE_CHARS,
@@ -332,9 +340,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--attaches", type=int, help="quiet attaches per phase")
     ap.add_argument("--tenant-inflight", type=int, default=4, help="per-tenant in-flight cap")
+    ap.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=2048,
+        help="tokens the engine computes per step (KVAAS_ENGINE_MAX_BATCHED_TOKENS)",
+    )
     args = ap.parse_args()
     n = args.attaches or (20 if args.quick else 200)
-    res = asyncio.run(run(n, args.tenant_inflight))
+    res = asyncio.run(run(n, args.tenant_inflight, args.max_batched_tokens))
     report(res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")

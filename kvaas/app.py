@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -35,6 +35,7 @@ from kvaas.db.session import Database
 from kvaas.engine import build_engine
 from kvaas.services.caches import CacheService
 from kvaas.services.fairness import FairGate
+from kvaas.services.prompts import prompt_body_limit
 from kvaas.store.factory import StoreConfig, build_store
 from kvaas.store.tiered import TieredStore
 
@@ -135,6 +136,18 @@ def create_admin_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _prompt_body_bytes(app: FastAPI, settings: Settings) -> Callable[[], int]:
+    """The prompt routes' body limit: what the served context (the engine's, else the
+    configured one) can hold."""
+
+    def limit() -> int:
+        engine = getattr(app.state, "engine", None)
+        served = engine.max_model_len if engine is not None else 0
+        return prompt_body_limit(max(served, settings.engine_max_model_len))
+
+    return limit
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application. ``settings`` defaults to the process settings (env / .env).
     With a separate admin listener configured (``KVAAS_ADMIN_PORT``) it leaves ``/admin/api``
@@ -211,7 +224,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limiter=app.state.rate_limiter,
         guard=build_address_guard(settings),
     )
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_request_bytes,
+        prompt_body_bytes=_prompt_body_bytes(app, settings),
+    )
     app.include_router(health.router)
     app.include_router(account.router)
     app.include_router(caches.router)

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
-from kvaas.api.deps import Auth, CacheServiceDep, SessionDep, require_scope
+from kvaas.api.deps import Auth, CacheServiceDep, SessionDep, engine_work, require_scope
 from kvaas.api.errors import error_responses, stream_error_event
 from kvaas.api.schemas.caches import (
     AttachCacheInfo,
@@ -42,7 +42,7 @@ router = APIRouter(prefix="/v1", tags=["caches"])
 
 @router.post(
     "/cache/create",
-    dependencies=[require_scope("caches:write")],
+    dependencies=[require_scope("caches:write"), engine_work()],
     summary="Prefill a prompt prefix and store its KV cache",
     status_code=201,
     responses={
@@ -101,7 +101,7 @@ async def create_cache(
 
 @router.post(
     "/cache/attach",
-    dependencies=[require_scope("caches:write")],
+    dependencies=[require_scope("caches:write"), engine_work()],
     summary="Generate with a stored cache as the prompt's prefix",
     responses={
         **error_responses(

@@ -159,6 +159,19 @@ def require_scope(scope: str | None) -> Any:
     return Depends(ScopeRequirement(scope))
 
 
+async def _admit_engine_work(auth: Auth, service: CacheServiceDep) -> AsyncIterator[None]:
+    with service.gate.admit(auth.tenant.id):
+        yield
+
+
+def engine_work() -> Any:
+    """``dependencies=[require_scope(...), engine_work()]``: the route runs the engine for the
+    caller's tenant. The request is admitted by the engine's fair gate before the route does
+    any work, and refused at once (``429 engine_busy``) when the tenant's slots and queue are
+    all taken (:meth:`kvaas.services.fairness.FairGate.admit`)."""
+    return Depends(_admit_engine_work)
+
+
 def _calls(dependant: Dependant) -> Iterator[Any]:
     for sub in dependant.dependencies:
         yield sub.call

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from kvaas.api.deps import Auth, CacheServiceDep, SessionDep, require_scope
+from kvaas.api.deps import Auth, CacheServiceDep, SessionDep, engine_work, require_scope
 from kvaas.api.errors import error_responses
 from kvaas.api.schemas.caches import CacheObject, CacheUsage
 from kvaas.api.schemas.lifecycle import (
@@ -156,7 +156,7 @@ async def delete_cache(
 
 @router.post(
     "/caches/{cache_id}/extend",
-    dependencies=[require_scope("caches:write")],
+    dependencies=[require_scope("caches:write"), engine_work()],
     summary="Create the next version: the latest version's tokens followed by new ones",
     status_code=201,
     responses=error_responses(

@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids, body size limit and request metrics.
+"""ASGI middleware: request ids, body size limits and request metrics.
 
 Written as plain ASGI (not ``BaseHTTPMiddleware``) so streaming responses pass through
 untouched and the body limit is enforced while reading, not after buffering.
@@ -10,6 +10,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,6 +19,12 @@ from kvaas.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 _INCOMING_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,64}$")
 
+#: The routes whose body carries a prompt (create, extend, attach, estimate, completions): their
+#: bodies are held to the prompt limit, which the engine's context sets.
+PROMPT_ROUTES = re.compile(
+    r"^/v1/(?:cache/(?:create|attach|estimate)|caches/[^/]+/extend|chat/completions|completions)$"
+)
+
 
 class _BodyTooLarge(Exception):
     pass
@@ -25,11 +32,20 @@ class _BodyTooLarge(Exception):
 
 class RequestContextMiddleware:
     """Gives every request an id (``X-Request-ID``, echoed when the client sent a sane one),
-    refuses bodies above ``max_body_bytes`` with a 413, and records Prometheus metrics."""
+    refuses bodies above ``max_body_bytes`` (above ``prompt_body_bytes`` on the
+    :data:`PROMPT_ROUTES`, when smaller) with a 413, and records Prometheus metrics. A body whose
+    declared length is over the limit is refused before any of it is read."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        prompt_body_bytes: Callable[[], int] | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.prompt_body_bytes = prompt_body_bytes  # read per request: the engine may change
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,6 +59,8 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status_holder: dict[str, Any] = {"status": 500, "started": False, "too_large": False}
         limit = self.max_body_bytes
+        if self.prompt_body_bytes is not None and PROMPT_ROUTES.match(scope["path"]):
+            limit = min(limit, self.prompt_body_bytes())
 
         async def send_too_large() -> None:
             """Answer 413, unless an answer has started."""
@@ -98,7 +116,10 @@ class RequestContextMiddleware:
 
 async def _send_too_large(send: Send, limit: int, request_id: str) -> None:
     """The ``413 payload_too_large`` error answer, in the API's error body."""
-    message = f"request body exceeds the limit of {limit} bytes (KVAAS_MAX_REQUEST_BYTES)"
+    message = (
+        f"request body exceeds the limit of {limit} bytes for this route (KVAAS_MAX_REQUEST_BYTES;"
+        " a body carrying a prompt is also held to what the model's context can hold)"
+    )
     body = json.dumps(
         {"error": {"type": "payload_too_large", "message": message, "request_id": request_id}}
     ).encode()

@@ -29,7 +29,14 @@ from fastapi.responses import StreamingResponse
 from fastapi.types import DecoratedCallable
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from kvaas.api.deps import Auth, AuthContext, CacheServiceDep, SessionDep, require_scope
+from kvaas.api.deps import (
+    Auth,
+    AuthContext,
+    CacheServiceDep,
+    SessionDep,
+    engine_work,
+    require_scope,
+)
 from kvaas.api.errors import error_responses, stream_error_event
 from kvaas.api.schemas.openai import (
     AssistantMessage,
@@ -255,7 +262,7 @@ def _completion_route(path: str, summary: str) -> Callable[[DecoratedCallable], 
     the engine and is billed, so it needs ``caches:write``."""
     return router.post(
         path,
-        dependencies=[require_scope("caches:write")],
+        dependencies=[require_scope("caches:write"), engine_work()],
         summary=summary,
         responses={**COMPLETION_ERRORS, **STREAM_200},
     )

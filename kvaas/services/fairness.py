@@ -10,8 +10,12 @@ its excess waits in its own queue, not in front of others.
 
 A request that would make its tenant's queue longer than ``max_queue`` is refused at once, and
 one that waits longer than ``max_wait_s`` gives up: both raise :class:`EngineBusy`
-(``429 engine_busy`` with ``Retry-After``). Cancellation (a client that disconnects) removes the
-waiter or releases its slot; slots are never leaked.
+(``429 engine_busy`` with ``Retry-After``). The API refuses a tenant's excess *before* any of
+its work: each request bound for the engine is admitted (:meth:`FairGate.admit`) as it
+arrives, and one that would find the tenant's slots and queue all taken is refused there, so a
+tenant far over its limits costs the gateway one counter check per excess request, not the
+database writes and tokenizing its requests would do before reaching the queue. Cancellation
+(a client that disconnects) removes the waiter or releases its slot; slots are never leaked.
 
 One gate serves one gateway process (the engine it guards is in or behind that process): the
 application builds it from the settings (:meth:`FairGate.from_settings`) and hands it to the
@@ -24,8 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections import Counter, OrderedDict, deque
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -66,6 +70,7 @@ class FairGate:
         # tenants with waiters, in turn order (the next to serve first)
         self._turns: OrderedDict[str, _Tenant] = OrderedDict()
         self._tenants: dict[str, _Tenant] = {}
+        self._admitted: Counter[str] = Counter()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FairGate:
@@ -93,6 +98,31 @@ class FairGate:
             t = self._tenants.get(tenant_id)
             return len(t.waiting) if t else 0
         return sum(len(t.waiting) for t in self._tenants.values())
+
+    def admitted(self, tenant_id: str) -> int:
+        """Requests of ``tenant_id`` admitted (:meth:`admit`) and not yet answered."""
+        return self._admitted[tenant_id]
+
+    @contextlib.contextmanager
+    def admit(self, tenant_id: str) -> Iterator[None]:
+        """Count one request of ``tenant_id`` that will need the engine, from its arrival to its
+        answer. Refuses it at once (:class:`EngineBusy`) when the tenant already has
+        ``per_tenant + max_queue`` such requests: every one of its slots and its whole queue
+        would be taken by the time it got there. Costs no I/O; never waits."""
+        held = self._admitted[tenant_id]
+        if held >= self.per_tenant + self.max_queue:
+            raise EngineBusy(
+                f"this tenant already has {held} engine requests running or queued (at most "
+                f"{self.per_tenant} run at once, {self.max_queue} wait); retry later",
+                headers={"Retry-After": "1"},
+            )
+        self._admitted[tenant_id] = held + 1
+        try:
+            yield
+        finally:
+            self._admitted[tenant_id] -= 1
+            if not self._admitted[tenant_id]:
+                del self._admitted[tenant_id]
 
     @contextlib.asynccontextmanager
     async def slot(self, tenant_id: str) -> AsyncIterator[None]:
@@ -198,7 +228,6 @@ class FairGate:
             fut.set_result(None)
             if t.waiting:
                 self._turns[tenant_id] = t
-
 
 
 class Admitted(Generic[T]):

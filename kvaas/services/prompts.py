@@ -31,6 +31,21 @@ from kvaas.errors import APIError, BadRequest, ServiceUnavailable
 #: symbols are single tokens); text longer than this times ``max_model_len`` cannot fit.
 MAX_CHARS_PER_TOKEN = 32
 
+#: Bytes one character can take in a JSON body (``\\uXXXX``, as ``ensure_ascii`` encoders write).
+JSON_BYTES_PER_CHAR = 6
+
+#: Room in a prompt-carrying body for everything besides the prompt (ids, sampling, metadata).
+PROMPT_BODY_OVERHEAD = 64 * 1024
+
+
+def prompt_body_limit(max_model_len: int) -> int:
+    """The largest request body that can carry a prompt the engine accepts: a prompt of
+    ``max_model_len`` tokens at :data:`MAX_CHARS_PER_TOKEN` characters each, every character
+    JSON-escaped, plus :data:`PROMPT_BODY_OVERHEAD`. Token ids (at most 8 bytes each with their
+    comma) and chat messages (each at least one token of template) fit within it too, so a body
+    above it holds a prompt that would be refused anyway, and can be refused unread."""
+    return max_model_len * MAX_CHARS_PER_TOKEN * JSON_BYTES_PER_CHAR + PROMPT_BODY_OVERHEAD
+
 
 class EngineUnavailable(ServiceUnavailable):
     type = "engine_unavailable"

@@ -1,6 +1,7 @@
 """The engine gate on the real gateway: a tenant at its in-flight cap queues, one past its
-queue is refused (429 ``engine_busy``) on every engine route, and another tenant's request is
-admitted at once meanwhile. Asserted on the gate's state, not on time."""
+queue is refused (429 ``engine_busy``) on every engine route, before any of its work, and
+another tenant's request is admitted at once meanwhile. Asserted on the gate's state, not on
+time."""
 
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ async def test_a_noisy_tenant_waits_in_its_own_queue(gateway, monkeypatch) -> No
     for r in refused:
         assert r.status_code == 429 and r.json()["error"]["type"] == "engine_busy", r.text
         assert r.headers["Retry-After"]
+    # refused on arrival, before any of its work: the refused create left no cache behind
+    r = await noisy.request("GET", "/v1/caches", params={"status": "failed"})
+    assert r.status_code == 200 and r.json()["data"] == [], r.text
+    assert gate.admitted(noisy.tenant_id) == 2  # the running create and the queued one
 
     # the quiet tenant is admitted at once, ahead of the noisy tenant's queue
     r = await quiet.attach(cache_id=cache["id"], token_ids=ids[512:520])

@@ -104,6 +104,41 @@ async def test_oversized_body_is_413(make_client) -> None:  # type: ignore[no-un
         assert r.status_code == 201
 
 
+async def test_prompt_routes_refuse_a_body_no_prompt_could_need_unread(make_client) -> None:  # type: ignore[no-untyped-def]
+    """A body larger than any prompt the context holds (at 32 characters per token, each
+    JSON-escaped) is refused on the prompt routes by its declared length, before it is read or
+    parsed; other routes keep the general limit."""
+    from kvaas.services.prompts import prompt_body_limit
+
+    async with make_client(engine_max_model_len=256) as (_app, c):
+        limit = prompt_body_limit(256)
+        body = b'{"prompt": "' + b"a" * limit + b'"}'
+        read: list[int] = []
+
+        async def counted():  # the body, counting what the server pulls of it
+            for i in range(0, len(body), 65536):
+                read.append(i)
+                yield body[i : i + 65536]
+
+        hdrs = {"Content-Length": str(len(body)), "Authorization": "Bearer kv-nobody"}
+        for path in (
+            "/v1/cache/create",
+            "/v1/cache/attach",
+            "/v1/caches/c1/extend",
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/v1/cache/estimate",
+        ):
+            read.clear()
+            r = await c.post(path, content=counted(), headers=hdrs)
+            assert r.status_code == 413, (path, r.text)
+            assert f"limit of {limit} bytes" in r.json()["error"]["message"]
+            assert len(read) <= 1, path  # refused on its header: at most one chunk was pulled
+        # the general limit still applies elsewhere: the same size is read on other routes
+        r = await c.post("/admin/api/tenants", content=body, headers=admin_headers())
+        assert r.status_code == 422, r.text
+
+
 async def test_metrics_exposes_request_counters(client: httpx.AsyncClient) -> None:
     await client.get("/healthz")
     r = await client.get("/metrics")

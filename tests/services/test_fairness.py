@@ -90,3 +90,21 @@ async def test_cancelled_waiters_and_holders_leak_no_slot() -> None:
     assert gate.running == 0
     async with gate.slot("c"):
         assert gate.running == 1
+
+
+def test_admission_refuses_a_tenant_whose_slots_and_queue_are_taken() -> None:
+    gate = FairGate(capacity=8, per_tenant=2, max_queue=1)
+    with gate.admit("a"), gate.admit("a"), gate.admit("a"):
+        assert gate.admitted("a") == 3
+        with pytest.raises(EngineBusy) as refused, gate.admit("a"):
+            pass
+        assert refused.value.headers == {"Retry-After": "1"}
+        assert "2 run at once, 1 wait" in refused.value.message
+        with gate.admit("b"):  # another tenant is admitted meanwhile
+            assert gate.admitted("b") == 1
+    assert gate.admitted("a") == 0 and gate.admitted("b") == 0
+    with gate.admit("a"):  # an answered request frees its admission, an error included
+        pass
+    with pytest.raises(RuntimeError), gate.admit("a"):
+        raise RuntimeError("the route failed")
+    assert gate.admitted("a") == 0
