@@ -1,8 +1,8 @@
 """Fairness between tenants: a quiet tenant's attach latency, alone and beside a noisy one.
 
 Runs the gateway in this process (the ``tiny`` model on the in-process engine, the embedded
-SQLite database and local tiers, no rate limit), served by uvicorn on 127.0.0.1, with two
-tenants (the noisy one's load comes from a process of its own, as a remote client's would):
+SQLite database and local tiers, the default rate limit), served by uvicorn on 127.0.0.1, with
+two tenants, each a client in a process of its own (as remote clients would be):
 
 - ``quiet`` attaches its 1k-token cache, one request after the other (``--attaches`` times per
   phase), each attach timed;
@@ -10,7 +10,8 @@ tenants (the noisy one's load comes from a process of its own, as a remote clien
   workers, each looping over a create of a new 1k-token cache, an attach of it and a completion
   without a cache.
 
-Phases: ``baseline`` (quiet alone), ``noisy`` (quiet beside the noisy workers), and
+Phases: ``baseline`` (quiet alone), ``at_limit`` (quiet beside a noisy tenant exactly at its
+limit: as many workers as its in-flight cap), ``noisy`` (beside ``10 x`` that many), and
 ``huge_bodies`` (the noisy workers send multi-MB prompts instead, refused by their character
 count, by the request schema or the prompt policy, before any tokenizing). Each phase reports
 the quiet tenant's attach p50/p99 and its ratio to the baseline (the target: p99 ratio <=
@@ -69,7 +70,6 @@ def _settings(data_dir: Path, tenant_inflight: int, batched: int) -> Any:
         engine_max_batched_tokens=batched,
         engine_prefix_caching=False,
         engine_kv_cache_gib=2.0,
-        rate_limit_per_second=0,
         tenant_max_inflight=tenant_inflight,
     )
 
@@ -101,6 +101,32 @@ async def _quiet(
         out.append((time.perf_counter() - t0) * 1e3)
         r.raise_for_status()
     return out
+
+
+def _quiet_process(
+    url: str, quiet: tuple[dict[str, str], str, list[int]], n: int, out: Any
+) -> None:
+    """The quiet tenant as a client of its own (a process, as a remote client would be): its
+    ``n`` attach times in ms, put on ``out``."""
+
+    async def main() -> list[float]:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            return await _quiet(client, *quiet, n)
+
+    out.put(asyncio.run(main()))
+
+
+async def _quiet_elsewhere(
+    url: str, quiet: tuple[dict[str, str], str, list[int]], n: int
+) -> list[float]:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_quiet_process, args=(url, quiet, n, out))
+    proc.start()
+    try:
+        return list(await asyncio.to_thread(out.get, True, 3600))
+    finally:
+        await asyncio.to_thread(proc.join, 60)
 
 
 def _outcome(r: httpx.Response) -> str:
@@ -215,18 +241,17 @@ async def _noisy(
 
 async def _phase(
     name: str,
-    client: httpx.AsyncClient,
+    url: str,
     quiet: tuple[dict[str, str], str, list[int]],
     n: int,
     noisy: tuple[str, dict[str, str], list[int], str, int] | None,
 ) -> dict[str, Any]:
     """The quiet tenant's ``n`` attaches, alone or while the noisy load runs."""
-    headers, cache_id, suffix = quiet
     if noisy is None:
-        return {"phase": name, **_stats(await _quiet(client, headers, cache_id, suffix, n))}
+        return {"phase": name, **_stats(await _quiet_elsewhere(url, quiet, n))}
     async with _noisy(*noisy) as seen:
         await asyncio.sleep(5.0)  # let the noisy load start and reach its steady state
-        ms = await _quiet(client, headers, cache_id, suffix, n)
+        ms = await _quiet_elsewhere(url, quiet, n)
     return {
         "phase": name,
         **_stats(ms),
@@ -279,18 +304,16 @@ async def run(n: int, tenant_inflight: int, batched: int) -> dict[str, Any]:
             await _quiet(client, *quiet, 5)  # warm up
             width = 10 * tenant_inflight
             phases = [
-                await _phase("baseline", client, quiet, n, None),
+                await _phase("baseline", url, quiet, n, None),
                 await _phase(
                     "at_limit",
-                    client,
+                    url,
                     quiet,
                     n,
                     (url, noisy_h, corpus, "noisy", tenant_inflight),
                 ),
-                await _phase("noisy", client, quiet, n, (url, noisy_h, corpus, "noisy", width)),
-                await _phase(
-                    "huge_bodies", client, quiet, n, (url, noisy_h, corpus, "huge", width)
-                ),
+                await _phase("noisy", url, quiet, n, (url, noisy_h, corpus, "noisy", width)),
+                await _phase("huge_bodies", url, quiet, n, (url, noisy_h, corpus, "huge", width)),
             ]
     base = phases[0]
     for p in phases[1:]:
