@@ -245,45 +245,58 @@ class SqliteRefIndex(RefIndex):
         return [k in stoned for k in keys]
 
     # -- garbage collection ------------------------------------------------------------------
-    async def claim_garbage(self, *, grace_s: float, limit: int, lease_s: float) -> GarbageClaim:
-        token = new_claim_token()
+    async def claim_garbage(
+        self, *, grace_s: float, limit: int, lease_s: float, token: str | None = None
+    ) -> GarbageClaim:
+        """Claim the oldest candidates first (first unreferenced, first collected: no tenant
+        waits behind a later one). Candidates stay recorded until :meth:`finish_claim`;
+        candidates tombstoned by another live claim are skipped, those of ``token`` answered
+        again (idempotent)."""
+        token = token or new_claim_token()
         started = time.monotonic()
+        now = time.time()
 
         def tx(db: sqlite3.Connection) -> list[ChunkKey]:
-            now = time.time()
             db.execute("DELETE FROM tombstones WHERE expires <= ?", (now,))
             rows = db.execute(
-                "SELECT key FROM garbage WHERE since <= ? ORDER BY since LIMIT ?",
-                (now - grace_s, limit),
+                "SELECT g.key FROM garbage g LEFT JOIN tombstones t ON t.key = g.key "
+                "WHERE g.since <= ? AND (t.key IS NULL OR t.token = ?) ORDER BY g.since LIMIT ?",
+                (now - grace_s, token, limit),
             ).fetchall()
             candidates = [ChunkKey(bytes(r[0])) for r in rows]
             if not candidates:
                 return []
-            db.executemany("DELETE FROM garbage WHERE key=?", [(k,) for k in candidates])
             referenced = {
                 bytes(r[0])
                 for r in self._in(db, "SELECT key FROM refs WHERE key IN ({marks})", candidates)
             }
+            db.executemany("DELETE FROM garbage WHERE key=?", [(k,) for k in referenced])
             claimed = [k for k in candidates if k not in referenced]
             db.executemany(
                 "INSERT INTO tombstones (key, token, expires) VALUES (?,?,?) "
-                "ON CONFLICT (key) DO UPDATE SET token=excluded.token, expires=excluded.expires",
+                "ON CONFLICT (key) DO NOTHING",
                 [(k, token, now + lease_s) for k in claimed],
             )
             return claimed
 
         keys = await self._write(tx)
-        return GarbageClaim(token=token, keys=tuple(keys), deadline=started + lease_s)
+        return GarbageClaim(
+            token=token, keys=tuple(keys), deadline=started + lease_s, claimed_at=now
+        )
 
     async def finish_claim(self, claim: GarbageClaim) -> None:
         if not claim.keys:
             return
 
         def tx(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "DELETE FROM tombstones WHERE key=? AND token=?",
-                [(k, claim.token) for k in claim.keys],
-            )
+            for k in claim.keys:
+                cur = db.execute("DELETE FROM tombstones WHERE key=? AND token=?", (k, claim.token))
+                if cur.rowcount:  # still ours: the candidate goes unless released again
+                    db.execute(
+                        "DELETE FROM garbage WHERE key=? AND since <= ? "
+                        "AND NOT EXISTS (SELECT 1 FROM refs WHERE refs.key = garbage.key)",
+                        (k, claim.claimed_at),
+                    )
 
         await self._write(tx)
 

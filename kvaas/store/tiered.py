@@ -137,12 +137,15 @@ class TieredStore:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def open(self) -> None:
-        """Open every tier and seed the eviction policy with what bounded tiers already hold."""
+        """Open every tier, seed the eviction policy with what bounded tiers already hold, and
+        open the index (which refuses a Redis whose eviction policy could drop index keys:
+        :class:`~kvaas.store.errors.ConfigurationError`)."""
         for tier in self.tiers:
             entries = await tier.open()
             if tier.capacity is not None:
                 self.policy.load(tier.name, entries)
             m.TIER_UP.labels(tier.name).set(1)
+        await self.refs.open()
         self._opened = True
 
     async def close(self) -> None:
@@ -648,35 +651,41 @@ class TieredStore:
         """Delete up to ``limit`` chunks unreferenced for at least ``grace_s`` from every tier.
 
         Safe while writers run (see :mod:`kvaas.store.refs`): only claimed chunks are deleted,
-        and only while the claim's lease lasts. If a tier cannot be cleaned or the lease runs
-        out, the claim is abandoned and the chunks stay candidates for a later pass.
+        and only while the claim's lease lasts. The claim is finished only once every tier is
+        clean; otherwise (a tier cannot be cleaned, the lease ran out, an error, a cancellation)
+        it is abandoned in a ``finally`` and the chunks stay candidates for a later pass. Even a
+        collector killed outright orphans nothing: candidates leave the index only on finish.
         """
         claim = await self.refs.claim_garbage(grace_s=grace_s, limit=limit, lease_s=lease_s)
         result = GCResult(claimed=len(claim.keys))
         if not claim.keys:
             return result
         keys = list(claim.keys)
-        complete = True
-        for tier in self.tiers:
-            if claim.expired:
-                result.lease_expired = True
-                complete = False
-                break
-            try:
-                n = await self._call(tier, "delete", tier.delete_many(keys))
-            except StoreError:
-                result.skipped_tiers.append(tier.name)
-                complete = False
-                continue
-            result.deleted_per_tier[tier.name] = n
-            if tier.capacity is not None:
-                self.policy.on_remove_many(tier.name, keys)
-        if complete:
-            await self.refs.finish_claim(claim)
-            m.GC_DELETED.inc(len(keys))
-        else:
-            with contextlib.suppress(StoreError):  # else the tombstones expire with the lease
-                await self.refs.abandon_claim(claim)
+        finished = False
+        try:
+            complete = True
+            for tier in self.tiers:
+                if claim.expired:
+                    result.lease_expired = True
+                    complete = False
+                    break
+                try:
+                    n = await self._call(tier, "delete", tier.delete_many(keys))
+                except StoreError:
+                    result.skipped_tiers.append(tier.name)
+                    complete = False
+                    continue
+                result.deleted_per_tier[tier.name] = n
+                if tier.capacity is not None:
+                    self.policy.on_remove_many(tier.name, keys)
+            if complete:
+                await self.refs.finish_claim(claim)
+                finished = True
+                m.GC_DELETED.inc(len(keys))
+        finally:
+            if not finished:  # else the tombstones expire with the lease
+                with contextlib.suppress(StoreError):
+                    await asyncio.shield(self.refs.abandon_claim(claim))
         return result
 
     async def demote_idle(self, idle_s: float) -> int:
