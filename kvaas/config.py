@@ -194,7 +194,41 @@ class Settings(BaseSettings):
         description="Let vLLM reuse KV still in its own memory before asking the store.",
     )
     engine_kv_cache_gib: float = Field(
-        1.0, gt=0, description="Memory for vLLM's paged KV (CPU engine), in GiB."
+        1.0,
+        gt=0,
+        description="Memory for vLLM's paged KV, in GiB: the in-process engine's, and that of "
+        "the nodes `kvaas engine command` starts (`--kv-cache-memory-bytes`, CPU and GPU).",
+    )
+    engine_request_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Longest one engine request (prefill, attach, completion; a stream from "
+        "start to end) may run; then it is aborted and answered 503 `engine_unavailable`.",
+    )
+    engine_restart_attempts: int = Field(
+        3,
+        ge=0,
+        description="Starts tried in a row when the in-process engine dies (requests get 503 "
+        "`engine_unavailable` meanwhile); after that, or with 0, `/healthz` fails so that the "
+        "process supervisor restarts the gateway.",
+    )
+    engine_node_max_failures: int = Field(
+        3,
+        ge=1,
+        description="Consecutive failures (refused connections, 5xx answers, failed probes) "
+        "after which a remote engine node is ejected from routing (engine=remote).",
+    )
+    engine_node_cooldown_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long an ejected remote engine node gets no requests before a probe may "
+        "take it back (engine=remote).",
+    )
+    engine_node_probe_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Interval of the active health probes of the remote engine nodes (each "
+        "node's `/health` and model fingerprint; engine=remote).",
     )
 
     # --- caches --------------------------------------------------------------------------

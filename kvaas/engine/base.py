@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from kvaas.connector.params import TransferPlan
 from kvaas.engine.model_info import ModelInfo
@@ -71,10 +71,25 @@ class EngineError(RuntimeError):
         self.detail = detail
 
 
+class Degraded(str):
+    """A health line of an engine that serves, with less capacity than configured (some
+    remote nodes down or refused): readiness shows it and stays green."""
+
+
+#: ``ok``: serving (perhaps degraded); ``restarting``: down, coming back by itself;
+#: ``down``: down for good, the process must be restarted (``/healthz`` fails).
+Liveness = Literal["ok", "restarting", "down"]
+
+
 class Engine(ABC):
     """A running model. ``start`` before use, ``shutdown`` at the end."""
 
     model: ModelInfo
+
+    def liveness(self) -> Liveness:
+        """Whether the engine serves, recovers by itself, or needs the process restarted
+        (what ``/healthz`` reports). The default: ``ok``."""
+        return "ok"
 
     @property
     @abstractmethod
@@ -92,7 +107,8 @@ class Engine(ABC):
 
     @abstractmethod
     async def health(self) -> str:
-        """A short status line; raises when the engine cannot serve."""
+        """A short status line (a :class:`Degraded` one when capacity is reduced); raises
+        :class:`EngineError` when the engine cannot serve."""
 
     @abstractmethod
     def stream(

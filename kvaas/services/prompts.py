@@ -25,16 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvaas.engine import Engine
-from kvaas.errors import APIError, BadRequest, ServiceUnavailable
+from kvaas.errors import APIError, BadRequest, EngineUnavailable
 
 #: The most characters one token of any supported tokenizer spans (long runs of spaces or
 #: symbols are single tokens); text longer than this times ``max_model_len`` cannot fit.
 MAX_CHARS_PER_TOKEN = 32
-
-
-class EngineUnavailable(ServiceUnavailable):
-    type = "engine_unavailable"
-    description = "No engine is running to serve this request."
 
 
 @dataclass
