@@ -482,7 +482,27 @@ class TieredStore:
                 await self._make_room(tier, over, protect=set(keys))
             # every item goes to the tier, which skips what it holds: for a shared directory it
             # checks the files themselves (another process may have deleted a listed chunk)
-            added = await self._call(tier, "put", tier.put_many(list(unique.items())))
+            try:
+                added = await self._call(tier, "put", tier.put_many(list(unique.items())))
+            except StorageFull as e:
+                # the filesystem (or another process sharing the directory) is fuller than
+                # this process's budget says: free room for the whole batch, then retry once
+                m.FULL_RETRIES.labels(tier.name).inc()
+                try:
+                    await self._make_room(tier, max(need, 1), protect=set(keys))
+                except StorageFull as none:
+                    raise StorageFull(
+                        tier.name, f"{none.message} (the write failed first: {e.message})"
+                    ) from e
+                try:
+                    added = await self._call(tier, "put", tier.put_many(list(unique.items())))
+                except StorageFull as again:
+                    raise StorageFull(
+                        tier.name,
+                        f"tier {tier.name!r} is full: {again.message} (after freeing "
+                        f"{max(need, 1)} bytes of unreferenced or demotable chunks; first "
+                        f"error: {e.message})",
+                    ) from again
             for k, b in unique.items():
                 self.policy.on_store(tier.name, k, len(b))
             m.BYTES_USED.labels(tier.name).set(await tier.bytes_used())
