@@ -96,6 +96,23 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 above)."
     )
+    dashboard_session_seconds: int = Field(
+        8 * 3600,
+        ge=60,
+        le=7 * 86400,
+        description=(
+            "Lifetime of an admin dashboard session (`/admin`) after logging in with the admin "
+            "token; the signed cookie is refused afterwards."
+        ),
+    )
+    dashboard_secure_cookie: bool = Field(
+        False,
+        description=(
+            "Mark the dashboard's session cookie `Secure` even when the request reached the "
+            "gateway over plain HTTP (set it behind a TLS-terminating proxy); requests over "
+            "HTTPS always get a `Secure` cookie."
+        ),
+    )
 
     # --- storage tiers -------------------------------------------------------------------
     redis_url: str | None = Field(
@@ -263,6 +280,31 @@ class Settings(BaseSettings):
             "(5 GiB; 402 `quota_exceeded` above); `unlimited` lifts it for such tenants."
         ),
     )
+    prefill_lease_seconds: int = Field(
+        120,
+        ge=5,
+        description=(
+            "How long a pending prefill's version stays vouched for by the gateway running it "
+            "(renewed every maintenance round). A pending version past its lease lost its "
+            "gateway: the next sweep fails it and releases what it stored."
+        ),
+    )
+    maintenance_interval_seconds: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds between two rounds of the gateway's maintenance: expiry sweep, prefill "
+            "leases, store-release outbox, reconciler, garbage collection."
+        ),
+    )
+    reconcile_batch: int = Field(
+        200,
+        ge=1,
+        description=(
+            "Retired caches (and live caches) the reconciler compares with the store per "
+            "maintenance round, looking for manifests no live version owns."
+        ),
+    )
 
     # --- engine fairness -----------------------------------------------------------------
     engine_max_inflight: int = Field(
@@ -322,6 +364,24 @@ class Settings(BaseSettings):
     )
     idempotency_key_max_length: int = Field(
         255, ge=8, le=1024, description="Longest accepted `Idempotency-Key` header value."
+    )
+    idempotency_in_flight_lease_seconds: int = Field(
+        900,
+        ge=1,
+        description=(
+            "An `Idempotency-Key` held `in_flight` longer than this belongs to a request whose "
+            "gateway died: a retry takes it over (and, for a create that recorded its cache, "
+            "answers with that cache instead of creating another)."
+        ),
+    )
+    idempotency_max_stored_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        description=(
+            "Largest response body kept for `Idempotency-Key` replays. A larger response "
+            "(a long completion) is not kept: a retry gets `409 idempotency_conflict` "
+            "(`reason: response_not_stored`) and the request does not run twice."
+        ),
     )
 
     # --- billing -------------------------------------------------------------------------
