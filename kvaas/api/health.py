@@ -7,11 +7,9 @@ them all concurrently, each under a time limit, and answers 503 when any is down
 stays 200).
 
 ``/healthz`` is liveness: 200 while the process can serve or recover by itself (an in-process
-engine that died and is restarting says ``engine: restarting``), 503 when only restarting the
-process helps (the engine could not be restarted, or restarts are off).
-
-Anyone sees each component's status; why a component is down (error texts, which name hosts,
-ports and paths) is shown only to a caller with the admin token.
+engine that died and is restarting, or remote nodes all down, say ``engine: recovering``), 503
+when only restarting the process helps (the engine could not be restarted, or restarts are
+off).
 """
 
 from __future__ import annotations

@@ -76,9 +76,10 @@ class Degraded(str):
     remote nodes down or refused): readiness shows it and stays green."""
 
 
-#: ``ok``: serving (perhaps degraded); ``restarting``: down, coming back by itself;
-#: ``down``: down for good, the process must be restarted (``/healthz`` fails).
-Liveness = Literal["ok", "restarting", "down"]
+#: ``ok``: serving (perhaps degraded); ``recovering``: down, coming back without a restart of
+#: the gateway (the in-process engine restarting, remote nodes all down or ejected);
+#: ``down``: down for good, the gateway process must be restarted (``/healthz`` fails).
+Liveness = Literal["ok", "recovering", "down"]
 
 
 class Engine(ABC):

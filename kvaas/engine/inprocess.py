@@ -87,7 +87,7 @@ class InProcessEngine(Engine):
         self._restart_backoff_s = restart_backoff_s
         self._llm: Any = None
         self._block_size = 0
-        self._state: Liveness = "restarting"  # until start() returns
+        self._state: Liveness = "recovering"  # until start() returns
         self._restarter: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         #: engine cores that died since the process started (each restarted or not)
@@ -142,7 +142,7 @@ class InProcessEngine(Engine):
         return self._state
 
     async def health(self) -> str:
-        if self._state == "restarting":
+        if self._state == "recovering":
             raise EngineError("the in-process engine stopped and is restarting")
         if self._llm is None or self._llm.errored or self._state != "ok":
             raise EngineError("the in-process engine is not running")
@@ -167,7 +167,7 @@ class InProcessEngine(Engine):
             self._state = "down"
             return
         log.error("the in-process engine died; restarting it")
-        self._state = "restarting"
+        self._state = "recovering"
         self._restarter = asyncio.create_task(self._restart(), name="engine restart")
 
     async def _restart(self) -> None:
@@ -196,7 +196,7 @@ class InProcessEngine(Engine):
     # --- requests ---------------------------------------------------------------------------
 
     def _running(self) -> Any:
-        if self._state == "restarting":
+        if self._state == "recovering":
             raise EngineError("the engine stopped and is restarting; retry shortly")
         if self._llm is None or self._state != "ok":
             raise EngineError("the engine is not running")

@@ -51,7 +51,7 @@ from typing import Any
 import httpx
 
 from kvaas.connector.params import TransferPlan
-from kvaas.engine.base import Degraded, Engine, EngineError, Generation, Sampling
+from kvaas.engine.base import Degraded, Engine, EngineError, Generation, Liveness, Sampling
 from kvaas.engine.model_info import ModelInfo
 from kvaas.engine.node import FINGERPRINT_PATH
 
@@ -198,6 +198,12 @@ class RemoteEngine(Engine):
         if now < node.ejected_until:
             return f"{node.url} ejected ({node.last_error})"
         return f"{node.url} failing ({node.last_error})"
+
+    def liveness(self) -> Liveness:
+        """``recovering`` while no node is usable (nodes come back by themselves; restarting
+        the gateway would not help), else ``ok``."""
+        now = time.monotonic()
+        return "ok" if any(n.usable(now) for n in self.nodes) else "recovering"
 
     async def health(self) -> str:
         now = time.monotonic()

@@ -34,8 +34,10 @@ class Liveness(BaseModel):
         "restarted: its in-process engine died and could not be restarted.",
     )
     version: str
-    engine: Literal["ok", "restarting", "down", "none"] = Field(
+    engine: Literal["ok", "recovering", "down", "none"] = Field(
         "none",
-        description="The engine: `restarting` after it died (requests get 503 "
-        "`engine_unavailable` until it is back), `none` without one.",
+        description="The engine: `recovering` while it cannot serve but comes back without a "
+        "restart of the gateway (the in-process engine restarting after it died, or every "
+        "remote node down; requests get 503 `engine_unavailable` meanwhile), `down` when "
+        "only a restart of the gateway helps, `none` without an engine.",
     )
