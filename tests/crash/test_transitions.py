@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from kvaas.db.base import utcnow
 from kvaas.db.models import Cache, CacheLifecycleEvent, CacheVersion
 from kvaas.errors import NotFound
-from kvaas.services.caches import CachePatch, STALE_REASON
+from kvaas.services.caches import STALE_REASON, CachePatch
 
 from .conftest import Hook, World
 
@@ -68,8 +68,8 @@ async def test_a_version_failed_while_its_prefill_completes_stays_failed(world: 
 
 
 async def test_version_delete_racing_an_extend_keeps_the_extend(world: World) -> None:
-    """Version 1 is deleted while version 3's extend completes: the cache ends at version 3
-    (the extend's update is not lost) with versions 2 and 3 ready."""
+    """The latest ready version (2) is deleted while version 3's extend completes: the cache
+    ends at version 3 (the extend's update is not lost), versions 1 and 3 ready."""
     w = world
     cache = await w.seed({1: "ready", 2: "ready", 3: "pending"})
 
@@ -79,11 +79,11 @@ async def test_version_delete_racing_an_extend_keeps_the_extend(world: World) ->
 
     Hook(w.store, "sizes_many", complete_v3)
     async with w.db.session() as s:
-        await w.service.delete_version(s, w.tenant, cache.id, 1)
+        await w.service.delete_version(s, w.tenant, cache.id, 2)
     row = await w.row(cache.id)
     assert (row.version, row.tokens, row.status) == (3, 96, "ready")
-    assert await w.version_status(cache.id) == {1: "deleted", 2: "ready", 3: "ready"}
-    assert await w.stored_versions(cache.id) == [2, 3]
+    assert await w.version_status(cache.id) == {1: "ready", 2: "deleted", 3: "ready"}
+    assert await w.stored_versions(cache.id) == [1, 3]
 
 
 async def test_class_change_racing_a_delete_reports_the_delete(world: World) -> None:
