@@ -33,11 +33,13 @@ from kvaas.config import Settings, get_settings
 from kvaas.db import migrate
 from kvaas.db.session import Database
 from kvaas.engine import build_engine
+from kvaas.metering.tiers import TierBilling
 from kvaas.services import outbox
 from kvaas.services.caches import CacheService
 from kvaas.services.fairness import FairGate
 from kvaas.services.reconcile import Reconciler
 from kvaas.store.factory import StoreConfig, build_store
+from kvaas.store.maintenance import MaintenanceConfig, StoreMaintenance
 from kvaas.store.tiered import TieredStore
 
 log = logging.getLogger("kvaas")
@@ -212,10 +214,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gate = FairGate.from_settings(settings)
         app.state.cache_service = CacheService(settings, store, engine, db, gate)
         sweeper = asyncio.create_task(_maintain_forever(app.state.cache_service, db, settings))
+        # the store's own loops: GC in several batches a round, idle demotion, tier billing
+        billing = TierBilling(db, store, app.state.cache_service.slot_of)
+        jobs = (("tier billing", 30.0, billing.sync_round),)
+        app.state.store_maintenance = StoreMaintenance(store, MaintenanceConfig(jobs=jobs))
+        app.state.store_maintenance.start()
         try:
             yield
         finally:
             sweeper.cancel()
+            await app.state.store_maintenance.stop()
             # background prefills: finish or fail them while the engine is still up
             await app.state.cache_service.drain()
             if engine is not None:

@@ -73,3 +73,8 @@ INDEX_RESERVE_RELEASED = Counter(
     "Times the SQLite chunk index gave up its reserve file so that releases could commit on a "
     "full disk.",
 )
+MAINTENANCE_ROUNDS = Counter(
+    "kvaas_store_maintenance_rounds_total",
+    "Rounds of the store's maintenance loops, by job and outcome (ok, failed).",
+    ["job", "outcome"],
+)

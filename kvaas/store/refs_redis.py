@@ -22,6 +22,8 @@ as :class:`~kvaas.store.refs_sqlite.SqliteRefIndex`:
   timeout) claims the same chunks.
 - Collectors visit the slots with candidates round-robin (a cursor per index) and take an equal
   share of the batch from each, so every tenant's garbage is collected at the same pace.
+- Index scripts carry the ``allow-oom`` flag (Redis >= 7): at ``maxmemory`` chunk writes are
+  refused (``standard`` spills to disk) while manifests and releases still commit.
 - The server must never evict index keys: :meth:`RedisRefIndex.open` refuses to run on a Redis
   whose ``maxmemory-policy`` is not ``noeviction`` (see :func:`check_eviction_policy`).
 
@@ -56,6 +58,11 @@ from kvaas.store.policy import STORAGE_CLASSES, StorageClass, check_storage_clas
 from kvaas.store.redis_conn import RedisClient, RedisConnection, group_by_slot
 from kvaas.store.refs import GarbageClaim, RefCounts, RefIndex, new_claim_token
 from kvaas.store.tier import TierHealth
+
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+"""First line of every index script (Redis >= 7): the index must keep working when Redis is at
+``maxmemory`` (``noeviction`` refuses ordinary writes then): a release that could not commit
+would strand references, and a manifest is tiny next to the chunks that spill to disk."""
 
 _NOW = """
 local function now()
@@ -233,6 +240,7 @@ class _Script:
     """A Lua script run with ``EVALSHA`` (falling back to ``EVAL`` on ``NOSCRIPT``)."""
 
     def __init__(self, source: str) -> None:
+        source = _ALLOW_OOM + source.lstrip("\n")
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
@@ -260,6 +268,7 @@ class RedisRefIndex(RefIndex):
         self._claim = _Script(_CLAIM)
         self._finish = _Script(_FINISH)
         self._abandon = _Script(_ABANDON)
+        self._mark = _Script("return redis.call('SADD', KEYS[1], ARGV[1])")
         self.policy_checked = False
         """Whether the server's eviction policy was checked (and found safe)."""
         self._gc_cursor = ""
@@ -408,8 +417,7 @@ class RedisRefIndex(RefIndex):
 
     # -- garbage collection ------------------------------------------------------------------
     async def _mark_slot(self, slot: str) -> None:
-        name = self.keys.gc_slots()
-        await self.conn.run(lambda c: c.sadd(name, slot))
+        await self._eval(self._mark, [self.keys.gc_slots()], [slot])  # works at maxmemory too
 
     async def claim_garbage(
         self, *, grace_s: float, limit: int, lease_s: float, token: str | None = None

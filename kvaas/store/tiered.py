@@ -74,6 +74,7 @@ from kvaas.store.policy import (
     check_storage_class,
     resolve_placement,
 )
+from kvaas.store.presence import ChunkPresence, TierMoves, bytes_by_tier, lost_chunks
 from kvaas.store.refs import GCResult, RefCounts, RefIndex
 from kvaas.store.tier import Blob, Tier, TierHealth
 
@@ -134,6 +135,8 @@ class TieredStore:
         self._index = {t.name: i for i, t in enumerate(self.tiers)}
         self._locks: dict[str, asyncio.Lock] = {}
         self._opened = False
+        self.moves = TierMoves()
+        """Tenants whose chunks moved between billed tiers (drained by storage billing)."""
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def open(self) -> None:
@@ -392,6 +395,7 @@ class TieredStore:
             m.PROMOTIONS.labels(tier.name).inc(len(items))
             if tier.shared:
                 copied.extend(k for k, _ in items)
+        self.moves.record(copied)
         await self._requeue(copied)
 
     async def _requeue(self, keys: Sequence[ChunkKey]) -> None:
@@ -442,6 +446,7 @@ class TieredStore:
                 if not placement.overflow_to_lower:
                     raise
                 total += await self._overflow(tier, items, {t.name for t in targets}, e)
+                self.moves.record([k for k, _ in items])  # spilled: billed on a lower tier
             stored += 1
         if not stored and cache_error is not None:
             raise cache_error
@@ -576,6 +581,8 @@ class TieredStore:
             except StoreError:
                 continue
             m.DEMOTIONS.labels(tier.name).inc(len(items))
+            if tier.shared:
+                self.moves.record([k for k, _ in items])
             await self._requeue([k for k, _ in items])
             return [k for k, _ in items] + missing
         return missing
@@ -641,6 +648,7 @@ class TieredStore:
                 continue
             for tier in targets:
                 await self._store_in(tier, items)
+            self.moves.record([k for k, _ in items])
             await self._requeue([k for k, _ in items])
             batch_counts = counts[start : start + MOVE_BATCH]
             per_tier: dict[str, list[ChunkKey]] = {}
@@ -663,6 +671,17 @@ class TieredStore:
     def _idle_target(self, cls: StorageClass) -> set[str]:
         target = self.placement[cls].idle_demote_to
         return {target} if target is not None and target in self._index else set()
+
+    async def lost_chunks(self, manifest: Manifest) -> ChunkPresence:
+        """Which of ``manifest``'s chunks are gone from every tier (``.lost``: some are, and
+        every tier answered; see :func:`kvaas.store.presence.lost_chunks`). A cache whose
+        manifest reports ``lost`` can never be loaded whole again."""
+        return await lost_chunks(self, manifest)
+
+    async def bytes_by_tier(self, keys: Iterable[ChunkKey]) -> dict[str, int]:
+        """Bytes of the distinct ``keys`` per billed tier (the highest shared tier holding each;
+        see :func:`kvaas.store.presence.bytes_by_tier`)."""
+        return await bytes_by_tier(self, keys)
 
     # -- maintenance -------------------------------------------------------------------------
     async def collect_garbage(
@@ -769,6 +788,7 @@ class TieredStore:
         if src.capacity is not None:
             self.policy.on_remove_many(src.name, done)
         m.DEMOTIONS.labels(src.name).inc(len(done))
+        self.moves.record(done)
         return len(done)
 
     async def usage(self) -> dict[str, int]:
