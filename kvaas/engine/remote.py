@@ -206,20 +206,23 @@ class RemoteEngine(Engine):
         return "ok" if any(n.usable(now) for n in self.nodes) else "recovering"
 
     async def health(self) -> str:
+        """``k/N`` nodes up (their last request or probe succeeded); :class:`Degraded` below
+        ``N``; :class:`EngineError` when no node is usable (all ejected or refused)."""
         now = time.monotonic()
         usable = [n for n in self.nodes if n.usable(now)]
+        up = [n for n in usable if n.failures == 0]
         refused = sum(1 for n in self.nodes if n.refused is not None)
         total = len(self.nodes)
-        detail = "; ".join(self._describe(n, now) for n in self.nodes if not n.usable(now))
+        detail = "; ".join(self._describe(n, now) for n in self.nodes if n not in up)
         if not usable:
             raise EngineError(
                 f"no vllm serve node is usable ({total} configured, {refused} refused)",
                 detail=detail,
             )
-        line = f"{len(usable)}/{total} vllm serve nodes up"
-        if len(usable) == total:
+        line = f"{len(up)}/{total} vllm serve nodes up"
+        if len(up) == total:
             return line
-        why = f"{refused} refused: model fingerprint differs" if refused else "others down"
+        why = f"{refused} refused: model fingerprint differs" if refused else "others failing"
         return Degraded(f"{line} ({why})")
 
     def _pick(self, tried: set[str]) -> Node | None:
