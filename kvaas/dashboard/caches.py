@@ -82,7 +82,8 @@ async def dashboard_caches(request: Request, session: SessionDep, operator: Oper
         models=await admin_lists.models_in_use(session),
         statuses=CACHE_STATUSES,
         classes=CLASSES,
-        query={k: v for k, v in p.items() if k != "after"},
+        query={k: v for k, v in p.items() if k not in ("after", "done")},
+        notice=notice_of(request),
     )
 
 
@@ -201,7 +202,9 @@ async def _act(
             await service.update(session, tenant, cache_id, patch)
     except APIError as e:
         return await failed(request, session, operator, what, e, back)
-    return redirect("/admin/caches" if patch is None else back, done=done)
+    if patch is None:
+        return redirect("/admin/caches", tenant=tenant.name, done=done)
+    return redirect(back, done=done)
 
 
 @router.post("/{cache_id}/ttl")

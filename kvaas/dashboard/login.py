@@ -25,7 +25,11 @@ def _next(target: str | None) -> str:
     return "/admin"
 
 
-def _login_page(request: Request, *, error: str | None, status_code: int) -> Response:
+def _login_page(
+    request: Request, *, error: str | None, status_code: int, target: str | None = None
+) -> Response:
+    """The login form; ``target``: where to go after logging in (default: the ``next``
+    query parameter), kept across a failed attempt."""
     settings = settings_of(request)
     token = auth.login_csrf(request)
     response = page(
@@ -35,7 +39,7 @@ def _login_page(request: Request, *, error: str | None, status_code: int) -> Res
         status_code=status_code,
         login_csrf=token,
         error=error,
-        next=_next(request.query_params.get("next")),
+        next=_next(target or request.query_params.get("next")),
         enabled=bool(auth.admin_token(settings)),
     )
     auth.set_login_cookie(response, request, settings, token)
@@ -63,6 +67,7 @@ async def dashboard_login(request: Request) -> Response:
             request,
             error="The form expired or was not sent from this page; try again.",
             status_code=403,
+            target=form.get("next"),
         )
     if not auth.admin_token(settings):
         return _login_page(
@@ -72,7 +77,12 @@ async def dashboard_login(request: Request) -> Response:
         )
     if not auth.check_token(settings, form.get("token", "")):
         AUTH_FAILURES.labels("admin").inc()
-        return _login_page(request, error="That is not the admin token.", status_code=401)
+        return _login_page(
+            request,
+            error="That is not the admin token.",
+            status_code=401,
+            target=form.get("next"),
+        )
     value, _session = auth.new_cookie(settings)
     response = redirect(_next(form.get("next")))
     auth.set_session_cookie(response, request, settings, value)

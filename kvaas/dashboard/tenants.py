@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -134,6 +135,13 @@ async def dashboard_tenant_usage(
         ],
     }
     return JSONResponse(data, headers=SECURITY_HEADERS)
+
+
+@router.get("/{ref}/keys")
+async def dashboard_keys_page(ref: str, operator: Operator) -> Response:
+    """Where a key's creation left the browser: the tenant's page (the secret is not shown
+    again)."""
+    return redirect(f"/admin/tenants/{quote(ref, safe='')}")
 
 
 @router.post("/{ref}/keys")

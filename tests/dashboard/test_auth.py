@@ -3,6 +3,7 @@ expiry, CSRF on every form, logout; the admin API keeps answering 401/403."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -153,3 +154,22 @@ def test_no_admin_token_means_no_session(configured: str) -> None:
     assert not auth.check_token(settings, "")
     assert not auth.check_token(settings, configured)
     assert auth.read_cookie(settings, "a.b") is None
+
+
+async def test_a_failed_login_keeps_the_page_asked_for(dash: Dash) -> None:
+    form = await dash.client.get("/admin/login?next=/admin/caches")
+    r = await dash.client.post(
+        "/admin/login",
+        data={"token": "w" * 40, CSRF_FIELD: csrf_of(form.text), "next": "/admin/caches"},
+    )
+    assert r.status_code == 401
+    kept = re.search(r'name="next" value="([^"]*)"', r.text)
+    assert kept and kept.group(1) == "/admin/caches"
+    r = await dash.client.post(
+        "/admin/login",
+        data={"token": ADMIN_TOKEN, CSRF_FIELD: csrf_of(r.text), "next": kept.group(1)},
+    )
+    assert r.headers["location"] == "/admin/caches"
+    # a form rendered after creating a key sits at /keys: reloading it goes to the tenant
+    r = await dash.client.get("/admin/tenants/acme/keys")
+    assert r.status_code == 303 and r.headers["location"] == "/admin/tenants/acme"
