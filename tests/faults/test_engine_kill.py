@@ -93,6 +93,7 @@ async def test_engine_core_killed_then_restarted(gw: Gateway) -> None:
     assert (await attach(gw, cache_id)).status_code == 200
     for pid in engine_core_pids(gw):
         os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
 
     # requests fail cleanly at once: no 500, no hang, nothing left pending
     r = await attach(gw, cache_id)
@@ -121,6 +122,7 @@ async def test_engine_core_killed_then_restarted(gw: Gateway) -> None:
         return (await c.get("/readyz")).status_code == 200
 
     await wait_for(ready, "the engine's restart")
+    print(f"[fault] in-process engine killed: ready again after {time.monotonic() - killed:.1f} s")
     assert gw.app.state.engine.deaths == 1
     assert (await c.get("/healthz")).json()["engine"] == "ok"
     r = await attach(gw, cache_id)

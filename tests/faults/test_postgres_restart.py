@@ -140,14 +140,20 @@ async def test_postgres_restart_mid_load(own_pg: OwnPostgres, tmp_path: Path) ->
         await asyncio.to_thread(own_pg.stop)
         while_down = [await c.get(p, headers=auth) for p in paths]
         await asyncio.to_thread(own_pg.start)
+        restarted = time.monotonic()
         # every request of the load and while down: 200 or a clean 503, never a 500
         after_restart = len(seen)
         deadline = time.monotonic() + 60
         while not all(s == 200 for s in seen[-12:]) or len(seen) < after_restart + 12:
             assert time.monotonic() < deadline, f"no recovery: {seen[-12:]}"
             await asyncio.sleep(0.2)
+        recovered = time.monotonic() - restarted
         stop.set()
         await asyncio.gather(*workers)
+        print(
+            f"[fault] PostgreSQL restarted: {seen.count(503)} of {len(seen)} requests 503, "
+            f"none 500; serving {recovered:.1f} s after it was back"
+        )
 
         assert [r.status_code for r in while_down] == [503, 503, 503]
         for r in while_down:  # the standard body, and a hint to retry

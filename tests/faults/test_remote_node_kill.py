@@ -201,13 +201,19 @@ async def test_printed_node_killed_and_restarted(remote: tuple[Gateway, PrintedN
     )
     assert r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable"
 
+    started = time.monotonic()
     await asyncio.to_thread(node.start)
     await asyncio.to_thread(node.wait_serving)
+    serving = time.monotonic()
 
     async def back() -> bool:
         return (await c.get("/readyz")).status_code == 200
 
     await wait_for(back, "the node taken back", limit_s=60)
+    print(
+        f"[fault] node restarted: serving after {serving - started:.1f} s, "
+        f"taken back {time.monotonic() - serving:.1f} s later"
+    )
     r = await c.post("/v1/cache/attach", json=attach, headers=g.auth())
     assert r.status_code == 200, r.text
     assert r.json()["cache"]["hit"] is True
