@@ -217,7 +217,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # the store's own loops: GC in several batches a round, idle demotion, tier billing
         billing = TierBilling(db, store, app.state.cache_service.slot_of)
         jobs = (("tier billing", 30.0, billing.sync_round),)
-        app.state.store_maintenance = StoreMaintenance(store, MaintenanceConfig(jobs=jobs))
+        cfg = MaintenanceConfig.from_settings(settings, jobs)
+        app.state.store_maintenance = StoreMaintenance(store, cfg)
         app.state.store_maintenance.start()
         try:
             yield

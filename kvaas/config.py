@@ -134,6 +134,29 @@ class Settings(BaseSettings):
         None, description="Directory of the disk tier. Default: `<data_dir>/chunks`."
     )
     disk_tier_bytes: int = Field(50 * 1024**3, ge=0, description="Byte budget of the disk tier.")
+    store_gc_interval_seconds: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Seconds between two rounds of the store's garbage collection (its own loop, beside "
+            "the maintenance round). A round runs passes of `store_gc_batch` chunks, shared "
+            "round-robin between tenants, while a pass fills its batch (at most 20 a round)."
+        ),
+    )
+    store_gc_batch: int = Field(
+        1000, ge=1, description="Chunks one garbage-collection pass claims and deletes."
+    )
+    store_demote_idle_seconds: int = Field(
+        3600,
+        ge=0,
+        description=(
+            "`standard` chunks not read for this long move from Redis to disk (checked every "
+            "`store_demote_interval_seconds`); 0 disables idle demotion."
+        ),
+    )
+    store_demote_interval_seconds: float = Field(
+        300.0, gt=0, description="Seconds between two idle-demotion scans of Redis."
+    )
     chunk_tokens: int = Field(
         256, ge=16, description="Tokens per stored chunk; a multiple of the engine block size."
     )

@@ -30,13 +30,16 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvaas.store import metrics as m
 from kvaas.store.errors import ConfigurationError
 from kvaas.store.refs_redis import RedisRefIndex
 from kvaas.store.refs_sqlite import SqliteRefIndex
 from kvaas.store.tiered import TieredStore
+
+if TYPE_CHECKING:
+    from kvaas.config import Settings
 
 log = logging.getLogger("kvaas.store")
 
@@ -56,6 +59,18 @@ class MaintenanceConfig:
     demote_idle_s: float | None = 3600.0
     housekeeping_every_s: float = 60.0
     jobs: Sequence[Job] = field(default_factory=tuple)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, jobs: Sequence[Job] = ()) -> MaintenanceConfig:
+        """The schedules of a service's settings (``KVAAS_STORE_GC_*``,
+        ``KVAAS_STORE_DEMOTE_*``), with extra ``jobs``."""
+        return cls(
+            gc_every_s=settings.store_gc_interval_seconds,
+            gc_batch=settings.store_gc_batch,
+            demote_every_s=settings.store_demote_interval_seconds,
+            demote_idle_s=settings.store_demote_idle_seconds or None,
+            jobs=tuple(jobs),
+        )
 
     def __post_init__(self) -> None:
         for name in ("gc_every_s", "demote_every_s", "housekeeping_every_s", "gc_lease_s"):
