@@ -237,7 +237,8 @@ class IdempotencyMiddleware:
                     or_(
                         IdempotencyRecord.expires_at <= now,
                         (IdempotencyRecord.state == "in_flight")
-                        & (IdempotencyRecord.created_at <= now - self.lease),
+                        & (IdempotencyRecord.created_at <= now - self.lease)
+                        & (IdempotencyRecord.request_hash == digest),
                     ),
                 )
                 .values(**values)
