@@ -14,12 +14,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from kvaas import __version__
+from kvaas import __version__, dashboard
 from kvaas.api import account, admin, caches, health, openai_compat
 from kvaas.api.budget import router as budget_router
 from kvaas.api.errors import install_error_handlers
 from kvaas.api.estimate import router as estimate_router
-from kvaas.api.idempotency import IdempotencyMiddleware, document_limits
+from kvaas.api.idempotency import IdempotencyMiddleware, document_limits, sweep_idempotency
 from kvaas.api.invoices import router as invoices_router
 from kvaas.api.lifecycle import router as lifecycle_router
 from kvaas.api.middleware import RequestContextMiddleware
@@ -33,10 +33,14 @@ from kvaas.config import Settings, get_settings
 from kvaas.db import migrate
 from kvaas.db.session import Database
 from kvaas.engine import build_engine
+from kvaas.metering.tiers import TierBilling
+from kvaas.services import outbox
 from kvaas.services.caches import CacheService
 from kvaas.services.fairness import FairGate
 from kvaas.services.prompts import prompt_body_limit
+from kvaas.services.reconcile import Reconciler
 from kvaas.store.factory import StoreConfig, build_store
+from kvaas.store.maintenance import MaintenanceConfig, StoreMaintenance
 from kvaas.store.tiered import TieredStore
 
 log = logging.getLogger("kvaas")
@@ -89,18 +93,49 @@ async def _store_probe(store: TieredStore) -> str:
     return ", ".join(sorted(health))
 
 
-async def _sweep_forever(service: CacheService, db: Database, every_s: float = 30.0) -> None:
-    """Expire caches past their time and release their chunks, forever."""
+async def _maintain_forever(service: CacheService, db: Database, settings: Settings) -> None:
+    """The gateway's maintenance, every ``maintenance_interval_seconds``, forever. Each step
+    runs on its own (one failing does not skip the others; the next round retries it):
+
+    1. renew the leases of the prefills this process runs;
+    2. sweep: expire caches past their time, fail prefills whose gateway died;
+    3. drain the store-release outbox;
+    4. one bounded reconciler step (manifests no live version owns: queued for release);
+    5. expired ``Idempotency-Key`` records, in batches;
+    6. garbage collection of unreferenced chunks.
+    """
+    reconciler = Reconciler()
+
+    async def renew() -> None:
+        async with db.session() as session:
+            await service.renew_leases(session)
+
+    async def sweep() -> None:
+        async with db.session() as session:
+            n = await service.sweep(session)
+        if n:
+            log.info("expired %d caches", n)
+
+    async def drain() -> None:
+        await outbox.drain(db, service.store)
+
+    async def reconcile() -> None:
+        await reconciler.step(db, service.store, service.slot_of, batch=settings.reconcile_batch)
+
+    async def idempotency() -> None:
+        await sweep_idempotency(db)
+
+    async def collect() -> None:
+        await service.store.collect_garbage(grace_s=60.0)
+
+    steps = (renew, sweep, drain, reconcile, idempotency, collect)
     while True:
-        await asyncio.sleep(every_s)
-        try:
-            async with db.session() as session:
-                n = await service.sweep(session)
-            if n:
-                log.info("expired %d caches", n)
-            await service.store.collect_garbage(grace_s=60.0)
-        except Exception as e:  # keep sweeping; the next round retries
-            log.warning("cache sweep failed: %s", e)
+        await asyncio.sleep(settings.maintenance_interval_seconds)
+        for step in steps:
+            try:
+                await step()
+            except Exception as e:  # keep maintaining; the next round retries
+                log.warning("maintenance step %s failed: %s", step.__name__, e)
 
 
 def create_admin_app(settings: Settings | None = None) -> FastAPI:
@@ -133,6 +168,7 @@ def create_admin_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RateLimitMiddleware, limiter=None, guard=build_address_guard(settings))
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_bytes)
     app.include_router(admin.router)
+    dashboard.mount(app)  # the dashboard's pages live beside the admin API
     return app
 
 
@@ -190,11 +226,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # one gate per process: every engine request of every tenant takes its turn here
         gate = FairGate.from_settings(settings)
         app.state.cache_service = CacheService(settings, store, engine, db, gate)
-        sweeper = asyncio.create_task(_sweep_forever(app.state.cache_service, db))
+        sweeper = asyncio.create_task(_maintain_forever(app.state.cache_service, db, settings))
+        # the store's own loops: GC in several batches a round, idle demotion, tier billing
+        billing = TierBilling(db, store, app.state.cache_service.slot_of)
+        jobs = (("tier billing", 30.0, billing.sync_round),)
+        cfg = MaintenanceConfig.from_settings(settings, jobs)
+        app.state.store_maintenance = StoreMaintenance(store, cfg)
+        app.state.store_maintenance.start()
         try:
             yield
         finally:
             sweeper.cancel()
+            await app.state.store_maintenance.stop()
             # background prefills: finish or fail them while the engine is still up
             await app.state.cache_service.drain()
             if engine is not None:
@@ -217,6 +260,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         IdempotencyMiddleware,
         ttl_seconds=settings.idempotency_ttl_seconds,
         max_key_length=settings.idempotency_key_max_length,
+        in_flight_lease_seconds=settings.idempotency_in_flight_lease_seconds,
+        max_stored_bytes=settings.idempotency_max_stored_bytes,
     )
     app.state.rate_limiter = build_limiter(settings)
     app.add_middleware(
@@ -234,8 +279,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(caches.router)
     app.include_router(lifecycle_router)
     app.include_router(tags_router)
-    if settings.admin_bind is None:  # else only the admin listener serves it
+    if settings.admin_bind is None:  # else only the admin listener serves it (and the dashboard)
         app.include_router(admin.router)
+        dashboard.mount(app)
     app.include_router(estimate_router)
     app.include_router(usage_router)
     app.include_router(invoices_router)

@@ -96,6 +96,23 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 above)."
     )
+    dashboard_session_seconds: int = Field(
+        8 * 3600,
+        ge=60,
+        le=7 * 86400,
+        description=(
+            "Lifetime of an admin dashboard session (`/admin`) after logging in with the admin "
+            "token; the signed cookie is refused afterwards."
+        ),
+    )
+    dashboard_secure_cookie: bool = Field(
+        False,
+        description=(
+            "Mark the dashboard's session cookie `Secure` even when the request reached the "
+            "gateway over plain HTTP (set it behind a TLS-terminating proxy); requests over "
+            "HTTPS always get a `Secure` cookie."
+        ),
+    )
 
     # --- storage tiers -------------------------------------------------------------------
     redis_url: str | None = Field(
@@ -117,6 +134,29 @@ class Settings(BaseSettings):
         None, description="Directory of the disk tier. Default: `<data_dir>/chunks`."
     )
     disk_tier_bytes: int = Field(50 * 1024**3, ge=0, description="Byte budget of the disk tier.")
+    store_gc_interval_seconds: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Seconds between two rounds of the store's garbage collection (its own loop, beside "
+            "the maintenance round). A round runs passes of `store_gc_batch` chunks, shared "
+            "round-robin between tenants, while a pass fills its batch (at most 20 a round)."
+        ),
+    )
+    store_gc_batch: int = Field(
+        1000, ge=1, description="Chunks one garbage-collection pass claims and deletes."
+    )
+    store_demote_idle_seconds: int = Field(
+        3600,
+        ge=0,
+        description=(
+            "`standard` chunks not read for this long move from Redis to disk (checked every "
+            "`store_demote_interval_seconds`); 0 disables idle demotion."
+        ),
+    )
+    store_demote_interval_seconds: float = Field(
+        300.0, gt=0, description="Seconds between two idle-demotion scans of Redis."
+    )
     chunk_tokens: int = Field(
         256, ge=16, description="Tokens per stored chunk; a multiple of the engine block size."
     )
@@ -194,7 +234,41 @@ class Settings(BaseSettings):
         description="Let vLLM reuse KV still in its own memory before asking the store.",
     )
     engine_kv_cache_gib: float = Field(
-        1.0, gt=0, description="Memory for vLLM's paged KV (CPU engine), in GiB."
+        1.0,
+        gt=0,
+        description="Memory for vLLM's paged KV, in GiB: the in-process engine's, and that of "
+        "the nodes `kvaas engine command` starts (`--kv-cache-memory-bytes`, CPU and GPU).",
+    )
+    engine_request_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Longest one engine request (prefill, attach, completion; a stream from "
+        "start to end) may run; then it is aborted and answered 503 `engine_unavailable`.",
+    )
+    engine_restart_attempts: int = Field(
+        3,
+        ge=0,
+        description="Starts tried in a row when the in-process engine dies (requests get 503 "
+        "`engine_unavailable` meanwhile); after that, or with 0, `/healthz` fails so that the "
+        "process supervisor restarts the gateway.",
+    )
+    engine_node_max_failures: int = Field(
+        3,
+        ge=1,
+        description="Consecutive failures (refused connections, 5xx answers, failed probes) "
+        "after which a remote engine node is ejected from routing (engine=remote).",
+    )
+    engine_node_cooldown_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long an ejected remote engine node gets no requests before a probe may "
+        "take it back (engine=remote).",
+    )
+    engine_node_probe_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Interval of the active health probes of the remote engine nodes (each "
+        "node's `/health` and model fingerprint; engine=remote).",
     )
 
     # --- caches --------------------------------------------------------------------------
@@ -227,6 +301,31 @@ class Settings(BaseSettings):
         description=(
             "Storage quota in stored bytes of a tenant whose own `storage_quota_bytes` is unset "
             "(5 GiB; 402 `quota_exceeded` above); `unlimited` lifts it for such tenants."
+        ),
+    )
+    prefill_lease_seconds: int = Field(
+        120,
+        ge=5,
+        description=(
+            "How long a pending prefill's version stays vouched for by the gateway running it "
+            "(renewed every maintenance round). A pending version past its lease lost its "
+            "gateway: the next sweep fails it and releases what it stored."
+        ),
+    )
+    maintenance_interval_seconds: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds between two rounds of the gateway's maintenance: expiry sweep, prefill "
+            "leases, store-release outbox, reconciler, garbage collection."
+        ),
+    )
+    reconcile_batch: int = Field(
+        200,
+        ge=1,
+        description=(
+            "Retired caches (and live caches) the reconciler compares with the store per "
+            "maintenance round, looking for manifests no live version owns."
         ),
     )
 
@@ -288,6 +387,24 @@ class Settings(BaseSettings):
     )
     idempotency_key_max_length: int = Field(
         255, ge=8, le=1024, description="Longest accepted `Idempotency-Key` header value."
+    )
+    idempotency_in_flight_lease_seconds: int = Field(
+        900,
+        ge=1,
+        description=(
+            "An `Idempotency-Key` held `in_flight` longer than this belongs to a request whose "
+            "gateway died: a retry takes it over (and, for a create that recorded its cache, "
+            "answers with that cache instead of creating another)."
+        ),
+    )
+    idempotency_max_stored_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        description=(
+            "Largest response body kept for `Idempotency-Key` replays. A larger response "
+            "(a long completion) is not kept: a retry gets `409 idempotency_conflict` "
+            "(`reason: response_not_stored`) and the request does not run twice."
+        ),
     )
 
     # --- billing -------------------------------------------------------------------------

@@ -110,6 +110,14 @@ class ServiceUnavailable(APIError):
     description = "A component the request needs is unavailable; retry later."
 
 
+class EngineUnavailable(ServiceUnavailable):
+    """The engine cannot serve the request: none runs here, it died (and is restarting),
+    every remote node is down or refused, or the request ran past its time limit."""
+
+    type = "engine_unavailable"
+    description = "The engine is unavailable; retry later."
+
+
 ALL_ERRORS: tuple[type[APIError], ...] = (
     BadRequest,
     AuthenticationError,
@@ -121,4 +129,5 @@ ALL_ERRORS: tuple[type[APIError], ...] = (
     RateLimited,
     InternalError,
     ServiceUnavailable,
+    EngineUnavailable,
 )

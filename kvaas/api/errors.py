@@ -18,9 +18,11 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvaas.db.session import DatabaseUnavailable, is_connection_error
+from kvaas.engine import EngineError
 from kvaas.errors import (
     APIError,
     BadRequest,
+    EngineUnavailable,
     InternalError,
     NotFound,
     PayloadTooLarge,
@@ -72,11 +74,41 @@ def internals_of(err: BaseException) -> str | None:
     return "; ".join(parts) or None
 
 
+def _engine_failure(err: BaseException) -> EngineError | None:
+    """The engine failure ``err`` is, or was raised from (``None`` when there is none)."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        if isinstance(e, EngineError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
+    return None
+
+
+def as_api_error(err: BaseException) -> APIError | None:
+    """The API error ``err`` answers as: itself when it is one, except that every failure
+    of the engine (an :class:`EngineError`, or a 503 raised from one, such as a prefill that
+    failed) is ``503 engine_unavailable``; ``None`` for anything else."""
+    engine = _engine_failure(err)
+    if engine is not None and (not isinstance(err, APIError) or err.status_code == 503):
+        if isinstance(err, EngineUnavailable):
+            return err
+        if isinstance(err, APIError):
+            message, headers = err.public_message, {"Retry-After": "5", **err.headers}
+        else:
+            message, headers = f"the engine failed: {err}", {"Retry-After": "5"}
+        out = EngineUnavailable(message, headers=headers)
+        out.__cause__ = err
+        return out
+    return err if isinstance(err, APIError) else None
+
+
 def stream_error_event(err: Exception, request_id: str = "") -> dict[str, Any]:
     """The in-band error of a stream whose status line is already sent: the error's public
-    message (a generic one for anything that is not an :class:`APIError`); its internals go
-    to the log, never to the client."""
-    public = err if isinstance(err, APIError) else None
+    message (a generic one for anything that is not an :class:`APIError`; an engine failure
+    is ``engine_unavailable``); its internals go to the log, never to the client."""
+    public = as_api_error(err)
     rid = request_id or "-"
     log.warning("request %s: stream failed: %s", rid, internals_of(err), exc_info=public is None)
     if public is None:
@@ -113,7 +145,11 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
-        return api_error_response(request, err)
+        return api_error_response(request, as_api_error(err) or err)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, err: EngineError) -> JSONResponse:
+        return api_error_response(request, as_api_error(err) or InternalError())
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, err: RequestValidationError) -> JSONResponse:

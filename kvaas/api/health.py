@@ -1,11 +1,15 @@
 """Liveness, readiness and metrics endpoints.
 
 Components register readiness probes on ``app.state.health_checks`` (name → async callable
-returning a detail string, raising when the component is down). ``/readyz`` runs them all
-concurrently, each under a time limit, and answers 503 when any is down.
+returning a detail string, raising when the component is down; a
+:class:`~kvaas.engine.Degraded` string when it serves with reduced capacity). ``/readyz`` runs
+them all concurrently, each under a time limit, and answers 503 when any is down (``degraded``
+stays 200).
 
-Anyone sees each component's status; why a component is down (error texts, which name hosts,
-ports and paths) is shown only to a caller with the admin token.
+``/healthz`` is liveness: 200 while the process can serve or recover by itself (an in-process
+engine that died and is restarting, or remote nodes all down, say ``engine: recovering``), 503
+when only restarting the process helps (the engine could not be restarted, or restarts are
+off).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from kvaas import __version__
 from kvaas.api.deps import HealthCheck, HealthChecksDep, SettingsDep, require_admin
 from kvaas.api.schemas.health import ComponentStatus, Liveness, Readiness
+from kvaas.engine import Degraded, Engine
 
 router = APIRouter(tags=["health"])
 
@@ -52,7 +57,9 @@ async def _probe(check: HealthCheck, admin: bool) -> ComponentStatus:
     t0 = time.perf_counter()
     try:
         detail = await asyncio.wait_for(check(), PROBE_TIMEOUT_SECONDS)
-        status: Literal["ok", "down"] = "ok"
+        status: Literal["ok", "degraded", "down"] = (
+            "degraded" if isinstance(detail, Degraded) else "ok"
+        )
     except TimeoutError:
         status, detail = "down", f"no answer within {PROBE_TIMEOUT_SECONDS:g} s"
     except Exception as e:
@@ -60,14 +67,22 @@ async def _probe(check: HealthCheck, admin: bool) -> ComponentStatus:
         status, detail = "down", (text.splitlines() or [type(e).__name__])[0][:300]
     return ComponentStatus(
         status=status,
-        detail=detail if admin or status == "ok" else None,
+        detail=detail if admin or status != "down" else None,
         latency_ms=round((time.perf_counter() - t0) * 1000, 2),
     )
 
 
-@router.get("/healthz", summary="Liveness: the process is up")
-async def healthz() -> Liveness:
-    return Liveness(version=__version__)
+@router.get(
+    "/healthz",
+    summary="Liveness: the process is up, or can come back without a restart",
+    response_model=Liveness,
+    responses={503: {"model": Liveness, "description": "The process must be restarted."}},
+)
+async def healthz(request: Request) -> JSONResponse:
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    state = engine.liveness() if engine is not None else "none"
+    body = Liveness(status="down" if state == "down" else "ok", version=__version__, engine=state)
+    return JSONResponse(body.model_dump(), status_code=503 if state == "down" else 200)
 
 
 @router.get(
@@ -81,9 +96,12 @@ async def readyz(
     names = list(checks)
     results = await asyncio.gather(*(_probe(checks[n], admin) for n in names))
     components = dict(zip(names, results, strict=True))
-    ok = all(c.status == "ok" for c in results)
-    body = Readiness(status="ok" if ok else "down", version=__version__, components=components)
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+    states = {c.status for c in results}
+    status: Literal["ok", "degraded", "down"] = (
+        "down" if "down" in states else "degraded" if "degraded" in states else "ok"
+    )
+    body = Readiness(status=status, version=__version__, components=components)
+    return JSONResponse(body.model_dump(), status_code=503 if status == "down" else 200)
 
 
 @router.get(

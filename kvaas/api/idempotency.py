@@ -15,8 +15,20 @@ Contract, for every authenticated ``POST`` that carries an ``Idempotency-Key`` h
 
 Responses that say "try again" are not stored, so a retry runs anew: 5xx, 429, and a request
 that failed or was cut off before its response was complete. A key held by a request that
-died with its process is taken over after :data:`IN_FLIGHT_LEASE`. Requests whose API key does
-not authenticate pass straight to the application (which answers 401/403) and store nothing.
+died with its process is taken over after ``KVAAS_IDEMPOTENCY_IN_FLIGHT_LEASE_SECONDS``
+(15 minutes by default). Requests whose API key does not authenticate pass straight to the
+application (which answers 401/403) and store nothing.
+
+A create names the cache it made under its key in the transaction that makes it
+(:mod:`kvaas.db.claims`): if the gateway dies before the response is stored, the retry that
+takes the key over answers with that cache (``201`` when it is ready, else ``202``, with
+``Idempotent-Replayed: true``) instead of creating a second one, and that answer is stored.
+
+Stored responses are capped at ``KVAAS_IDEMPOTENCY_MAX_STORED_BYTES`` (256 KiB by default). A
+larger response (a long completion of an attach) is passed through whole but its body is not
+kept: a retry gets ``409 idempotency_conflict`` with ``reason: "response_not_stored"`` and the
+original status, and the request does not run a second time. Expired records are deleted in
+batches (:func:`sweep_idempotency`).
 The middleware resolves the API key once (:mod:`kvaas.auth.resolver`) and leaves the result in
 the request's scope, where the application's ``authenticate`` takes it instead of resolving again.
 
@@ -35,14 +47,16 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import delete, exc, or_, update
+from sqlalchemy import delete, exc, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvaas.api.asgi import error_response_messages, header
+from kvaas.api.schemas.caches import CacheObject
 from kvaas.auth.resolver import AuthContext, Resolution, bearer_credential, resolve, stash
 from kvaas.db.base import utcnow
-from kvaas.db.models import IdempotencyRecord
+from kvaas.db.claims import CLAIMED_KEY
+from kvaas.db.models import Cache, IdempotencyRecord
 from kvaas.db.session import Database, DatabaseUnavailable
 from kvaas.errors import APIError, Conflict, RateLimited, ServiceUnavailable, ValidationFailed
 
@@ -50,10 +64,14 @@ log = logging.getLogger("kvaas.idempotency")
 
 HEADER = b"idempotency-key"
 REPLAYED_HEADER = b"idempotent-replayed"
-#: A key held ``in_flight`` longer than this is taken to belong to a request that died.
+#: A key held ``in_flight`` longer than this is taken to belong to a request that died
+#: (the default of ``KVAAS_IDEMPOTENCY_IN_FLIGHT_LEASE_SECONDS``).
 IN_FLIGHT_LEASE = timedelta(minutes=15)
-#: Responses above this size are passed through but not stored (a retry runs again).
-MAX_STORED_BYTES = 8 * 1024 * 1024
+#: Bodies above this size are passed through but not kept (``KVAAS_IDEMPOTENCY_MAX_STORED_BYTES``).
+MAX_STORED_BYTES = 256 * 1024
+#: Expired records deleted per statement by :func:`sweep_idempotency`, and most statements.
+SWEEP_BATCH = 500
+SWEEP_MAX_BATCHES = 20
 #: Response headers never stored (hop-by-hop, per-request or recomputed on replay).
 _UNSTORED_HEADERS = frozenset(
     {
@@ -106,10 +124,20 @@ async def _resolve(db: Database, scope: Scope) -> Resolution:
 class IdempotencyMiddleware:
     """Stores and replays responses of POST requests carrying ``Idempotency-Key``."""
 
-    def __init__(self, app: ASGIApp, *, ttl_seconds: int, max_key_length: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        ttl_seconds: int,
+        max_key_length: int,
+        in_flight_lease_seconds: int = int(IN_FLIGHT_LEASE.total_seconds()),
+        max_stored_bytes: int = MAX_STORED_BYTES,
+    ) -> None:
         self.app = app
         self.ttl = timedelta(seconds=ttl_seconds)
         self.max_key_length = max_key_length
+        self.lease = timedelta(seconds=in_flight_lease_seconds)
+        self.max_stored_bytes = max_stored_bytes
         self._last_sweep = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -159,13 +187,23 @@ class IdempotencyMiddleware:
             assert record is not None
             await _answer(scope, send, self._answer_existing(scope, record, digest))
             return
-        await self._run(db, tenant_id, key, scope, body, receive, send)
+        if record is not None and record.resource_id is not None:  # its gateway died
+            recovered = await self._recover(db, tenant_id, key, record.resource_id)
+            if recovered is not None:
+                await _answer(scope, send, recovered)
+                return
+        token = CLAIMED_KEY.set((tenant_id, key))
+        try:
+            await self._run(db, tenant_id, key, scope, body, receive, send)
+        finally:
+            CLAIMED_KEY.reset(token)
 
     # -- claiming a key --------------------------------------------------------------------
     async def _claim(
         self, db: Database, tenant_id: str, key: str, digest: str, scope: Scope
     ) -> tuple[bool, IdempotencyRecord | None]:
-        """Take the key for this request (``True``), or return the record holding it."""
+        """Take the key for this request (``True``), or return the record holding it. A key
+        taken over from a request that died comes back as ``(True, the old record)``."""
         now = utcnow()
         values: dict[str, Any] = {
             "request_hash": digest,
@@ -175,6 +213,7 @@ class IdempotencyMiddleware:
             "response_status": None,
             "response_headers": None,
             "response_body": None,
+            "response_size": None,
             "created_at": now,
             "completed_at": None,
             "expires_at": now + self.ttl,
@@ -183,6 +222,13 @@ class IdempotencyMiddleware:
             if await _insert(session, tenant_id, key, values):
                 return True, None
             # Taken: reclaim it if it expired or its holder died, atomically.
+            before = await session.get(IdempotencyRecord, (tenant_id, key))
+            dead = (
+                before is not None
+                and before.state == "in_flight"
+                and before.resource_id is not None
+                and before.request_hash == digest
+            )
             taken_over = await session.execute(
                 update(IdempotencyRecord)
                 .where(
@@ -191,13 +237,16 @@ class IdempotencyMiddleware:
                     or_(
                         IdempotencyRecord.expires_at <= now,
                         (IdempotencyRecord.state == "in_flight")
-                        & (IdempotencyRecord.created_at <= now - IN_FLIGHT_LEASE),
+                        & (IdempotencyRecord.created_at <= now - self.lease)
+                        & (IdempotencyRecord.request_hash == digest),
                     ),
                 )
                 .values(**values)
             )
             await session.commit()
             if taken_over.rowcount == 1:  # type: ignore[attr-defined]
+                if dead and before is not None and before.expires_at > now:
+                    return True, before  # it may have made its object: the caller looks
                 return True, None
             record = await session.get(IdempotencyRecord, (tenant_id, key))
             if record is None:  # released between our insert and our look: try once more
@@ -220,6 +269,15 @@ class IdempotencyMiddleware:
                 f"({record.method} {record.path} or another body); use a new key",
                 param="Idempotency-Key",
                 extra={"reason": "request_mismatch"},
+            )
+            return error_response_messages(scope, err)
+        if record.state == "completed" and record.response_body is None and record.response_size:
+            err = IdempotencyConflict(
+                "the request with this Idempotency-Key completed (status "
+                f"{record.response_status}), but its response ({record.response_size} bytes) "
+                "was too large to keep for replays; it is not run again",
+                param="Idempotency-Key",
+                extra={"reason": "response_not_stored", "status": record.response_status},
             )
             return error_response_messages(scope, err)
         if record.state != "completed" or record.response_status is None:
@@ -277,14 +335,17 @@ class IdempotencyMiddleware:
             elif message["type"] == "http.response.body" and not settled:
                 chunk = message.get("body", b"")
                 size += len(chunk)
-                if size <= MAX_STORED_BYTES:
+                if size <= self.max_stored_bytes:
                     chunks.append(chunk)
+                else:
+                    chunks.clear()
                 if not message.get("more_body", False):
                     # Settle the key before the client sees the end of the response, so an
                     # immediate retry finds the stored answer (or a free key), never "in flight".
                     settled = True
-                    if status is not None and _storable(status) and size <= MAX_STORED_BYTES:
-                        await self._store(db, tenant_id, key, status, headers, b"".join(chunks))
+                    if status is not None and _storable(status):
+                        kept = b"".join(chunks) if size <= self.max_stored_bytes else None
+                        await self._store(db, tenant_id, key, status, headers, kept, size)
                     else:
                         await self._release(db, tenant_id, key)
             await send(message)
@@ -302,8 +363,11 @@ class IdempotencyMiddleware:
         key: str,
         status: int,
         headers: list[tuple[bytes, bytes]],
-        body: bytes,
+        body: bytes | None,
+        size: int,
     ) -> None:
+        """Complete the key with the response (``body`` ``None``: too large to keep; a retry
+        is told so). Only a record still ``in_flight`` is completed."""
         kept = [
             [k.decode("latin-1").lower(), v.decode("latin-1")]
             for k, v in headers
@@ -312,12 +376,17 @@ class IdempotencyMiddleware:
         async with db.session() as session:
             await session.execute(
                 update(IdempotencyRecord)
-                .where(IdempotencyRecord.tenant_id == tenant_id, IdempotencyRecord.key == key)
+                .where(
+                    IdempotencyRecord.tenant_id == tenant_id,
+                    IdempotencyRecord.key == key,
+                    IdempotencyRecord.state == "in_flight",
+                )
                 .values(
                     state="completed",
                     response_status=status,
                     response_headers=kept,
                     response_body=body,
+                    response_size=size,
                     completed_at=utcnow(),
                 )
             )
@@ -337,6 +406,34 @@ class IdempotencyMiddleware:
         except Exception as e:  # the lease frees the key later
             log.warning("could not release Idempotency-Key: %s", e)
 
+    async def _recover(
+        self, db: Database, tenant_id: str, key: str, cache_id: str
+    ) -> list[Message] | None:
+        """The answer of a create whose gateway died after it made ``cache_id`` (recorded
+        under the key in the create's own transaction): the cache as it is now, stored as the
+        key's response. ``None`` when the cache is not the tenant's (the request runs)."""
+        async with db.session() as session:
+            cache = await session.get(Cache, cache_id)
+            if cache is None or cache.tenant_id != tenant_id:
+                return None
+            status = 201 if cache.status == "ready" else 202
+            body = CacheObject.of(cache).model_dump_json().encode()
+        headers = [(b"content-type", b"application/json")]
+        await self._store(db, tenant_id, key, status, headers, body, len(body))
+        log.info("Idempotency-Key of a create whose gateway died answered with %s", cache_id)
+        return [
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    *headers,
+                    (b"content-length", str(len(body)).encode()),
+                    (REPLAYED_HEADER, b"true"),
+                ],
+            },
+            {"type": "http.response.body", "body": body},
+        ]
+
     async def _maybe_sweep(self, db: Database) -> None:
         """Delete expired records now and then (at most every five minutes per process)."""
         now = time.monotonic()
@@ -344,13 +441,41 @@ class IdempotencyMiddleware:
             return
         self._last_sweep = now
         try:
-            async with db.session() as session:
-                await session.execute(
-                    delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= utcnow())
-                )
-                await session.commit()
+            await sweep_idempotency(db)
         except Exception as e:  # sweeping is housekeeping only
             log.warning("idempotency sweep failed: %s", e)
+
+
+async def sweep_idempotency(
+    db: Database, *, batch: int = SWEEP_BATCH, max_batches: int = SWEEP_MAX_BATCHES
+) -> int:
+    """Delete expired records, ``batch`` per short transaction, at most ``max_batches``
+    transactions per call (the rest wait for the next call); return how many were deleted."""
+    deleted = 0
+    for _ in range(max_batches):
+        async with db.session() as session:
+            keys = (
+                await session.execute(
+                    select(IdempotencyRecord.tenant_id, IdempotencyRecord.key)
+                    .where(IdempotencyRecord.expires_at <= utcnow())
+                    .limit(batch)
+                )
+            ).all()
+            if not keys:
+                return deleted
+            await session.execute(
+                delete(IdempotencyRecord).where(
+                    tuple_(IdempotencyRecord.tenant_id, IdempotencyRecord.key).in_(
+                        [tuple(k) for k in keys]
+                    ),
+                    IdempotencyRecord.expires_at <= utcnow(),
+                )
+            )
+            await session.commit()
+        deleted += len(keys)
+        if len(keys) < batch:
+            return deleted
+    return deleted
 
 
 async def _insert(session: AsyncSession, tenant_id: str, key: str, values: dict[str, Any]) -> bool:

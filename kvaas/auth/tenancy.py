@@ -191,3 +191,33 @@ async def revoke_key(session: AsyncSession, actor: Actor, ref: str) -> ApiKey:
         await actor.audit(session, "key.revoke", key, {"prefix": key.prefix})
         await session.commit()
     return key
+
+
+async def set_tenant_limits(
+    session: AsyncSession,
+    actor: Actor,
+    ref: str,
+    *,
+    storage_quota_tokens: int | None,
+    storage_quota_bytes: int | None,
+    max_caches: int | None,
+) -> Tenant:
+    """Set the tenant's own limits (``None``: the configured default applies) and record it
+    in the audit log in the same transaction. 422 for a negative limit."""
+    limits = {
+        "storage_quota_tokens": storage_quota_tokens,
+        "storage_quota_bytes": storage_quota_bytes,
+        "max_caches": max_caches,
+    }
+    for field, value in limits.items():
+        top = 2**31 if field == "max_caches" else 2**63  # the columns' integer widths
+        if value is not None and not 0 <= value < top:
+            raise ValidationFailed(f"{field} must be an integer in [0, {top})", param=field)
+    tenant = await find_tenant(session, ref)
+    before = {f: getattr(tenant, f) for f in limits}
+    if before != limits:
+        for f, v in limits.items():
+            setattr(tenant, f, v)
+        await actor.audit(session, "tenant.limits", tenant, {"before": before, "after": limits})
+        await session.commit()
+    return tenant

@@ -18,8 +18,10 @@ def engine_command(
 ) -> None:
     """Print the command that starts a remote engine node (`vllm serve`).
 
-    One shell line, `KVAAS_REDIS_URL=... VLLM_API_KEY=... python -m ...`: the secrets go in
-    the node's environment, not its command line."""
+    One shell line, `KVAAS_REDIS_URL=... VLLM_API_KEY=... python -m kvaas.engine.node ...`:
+    the secrets go in the node's environment, not its command line; the KV cache size
+    (KVAAS_ENGINE_KV_CACHE_GIB) is on it, so the node starts as printed on a shared machine.
+    Run it where `python` has kvaas and vLLM installed."""
     from kvaas.engine import kv_dtype
     from kvaas.engine.remote import serve_command
     from kvaas.model_presets import resolve_model
@@ -37,5 +39,6 @@ def engine_command(
         max_model_len=s.engine_max_model_len,
         max_num_batched_tokens=s.engine_max_batched_tokens,
         prefix_caching=s.engine_prefix_caching,
+        kv_cache_gib=s.engine_kv_cache_gib,
     )
     typer.echo(cmd.shell())

@@ -334,9 +334,7 @@ class UsageEvent(IdempotentRow, Base):
         Index("ix_usage_events_tenant_at", "tenant_id", "occurred_at"),
     )
 
-    public_id: Mapped[str] = mapped_column(
-        String(32), unique=True, default=lambda: new_id("ue")
-    )
+    public_id: Mapped[str] = mapped_column(String(32), unique=True, default=lambda: new_id("ue"))
     meter: Mapped[str] = mapped_column(String(32))
     quantity: Mapped[int] = mapped_column(BigInteger)
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvaas.codec.sizing import kv_dtype
-from kvaas.engine.base import Engine, EngineError, Generation, Sampling
+from kvaas.engine.base import Degraded, Engine, EngineError, Generation, Liveness, Sampling
 from kvaas.engine.model_info import ModelInfo
 
 if TYPE_CHECKING:
     from kvaas.config import Settings
 
 __all__ = [
+    "Degraded",
     "Engine",
     "EngineError",
     "Generation",
+    "Liveness",
     "ModelInfo",
     "Sampling",
     "build_engine",
@@ -38,7 +40,13 @@ def build_engine(settings: Settings) -> Engine | None:
 
         key = settings.engine_api_key
         return RemoteEngine(
-            info, settings.engine_urls, api_key=key.get_secret_value() if key else None
+            info,
+            settings.engine_urls,
+            api_key=key.get_secret_value() if key else None,
+            timeout_s=settings.engine_request_timeout_seconds,
+            max_failures=settings.engine_node_max_failures,
+            cooldown_s=settings.engine_node_cooldown_seconds,
+            probe_every_s=settings.engine_node_probe_seconds,
         )
     from kvaas.engine.inprocess import InProcessEngine
 
@@ -50,4 +58,6 @@ def build_engine(settings: Settings) -> Engine | None:
         max_num_batched_tokens=settings.engine_max_batched_tokens,
         prefix_caching=settings.engine_prefix_caching,
         kv_cache_gib=settings.engine_kv_cache_gib,
+        timeout_s=settings.engine_request_timeout_seconds,
+        restart_attempts=settings.engine_restart_attempts,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from kvaas.connector.params import TransferPlan
 from kvaas.engine.model_info import ModelInfo
@@ -71,10 +71,26 @@ class EngineError(RuntimeError):
         self.detail = detail
 
 
+class Degraded(str):
+    """A health line of an engine that serves, with less capacity than configured (some
+    remote nodes down or refused): readiness shows it and stays green."""
+
+
+#: ``ok``: serving (perhaps degraded); ``recovering``: down, coming back without a restart of
+#: the gateway (the in-process engine restarting, remote nodes all down or ejected);
+#: ``down``: down for good, the gateway process must be restarted (``/healthz`` fails).
+Liveness = Literal["ok", "recovering", "down"]
+
+
 class Engine(ABC):
     """A running model. ``start`` before use, ``shutdown`` at the end."""
 
     model: ModelInfo
+
+    def liveness(self) -> Liveness:
+        """Whether the engine serves, recovers by itself, or needs the process restarted
+        (what ``/healthz`` reports). The default: ``ok``."""
+        return "ok"
 
     @property
     @abstractmethod
@@ -92,7 +108,8 @@ class Engine(ABC):
 
     @abstractmethod
     async def health(self) -> str:
-        """A short status line; raises when the engine cannot serve."""
+        """A short status line (a :class:`Degraded` one when capacity is reduced); raises
+        :class:`EngineError` when the engine cannot serve."""
 
     @abstractmethod
     def stream(

@@ -4,17 +4,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
+#: content digests of files, by (resolved path, size, mtime_ns): a file is read once per
+#: process unless it changes (replacing it in place changes its mtime, and usually its size)
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of the contents of ``path``, remembered by its path, size and ``mtime_ns``."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(key)
+    if known is not None:
+        return known
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    digest = h.hexdigest()
+    with _DIGESTS_LOCK:
+        _DIGESTS[key] = digest
+    return digest
+
 
 def model_fingerprint(model_dir: Path, kv_dtype: str) -> str:
-    """A stable identity of a model's KV: ``config.json`` and the weight files' names and sizes
-    (plus the built-in manifest's hashes when present) and the KV dtype. Two directories with
-    the same fingerprint produce interchangeable KV; chunk keys include it."""
+    """A stable identity of a model's KV: the contents of ``config.json`` and of every weight
+    file (with its name; the built-in manifest too when present) and the KV dtype. Weights
+    replaced in place, even by files of the same names and sizes, change it. Two directories
+    with the same fingerprint produce interchangeable KV; chunk keys include it, and remote
+    engine nodes must report the gateway's (:mod:`kvaas.engine.node`)."""
     h = hashlib.sha256()
     h.update((model_dir / "config.json").read_bytes())
     manifest = model_dir / "kvaas-manifest.json"
@@ -22,7 +48,7 @@ def model_fingerprint(model_dir: Path, kv_dtype: str) -> str:
         h.update(manifest.read_bytes())
     for p in sorted(model_dir.iterdir()):
         if p.suffix in WEIGHT_SUFFIXES:
-            h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+            h.update(f"{p.name}:{p.stat().st_size}:{file_digest(p)}\n".encode())
     h.update(kv_dtype.encode())
     return h.hexdigest()[:32]
 

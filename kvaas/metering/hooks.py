@@ -15,6 +15,8 @@ request_id, at)``                      cache ``ready``); records ``prefill_token
                                        and ``cache.version`` already updated)
 ``on_extend(s, cache, version,         an extend's prefill ran: the resize above, and the
 prefill_tokens, at)``                  ``prefill_tokens`` it computed
+``on_version_deleted(s, cache,         a version was deleted; the cache's (remaining) size from
+version, at)``                         ``at`` on
 ``on_storage_class_changed(s, cache,   the storage class changed from ``old`` to ``new``
 old, new, at)``
 ``on_tiers_changed(s, cache,           the bytes kept per tier changed (demotion, promotion)
@@ -142,6 +144,16 @@ async def on_cache_extended(
     return await _lifecycle(
         session, cache, "resized", key, at or utcnow(), bytes_by_tier=bytes_by_tier
     )
+
+
+async def on_version_deleted(
+    session: AsyncSession, cache: Cache, version: int, at: datetime | None = None
+) -> bool:
+    """Version ``version`` of ``cache`` was deleted and the cache now holds ``cache.tokens``
+    tokens and ``cache.stored_bytes`` bytes from ``at`` on (a ``resized`` event of its own:
+    the remaining latest version's ``resized`` event, if any, describes an earlier size)."""
+    key = f"lc:{cache.id}:v{version}:deleted"
+    return await _lifecycle(session, cache, "resized", key, at or utcnow())
 
 
 async def on_extend(

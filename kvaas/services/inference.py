@@ -5,7 +5,8 @@ A request names a cache (:class:`CacheRef`) or not. With one, the cache service 
 Without one the request's prompt runs on the engine as it is: tokenized and checked by the
 prompt policy (``service.prompts``: an engine must run, the prompt is one non-empty form,
 prompt + ``max_tokens`` fit the model), with the tenant's salt so no tenant reuses another's
-engine-side prefix cache. An engine failure before the first token is ``503``.
+engine-side prefix cache. An engine failure before the first token is
+``503 engine_unavailable``.
 
 Every request is metered once, by its request id: with a cache as an attach, without one by
 :func:`kvaas.metering.hooks.on_inference` (the prompt tokens the engine computed and the
@@ -26,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.db.models import Tenant
 from kvaas.engine import EngineError, Generation, Sampling
-from kvaas.errors import ServiceUnavailable
+from kvaas.errors import EngineUnavailable
 from kvaas.metering import hooks as metering
 from kvaas.services.caches import AttachOutcome, CacheRef, CacheService, Prompt
 from kvaas.services.streams import metered
@@ -100,11 +101,12 @@ async def generate(inf: Inference) -> Run:
         return Run(outcome, outcome.generation)
     engine = service.prompts.engine
     ids = await inf.plain_ids()
+    await inf.session.commit()  # no database connection held while the engine runs
     try:
         async with service.gate.slot(tenant.id):
             gen = await engine.generate(ids, service.salted(tenant, inf.sampling))
     except EngineError as e:
-        raise ServiceUnavailable(f"the engine failed: {e}") from e
+        raise EngineUnavailable(f"the engine failed: {e}", detail=e.detail) from e
     run = Run(None, gen, len(ids))
     await run.meter(inf.session, tenant.id, inf.request_id)
     await inf.session.commit()
@@ -125,6 +127,7 @@ async def generate_stream(inf: Inference) -> tuple[Run, AsyncIterator[Generation
         return Run(outcome, outcome.generation), stream
     engine = service.prompts.engine
     ids = await inf.plain_ids()
+    await inf.session.commit()  # no database connection held while the engine runs
     run = Run(None, Generation(), len(ids))
     tenant_id = tenant.id
 
@@ -142,4 +145,4 @@ async def generate_stream(inf: Inference) -> tuple[Run, AsyncIterator[Generation
     try:
         return run, await service.gate.stream(tenant_id, deltas)
     except EngineError as e:
-        raise ServiceUnavailable(f"the engine failed: {e}") from e
+        raise EngineUnavailable(f"the engine failed: {e}", detail=e.detail) from e

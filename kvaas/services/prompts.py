@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvaas.engine import Engine
-from kvaas.errors import APIError, BadRequest, ServiceUnavailable
+from kvaas.errors import APIError, BadRequest, EngineUnavailable
 
 #: The most characters one token of any supported tokenizer spans (long runs of spaces or
 #: symbols are single tokens); text longer than this times ``max_model_len`` cannot fit.
@@ -45,11 +45,6 @@ def prompt_body_limit(max_model_len: int) -> int:
     comma) and chat messages (each at least one token of template) fit within it too, so a body
     above it holds a prompt that would be refused anyway, and can be refused unread."""
     return max_model_len * MAX_CHARS_PER_TOKEN * JSON_BYTES_PER_CHAR + PROMPT_BODY_OVERHEAD
-
-
-class EngineUnavailable(ServiceUnavailable):
-    type = "engine_unavailable"
-    description = "No engine is running to serve this request."
 
 
 @dataclass

@@ -38,6 +38,7 @@ from kvaas.store.keys import (
     trailing_tokens,
     validate_chunk_tokens,
 )
+from kvaas.store.maintenance import MaintenanceConfig, StoreMaintenance
 from kvaas.store.manifest import Manifest
 from kvaas.store.memory import MemoryTier
 from kvaas.store.policy import (
@@ -49,6 +50,7 @@ from kvaas.store.policy import (
     SizeAwarePolicy,
     StorageClass,
 )
+from kvaas.store.presence import ChunkPresence
 from kvaas.store.redis_conn import RedisConnection
 from kvaas.store.redis_tier import RedisTier
 from kvaas.store.refs import GCResult, RefCounts, RefIndex
@@ -65,6 +67,7 @@ __all__ = [
     "STORAGE_CLASSES",
     "BlobTooLarge",
     "ChunkKey",
+    "ChunkPresence",
     "ChunkSealer",
     "ConfigurationError",
     "DiskTier",
@@ -72,6 +75,7 @@ __all__ = [
     "ForeignSeal",
     "GCResult",
     "LRUPolicy",
+    "MaintenanceConfig",
     "Manifest",
     "ManifestConflict",
     "ManifestNotFound",
@@ -90,6 +94,7 @@ __all__ = [
     "StorageFull",
     "StoreConfig",
     "StoreError",
+    "StoreMaintenance",
     "SyncTieredStore",
     "TenantKeys",
     "Tier",

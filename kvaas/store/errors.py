@@ -50,7 +50,10 @@ class StorageFull(StoreError):
 
     status_code = 507
     type = "insufficient_storage"
-    description = "The storage tier is full."
+    description = (
+        "The KV store is full: nothing was stored. Delete caches you no longer need or retry "
+        "later, once expired caches have been collected."
+    )
 
     def __init__(self, tier: str, message: str | None = None) -> None:
         self.tier = tier

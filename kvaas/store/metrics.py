@@ -62,3 +62,19 @@ LATENCY = Histogram(
 GC_DELETED = Counter(
     "kvaas_store_gc_chunks_deleted_total", "Unreferenced chunks deleted by garbage collection."
 )
+FULL_RETRIES = Counter(
+    "kvaas_store_full_retries_total",
+    "Writes a tier refused for lack of space (ENOSPC, budget) that were retried once after "
+    "freeing room.",
+    ["tier"],
+)
+INDEX_RESERVE_RELEASED = Counter(
+    "kvaas_store_index_reserve_released_total",
+    "Times the SQLite chunk index gave up its reserve file so that releases could commit on a "
+    "full disk.",
+)
+MAINTENANCE_ROUNDS = Counter(
+    "kvaas_store_maintenance_rounds_total",
+    "Rounds of the store's maintenance loops, by job and outcome (ok, failed).",
+    ["job", "outcome"],
+)

@@ -12,16 +12,19 @@ already is subtracted again in a rare second round trip. ``ttl_s`` sets an idle 
 set it and reads refresh it (``GETEX``). Chunks that expire by TTL are not subtracted from the
 counters until :meth:`RedisTier.recount` runs, so ``bytes_used`` can over-count under TTL.
 
-The tier has no byte budget of its own: Redis' ``maxmemory`` (with ``noeviction``) is the
-budget, and an OOM reply surfaces as :class:`~kvaas.store.errors.StorageFull`.
+The tier has no byte budget of its own: Redis' ``maxmemory`` (with ``noeviction``, which the
+reference index requires) is the budget, and an OOM reply surfaces as
+:class:`~kvaas.store.errors.StorageFull` (a ``standard`` write then spills to disk). Deletes
+still work at ``maxmemory``, so garbage collection frees a full Redis.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from kvaas.store.errors import StoreError, TierUnavailable
+from kvaas.store.errors import StorageFull, StoreError, TierUnavailable
 from kvaas.store.keys import ChunkKey
 from kvaas.store.redis_conn import RedisConnection, RedisKeys, chunked, group_by_slot
 from kvaas.store.tier import Blob, Tier, TierHealth
@@ -154,7 +157,10 @@ class RedisTier(Tier):
                 for key, size in gone:
                     pipe.decrby(self.keys.counter(key[:4].hex()), size)
 
-            await self.conn.pipelined(account)
+            # at maxmemory Redis refuses even DECRBY: the chunks are gone all the same; the
+            # counters over-count until recount()
+            with contextlib.suppress(StorageFull):
+                await self.conn.pipelined(account)
         return len(gone)
 
     async def bytes_used(self) -> int:

@@ -17,12 +17,17 @@ Collection protocol (no chunk of a stored manifest is ever deleted):
    zero is recorded as a GC candidate with the time it became unreferenced.
 3. *Collectors claim in one atomic step.* ``claim_garbage`` re-checks, per chunk and atomically
    with writers (one Lua script / one SQLite write transaction), that the chunk is still a
-   candidate, unreferenced and unreferenced for at least ``grace_s``; it removes the candidate
-   and sets a tombstone (owned by a random token, expiring after ``lease_s``). Only claimed
-   chunks are deleted from the tiers, and only while the lease lasts.
-4. ``finish_claim`` removes the collector's tombstones once the tier deletes are done;
-   ``abandon_claim`` instead puts the still-unreferenced chunks back among the candidates (a
-   tier could not be cleaned, or the lease ran out) so a later pass retries them.
+   candidate, unreferenced and unreferenced for at least ``grace_s``, and sets a tombstone
+   (owned by the claim's token, expiring after ``lease_s``). The candidate **stays** recorded
+   while the claim lasts: only claimed chunks are deleted from the tiers, only while the lease
+   lasts, and a collector that dies or is cancelled before it finishes leaves its chunks as
+   candidates, which a later pass claims once the lease is over. Claiming is idempotent per
+   token: run twice (redis-py sends a script again after a socket timeout), a claim answers
+   the chunks it already holds; a chunk tombstoned by another live claim is skipped.
+4. ``finish_claim`` removes the collector's tombstones once the tier deletes are done, and with
+   them the candidates (those it still owned, not referenced, and not released again after the
+   claim); ``abandon_claim`` (called in a ``finally``, cancellation included) only removes the
+   tombstones, so the chunks are retried by a later pass without waiting for the lease.
 
 A writer that references a chunk after the claim sees the tombstone and waits, so its own write
 of that chunk lands after the collector's delete; a writer that referenced it before the claim
@@ -73,11 +78,15 @@ class RefCounts(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class GarbageClaim:
-    """Chunks a collector may delete, until ``deadline`` (``time.monotonic()``)."""
+    """Chunks a collector may delete, until ``deadline`` (``time.monotonic()``).
+
+    ``claimed_at`` is the index's clock when the claim was made (server time for Redis): a
+    candidate released again after it is left in place by ``finish_claim``."""
 
     token: str
     keys: tuple[ChunkKey, ...]
     deadline: float
+    claimed_at: float = 0.0
 
     @property
     def expired(self) -> bool:
@@ -139,8 +148,10 @@ class RefIndex(ABC):
 
     @abstractmethod
     async def claim_garbage(
-        self, *, grace_s: float, limit: int, lease_s: float
-    ) -> GarbageClaim: ...
+        self, *, grace_s: float, limit: int, lease_s: float, token: str | None = None
+    ) -> GarbageClaim:
+        """Claim up to ``limit`` candidates unreferenced for ``grace_s`` seconds, for
+        ``lease_s`` seconds, under ``token`` (default: a new one). Idempotent per token."""
 
     @abstractmethod
     async def finish_claim(self, claim: GarbageClaim) -> None:
@@ -148,8 +159,8 @@ class RefIndex(ABC):
 
     @abstractmethod
     async def abandon_claim(self, claim: GarbageClaim) -> None:
-        """Give the claim up: remove its tombstones and record the chunks that are still
-        unreferenced as candidates again (unreferenced since now)."""
+        """Give the claim up: remove its tombstones; the chunks that are still unreferenced
+        stay (or become again) candidates, keeping the time they became unreferenced."""
 
     @abstractmethod
     async def requeue_unreferenced(self, keys: Sequence[ChunkKey]) -> int:
@@ -158,6 +169,10 @@ class RefIndex(ABC):
 
     @abstractmethod
     async def health(self) -> TierHealth: ...
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Check the backing service before use (raise ``ConfigurationError`` when it cannot
+        hold the index safely)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -16,7 +16,16 @@ as :class:`~kvaas.store.refs_sqlite.SqliteRefIndex`:
 - Released chunks whose counts all reach zero enter the slot's candidate zset with the server's
   time (``TIME``); collectors compare against the same clock.
 - Tombstones are ``SET ... PX lease`` values holding the claim token: they expire by themselves
-  when a collector dies.
+  when a collector dies. Claimed chunks stay in the candidate zset until ``finish_claim``, so a
+  collector that dies between claim and delete orphans nothing; the claim script answers the
+  chunks its token already holds, so a resent script (redis-py retries once after a socket
+  timeout) claims the same chunks.
+- Collectors visit the slots with candidates round-robin (a cursor per index) and take an equal
+  share of the batch from each, so every tenant's garbage is collected at the same pace.
+- Index scripts carry the ``allow-oom`` flag (Redis >= 7): at ``maxmemory`` chunk writes are
+  refused (``standard`` spills to disk) while manifests and releases still commit.
+- The server must never evict index keys: :meth:`RedisRefIndex.open` refuses to run on a Redis
+  whose ``maxmemory-policy`` is not ``noeviction`` (see :func:`check_eviction_policy`).
 
 ``<prefix>:gc-slots`` (a set of slots that may have candidates) lives in another slot, so it is
 updated with a separate command after the script: ``SADD`` after a release, and a collector
@@ -26,6 +35,7 @@ raced in, so a slot with candidates is never forgotten.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import time
@@ -34,13 +44,25 @@ from typing import Any, cast
 
 from redis.exceptions import NoScriptError
 
-from kvaas.store.errors import ManifestConflict, ManifestNotFound, StoreError
+from kvaas.redact import redact_url
+from kvaas.store.errors import (
+    ConfigurationError,
+    ManifestConflict,
+    ManifestNotFound,
+    StoreError,
+    TierUnavailable,
+)
 from kvaas.store.keys import SLOT_BYTES, ChunkKey
 from kvaas.store.manifest import Manifest
 from kvaas.store.policy import STORAGE_CLASSES, StorageClass, check_storage_class
 from kvaas.store.redis_conn import RedisClient, RedisConnection, group_by_slot
 from kvaas.store.refs import GarbageClaim, RefCounts, RefIndex, new_claim_token
 from kvaas.store.tier import TierHealth
+
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+"""First line of every index script (Redis >= 7): the index must keep working when Redis is at
+``maxmemory`` (``noeviction`` refuses ordinary writes then): a release that could not commit
+would strand references, and a manifest is tiny next to the chunks that spill to disk."""
 
 _NOW = """
 local function now()
@@ -123,21 +145,34 @@ return out
 """
 
 # KEYS: garbage, refs[1..n], tombstones[1..n]
-# ARGV: token, lease ms, grace s, hex[1..n]
-# -> positions (1-based) of the claimed chunks
+# ARGV: token, lease ms, grace s, most chunks to claim, hex[1..n]
+# -> {server time, positions (1-based) of the chunks claimed by the token}
+# Candidates stay in the zset until finish (a dead collector's chunks come back when its lease
+# ends); a chunk already tombstoned by the same token is answered again, so running the script
+# twice (redis-py resends it after a socket timeout) claims the same chunks.
 _CLAIM = (
     _NOW
     + """
 local n = (#KEYS - 1) / 2
-local cutoff = now() - tonumber(ARGV[3])
-local out = {}
+local t = now()
+local cutoff = t - tonumber(ARGV[3])
+local most = tonumber(ARGV[4])
+local out = {tostring(t)}
 for i = 1, n do
-  local since = redis.call('ZSCORE', KEYS[1], ARGV[3 + i])
-  if since and tonumber(since) <= cutoff then
-    redis.call('ZREM', KEYS[1], ARGV[3 + i])
-    if redis.call('EXISTS', KEYS[1 + i]) == 0 then
-      redis.call('SET', KEYS[1 + n + i], ARGV[1], 'PX', ARGV[2])
-      out[#out + 1] = i
+  if #out > most then break end
+  local hex = ARGV[4 + i]
+  local since = redis.call('ZSCORE', KEYS[1], hex)
+  if since then
+    if redis.call('EXISTS', KEYS[1 + i]) == 1 then
+      redis.call('ZREM', KEYS[1], hex)
+    else
+      local owner = redis.call('GET', KEYS[1 + n + i])
+      if owner == ARGV[1] then
+        out[#out + 1] = i
+      elseif not owner and tonumber(since) <= cutoff then
+        redis.call('SET', KEYS[1 + n + i], ARGV[1], 'PX', ARGV[2])
+        out[#out + 1] = i
+      end
     end
   end
 end
@@ -145,13 +180,21 @@ return out
 """
 )
 
-# KEYS: tombstones[1..n]   ARGV: token   -> number removed
+# KEYS: garbage, refs[1..n], tombstones[1..n]   ARGV: token, claim time, hex[1..n]
+# -> number of tombstones removed; the candidates of the chunks whose tombstone the token still
+# held go too, unless referenced or released again after the claim
 _FINISH = """
+local n = (#KEYS - 1) / 2
 local removed = 0
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('DEL', KEYS[i])
+for i = 1, n do
+  if redis.call('GET', KEYS[1 + n + i]) == ARGV[1] then
+    redis.call('DEL', KEYS[1 + n + i])
     removed = removed + 1
+    local since = redis.call('ZSCORE', KEYS[1], ARGV[2 + i])
+    if since and tonumber(since) <= tonumber(ARGV[2])
+        and redis.call('EXISTS', KEYS[1 + i]) == 0 then
+      redis.call('ZREM', KEYS[1], ARGV[2 + i])
+    end
   end
 end
 return removed
@@ -178,17 +221,26 @@ return added
 )
 
 _MAX_RETRIES = 20
+SAFE_EVICTION_POLICIES = frozenset({"noeviction"})
+"""The only ``maxmemory-policy`` under which the index is safe (see
+:meth:`RedisRefIndex.check_eviction_policy`)."""
 
+
+def _is_per_node(info: Any) -> bool:
+    """Whether an ``INFO`` reply of a cluster client is a dict per node."""
+    return isinstance(info, dict) and bool(info) and all(isinstance(v, dict) for v in info.values())
 
 
 async def _zrange(c: RedisClient, *, name: str, stop: int = -1) -> list[bytes]:
     """Members ``0..stop`` (inclusive; -1: all) of the sorted set ``name``, lowest score first."""
     return cast(list[bytes], await c.zrange(name, 0, stop, withscores=False))
 
+
 class _Script:
     """A Lua script run with ``EVALSHA`` (falling back to ``EVAL`` on ``NOSCRIPT``)."""
 
     def __init__(self, source: str) -> None:
+        source = _ALLOW_OOM + source.lstrip("\n")
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
@@ -216,6 +268,45 @@ class RedisRefIndex(RefIndex):
         self._claim = _Script(_CLAIM)
         self._finish = _Script(_FINISH)
         self._abandon = _Script(_ABANDON)
+        self._mark = _Script("return redis.call('SADD', KEYS[1], ARGV[1])")
+        self.policy_checked = False
+        """Whether the server's eviction policy was checked (and found safe)."""
+        self._gc_cursor = ""
+        """The last slot a claim visited: the next claim starts after it (round-robin)."""
+
+    async def open(self) -> None:
+        """Refuse a Redis that may evict index keys (see :meth:`check_eviction_policy`). A
+        Redis that is down now is checked by the first maintenance pass that reaches it."""
+        try:
+            await self.check_eviction_policy()
+        except TierUnavailable:
+            return
+
+    async def check_eviction_policy(self) -> str:
+        """The server's ``maxmemory-policy``; raise :class:`ConfigurationError` unless it is
+        ``noeviction``.
+
+        Reference counts, manifests and GC tombstones live in this Redis: an ``allkeys-*``
+        policy may evict a reference count or a manifest (GC then deletes live chunks), a
+        ``volatile-*`` policy may evict a tombstone (the lease of a collector) or the only copy of
+        a chunk written with a TTL. With ``noeviction`` a full Redis answers writes with an
+        out-of-memory error, which the store turns into a spill to disk or ``StorageFull``.
+        """
+        info = await self.conn.run(lambda c: c.info("memory"))
+        nodes = info.values() if self.conn.cluster and _is_per_node(info) else [info]
+        for node in nodes:
+            policy = node.get("maxmemory_policy", "noeviction")
+            policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+            if policy not in SAFE_EVICTION_POLICIES:
+                raise ConfigurationError(
+                    f"Redis at {redact_url(self.conn.url)} has maxmemory-policy {policy!r}: it "
+                    "may evict KVaaS's reference counts, manifests or GC tombstones, and garbage "
+                    "collection would then delete chunks that caches still use. Set "
+                    "'maxmemory-policy noeviction' (with a maxmemory budget) on this server; "
+                    "idle chunks move to disk by the store's own demotion."
+                )
+        self.policy_checked = True
+        return "noeviction"
 
     async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         nbytes = sum(len(a) for a in args if isinstance(a, bytes | str))
@@ -326,40 +417,78 @@ class RedisRefIndex(RefIndex):
 
     # -- garbage collection ------------------------------------------------------------------
     async def _mark_slot(self, slot: str) -> None:
-        name = self.keys.gc_slots()
-        await self.conn.run(lambda c: c.sadd(name, slot))
+        await self._eval(self._mark, [self.keys.gc_slots()], [slot])  # works at maxmemory too
 
-    async def claim_garbage(self, *, grace_s: float, limit: int, lease_s: float) -> GarbageClaim:
-        token = new_claim_token()
+    async def claim_garbage(
+        self, *, grace_s: float, limit: int, lease_s: float, token: str | None = None
+    ) -> GarbageClaim:
+        """Claim up to ``limit`` candidates, fairly across tenants: slots are visited
+        round-robin from where the previous pass of this index stopped, each taking at most an
+        equal share of ``limit``, so a tenant with a large backlog cannot starve the others."""
+        token = token or new_claim_token()
         started = time.monotonic()
-        lease_ms = max(1, int(lease_s * 1000))
         gc_slots = self.keys.gc_slots()
         raw_slots = await self.conn.run(lambda c: c.smembers(gc_slots))
+        slots = sorted(
+            s
+            for s in ((r.decode() if isinstance(r, bytes) else str(r)) for r in raw_slots)
+            if len(s) == 2 * SLOT_BYTES
+        )
         claimed: list[ChunkKey] = []
-        for raw_slot in sorted(raw_slots):
-            if len(claimed) >= limit:
+        claimed_at = 0.0
+        if not slots or limit <= 0:
+            return GarbageClaim(token=token, keys=(), deadline=started + lease_s)
+        at = bisect.bisect_right(slots, self._gc_cursor)
+        order = slots[at:] + slots[:at]
+        share = max(1, -(-limit // len(order)))
+        for slot in order:
+            want = min(share, limit - len(claimed))
+            if want <= 0:
                 break
-            slot = raw_slot.decode() if isinstance(raw_slot, bytes) else str(raw_slot)
-            if len(slot) != 2 * SLOT_BYTES:
-                continue
+            self._gc_cursor = slot
             zname = self.keys.garbage(slot)
-            want = limit - len(claimed)
+            # a few more than wanted: candidates claimed by another live collector are skipped
             members: list[bytes] = await self.conn.run(
-                functools.partial(_zrange, name=zname, stop=want - 1)
+                functools.partial(_zrange, name=zname, stop=2 * want - 1)
             )
             if not members:
                 await self._forget_slot_if_empty(slot)
                 continue
             candidates = [ChunkKey(bytes.fromhex(m.decode())) for m in members]
-            keys = [
-                zname,
-                *(self.keys.refs(c) for c in candidates),
-                *(self.keys.tombstone(c) for c in candidates),
-            ]
-            args = [token, lease_ms, repr(float(grace_s)), *(c.hex() for c in candidates)]
-            reply = await self._eval(self._claim, keys, args)
-            claimed.extend(candidates[int(i) - 1] for i in reply)
-        return GarbageClaim(token=token, keys=tuple(claimed), deadline=started + lease_s)
+            names, args = self.claim_call(
+                slot, candidates, token, lease_s=lease_s, grace_s=grace_s, most=want
+            )
+            reply = await self._eval(self._claim, names, args)
+            claimed_at = max(claimed_at, float(reply[0]))
+            claimed.extend(candidates[int(i) - 1] for i in reply[1:])
+        return GarbageClaim(
+            token=token, keys=tuple(claimed), deadline=started + lease_s, claimed_at=claimed_at
+        )
+
+    def claim_call(
+        self,
+        slot: str,
+        candidates: Sequence[ChunkKey],
+        token: str,
+        *,
+        lease_s: float,
+        grace_s: float,
+        most: int | None = None,
+    ) -> tuple[list[str], list[Any]]:
+        """Key names and arguments of one claim script call on ``slot``'s ``candidates``."""
+        names = [
+            self.keys.garbage(slot),
+            *(self.keys.refs(c) for c in candidates),
+            *(self.keys.tombstone(c) for c in candidates),
+        ]
+        args: list[Any] = [
+            token,
+            max(1, int(lease_s * 1000)),
+            repr(float(grace_s)),
+            len(candidates) if most is None else most,
+            *(c.hex() for c in candidates),
+        ]
+        return names, args
 
     async def _forget_slot_if_empty(self, slot: str) -> None:
         gc_slots = self.keys.gc_slots()
@@ -369,9 +498,15 @@ class RedisRefIndex(RefIndex):
             await self._mark_slot(slot)
 
     async def finish_claim(self, claim: GarbageClaim) -> None:
-        for _slot, positions in group_by_slot(claim.keys).items():
-            keys = [self.keys.tombstone(claim.keys[i]) for i in positions]
-            await self._eval(self._finish, keys, [claim.token])
+        for slot, positions in group_by_slot(claim.keys).items():
+            chunks = [claim.keys[i] for i in positions]
+            names = [
+                self.keys.garbage(slot),
+                *(self.keys.refs(c) for c in chunks),
+                *(self.keys.tombstone(c) for c in chunks),
+            ]
+            args = [claim.token, repr(claim.claimed_at), *(c.hex() for c in chunks)]
+            await self._eval(self._finish, names, args)
 
     async def abandon_claim(self, claim: GarbageClaim) -> None:
         await self._requeue(claim.keys, claim.token)

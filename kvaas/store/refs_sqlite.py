@@ -4,12 +4,24 @@ Every mutation is one ``BEGIN IMMEDIATE`` transaction, so it is atomic with resp
 other process using the same file (SQLite's file locks); WAL mode lets readers proceed while a
 writer commits. Calls run in a worker thread (``asyncio.to_thread``) on one connection per
 index, serialized by a lock.
+
+A full disk: the index usually shares its filesystem with the disk tier, and releasing
+references (deleting a manifest, finishing a GC claim) is what frees that disk, so a release
+must still commit when the disk is full. A write that fails with ``SQLITE_FULL`` first
+checkpoints and truncates the write-ahead log and retries; the index also keeps a *reserve
+file* next to it (``<index>.reserve``, ``reserve_bytes``): a release that still fails deletes
+the reserve and retries once more (after a checkpoint, which the freed room lets run). Other
+writes (storing a manifest) do not touch the reserve and fail with
+:class:`~kvaas.store.errors.StorageFull`. :meth:`SqliteRefIndex.restore_reserve` (run by the
+store's maintenance) makes the reserve again once there is room.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import sqlite3
 import threading
@@ -18,7 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kvaas.store.errors import ManifestConflict, ManifestNotFound, StoreError
+from kvaas.store import metrics as store_metrics
+from kvaas.store.errors import ManifestConflict, ManifestNotFound, StorageFull, StoreError
 from kvaas.store.keys import ChunkKey
 from kvaas.store.manifest import Manifest
 from kvaas.store.policy import STORAGE_CLASSES, StorageClass
@@ -43,14 +56,25 @@ CREATE TABLE IF NOT EXISTS tombstones (
 ) WITHOUT ROWID;
 """
 _BATCH = 500  # keys per IN (...) query, under SQLite's variable limit
+log = logging.getLogger("kvaas.store")
+
+
+def _is_full(e: sqlite3.Error) -> bool:
+    """Whether ``e`` is SQLite's "database or disk is full" (``SQLITE_FULL``)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "disk is full" in str(e) or "No space" in str(e)
 
 
 class SqliteRefIndex(RefIndex):
     """Manifests and reference counts in the SQLite file ``path``."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, path: Path, *, busy_timeout_s: float = 30.0, reserve_bytes: int = 8 << 20
+    ) -> None:
         self.name = "index"
         self.path = Path(path)
+        self.reserve_bytes = reserve_bytes if str(self.path) != ":memory:" else 0
+        self.reserve_path = Path(f"{self.path}.reserve")
         if str(self.path) != ":memory:":  # readable by this user only: the file 0600 (and
             # so SQLite's -wal and -shm files, which take the database file's mode)
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -65,6 +89,7 @@ class SqliteRefIndex(RefIndex):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._make_reserve()
 
     # -- plumbing ----------------------------------------------------------------------------
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -77,20 +102,119 @@ class SqliteRefIndex(RefIndex):
 
         return await asyncio.to_thread(run)
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction (rolled back on any error)."""
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, release: bool = False) -> T:
+        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction (rolled back on any error). A full
+        disk raises :class:`StorageFull`; a ``release`` first gives up the reserve file and
+        retries once (see the module docstring)."""
 
         def tx(db: sqlite3.Connection) -> T:
             db.execute("BEGIN IMMEDIATE")
             try:
                 out = fn(db)
             except BaseException:
-                db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
             return out
 
-        return await self._call(tx)
+        def run() -> T:
+            with self._lock:
+                try:
+                    return tx(self._db)
+                except sqlite3.Error as e:
+                    if not _is_full(e):
+                        raise StoreError(f"chunk index {self.path}: {e}") from e
+                    first = e
+                if self._truncate_wal():  # the write-ahead log's file is the first room to free
+                    try:
+                        return tx(self._db)
+                    except sqlite3.Error as e:
+                        if not _is_full(e):
+                            raise StoreError(f"chunk index {self.path}: {e}") from e
+                if not (release and self._drop_reserve()):
+                    raise StorageFull(
+                        "index", f"chunk index {self.path}: the disk is full ({first})"
+                    ) from first
+                self._truncate_wal()  # with the reserve's room the checkpoint can run now
+                try:
+                    return tx(self._db)
+                except sqlite3.Error as e:
+                    if _is_full(e):
+                        raise StorageFull(
+                            "index",
+                            f"chunk index {self.path}: the disk is full even after giving up "
+                            f"the {self.reserve_bytes}-byte reserve ({e})",
+                        ) from e
+                    raise StoreError(f"chunk index {self.path}: {e}") from e
+
+        return await asyncio.to_thread(run)
+
+    # -- the reserve file --------------------------------------------------------------------
+    def _make_reserve(self) -> bool:
+        """Create the reserve file (blocks really allocated) unless it exists; False when there
+        is no room for it now."""
+        if self.reserve_bytes <= 0 or self.reserve_path.exists():
+            return True
+        tmp = Path(f"{self.reserve_path}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, self.reserve_bytes)
+                except (AttributeError, OSError) as e:
+                    if getattr(e, "errno", None) == errno.ENOSPC:
+                        raise
+                    block = b"\0" * (1 << 16)
+                    left = self.reserve_bytes
+                    while left > 0:
+                        left -= os.write(fd, block[: min(left, len(block))])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.reserve_path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return False
+        return True
+
+    def _truncate_wal(self) -> bool:
+        """Checkpoint the write-ahead log into the database and truncate its file (caller holds
+        the lock); True when the log is empty now."""
+        try:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            return False
+        return not busy
+
+    def _drop_reserve(self) -> bool:
+        """Delete the reserve file; True if there was one to free."""
+        try:
+            os.unlink(self.reserve_path)
+        except OSError:
+            return False
+        store_metrics.INDEX_RESERVE_RELEASED.inc()
+        log.warning(
+            "chunk index %s: the disk is full; gave up the %d-byte reserve so that releases "
+            "can commit",
+            self.path,
+            self.reserve_bytes,
+        )
+        return True
+
+    async def restore_reserve(self) -> bool:
+        """Checkpoint and truncate the write-ahead log, then make the reserve file again if it
+        was given up and there is room; True when it is in place."""
+        if str(self.path) == ":memory:":
+            return True
+
+        def run() -> bool:
+            with self._lock:
+                self._truncate_wal()
+                return self._make_reserve()
+
+        return await asyncio.to_thread(run)
 
     @staticmethod
     def _in(db: sqlite3.Connection, sql: str, keys: Sequence[bytes]) -> list[tuple[Any, ...]]:
@@ -171,7 +295,7 @@ class SqliteRefIndex(RefIndex):
             self._release(db, m.chunk_keys, m.storage_class)
             return m
 
-        return await self._write(tx)
+        return await self._write(tx, release=True)
 
     def _release(
         self, db: sqlite3.Connection, keys: Sequence[ChunkKey], storage_class: StorageClass
@@ -245,47 +369,60 @@ class SqliteRefIndex(RefIndex):
         return [k in stoned for k in keys]
 
     # -- garbage collection ------------------------------------------------------------------
-    async def claim_garbage(self, *, grace_s: float, limit: int, lease_s: float) -> GarbageClaim:
-        token = new_claim_token()
+    async def claim_garbage(
+        self, *, grace_s: float, limit: int, lease_s: float, token: str | None = None
+    ) -> GarbageClaim:
+        """Claim the oldest candidates first (first unreferenced, first collected: no tenant
+        waits behind a later one). Candidates stay recorded until :meth:`finish_claim`;
+        candidates tombstoned by another live claim are skipped, those of ``token`` answered
+        again (idempotent)."""
+        token = token or new_claim_token()
         started = time.monotonic()
+        now = time.time()
 
         def tx(db: sqlite3.Connection) -> list[ChunkKey]:
-            now = time.time()
             db.execute("DELETE FROM tombstones WHERE expires <= ?", (now,))
             rows = db.execute(
-                "SELECT key FROM garbage WHERE since <= ? ORDER BY since LIMIT ?",
-                (now - grace_s, limit),
+                "SELECT g.key FROM garbage g LEFT JOIN tombstones t ON t.key = g.key "
+                "WHERE g.since <= ? AND (t.key IS NULL OR t.token = ?) ORDER BY g.since LIMIT ?",
+                (now - grace_s, token, limit),
             ).fetchall()
             candidates = [ChunkKey(bytes(r[0])) for r in rows]
             if not candidates:
                 return []
-            db.executemany("DELETE FROM garbage WHERE key=?", [(k,) for k in candidates])
             referenced = {
                 bytes(r[0])
                 for r in self._in(db, "SELECT key FROM refs WHERE key IN ({marks})", candidates)
             }
+            db.executemany("DELETE FROM garbage WHERE key=?", [(k,) for k in referenced])
             claimed = [k for k in candidates if k not in referenced]
             db.executemany(
                 "INSERT INTO tombstones (key, token, expires) VALUES (?,?,?) "
-                "ON CONFLICT (key) DO UPDATE SET token=excluded.token, expires=excluded.expires",
+                "ON CONFLICT (key) DO NOTHING",
                 [(k, token, now + lease_s) for k in claimed],
             )
             return claimed
 
-        keys = await self._write(tx)
-        return GarbageClaim(token=token, keys=tuple(keys), deadline=started + lease_s)
+        keys = await self._write(tx, release=True)
+        return GarbageClaim(
+            token=token, keys=tuple(keys), deadline=started + lease_s, claimed_at=now
+        )
 
     async def finish_claim(self, claim: GarbageClaim) -> None:
         if not claim.keys:
             return
 
         def tx(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "DELETE FROM tombstones WHERE key=? AND token=?",
-                [(k, claim.token) for k in claim.keys],
-            )
+            for k in claim.keys:
+                cur = db.execute("DELETE FROM tombstones WHERE key=? AND token=?", (k, claim.token))
+                if cur.rowcount:  # still ours: the candidate goes unless released again
+                    db.execute(
+                        "DELETE FROM garbage WHERE key=? AND since <= ? "
+                        "AND NOT EXISTS (SELECT 1 FROM refs WHERE refs.key = garbage.key)",
+                        (k, claim.claimed_at),
+                    )
 
-        await self._write(tx)
+        await self._write(tx, release=True)
 
     async def abandon_claim(self, claim: GarbageClaim) -> None:
         if claim.keys:
@@ -314,7 +451,7 @@ class SqliteRefIndex(RefIndex):
             )
             return db.total_changes - before
 
-        return await self._write(tx)
+        return await self._write(tx, release=True)
 
     async def health(self) -> TierHealth:
         try:

@@ -74,6 +74,7 @@ from kvaas.store.policy import (
     check_storage_class,
     resolve_placement,
 )
+from kvaas.store.presence import ChunkPresence, TierMoves, bytes_by_tier, lost_chunks
 from kvaas.store.refs import GCResult, RefCounts, RefIndex
 from kvaas.store.tier import Blob, Tier, TierHealth
 
@@ -134,15 +135,20 @@ class TieredStore:
         self._index = {t.name: i for i, t in enumerate(self.tiers)}
         self._locks: dict[str, asyncio.Lock] = {}
         self._opened = False
+        self.moves = TierMoves()
+        """Tenants whose chunks moved between billed tiers (drained by storage billing)."""
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def open(self) -> None:
-        """Open every tier and seed the eviction policy with what bounded tiers already hold."""
+        """Open every tier, seed the eviction policy with what bounded tiers already hold, and
+        open the index (which refuses a Redis whose eviction policy could drop index keys:
+        :class:`~kvaas.store.errors.ConfigurationError`)."""
         for tier in self.tiers:
             entries = await tier.open()
             if tier.capacity is not None:
                 self.policy.load(tier.name, entries)
             m.TIER_UP.labels(tier.name).set(1)
+        await self.refs.open()
         self._opened = True
 
     async def close(self) -> None:
@@ -389,6 +395,7 @@ class TieredStore:
             m.PROMOTIONS.labels(tier.name).inc(len(items))
             if tier.shared:
                 copied.extend(k for k, _ in items)
+        self.moves.record(copied)
         await self._requeue(copied)
 
     async def _requeue(self, keys: Sequence[ChunkKey]) -> None:
@@ -439,6 +446,7 @@ class TieredStore:
                 if not placement.overflow_to_lower:
                     raise
                 total += await self._overflow(tier, items, {t.name for t in targets}, e)
+                self.moves.record([k for k, _ in items])  # spilled: billed on a lower tier
             stored += 1
         if not stored and cache_error is not None:
             raise cache_error
@@ -479,7 +487,27 @@ class TieredStore:
                 await self._make_room(tier, over, protect=set(keys))
             # every item goes to the tier, which skips what it holds: for a shared directory it
             # checks the files themselves (another process may have deleted a listed chunk)
-            added = await self._call(tier, "put", tier.put_many(list(unique.items())))
+            try:
+                added = await self._call(tier, "put", tier.put_many(list(unique.items())))
+            except StorageFull as e:
+                # the filesystem (or another process sharing the directory) is fuller than
+                # this process's budget says: free room for the whole batch, then retry once
+                m.FULL_RETRIES.labels(tier.name).inc()
+                try:
+                    await self._make_room(tier, max(need, 1), protect=set(keys))
+                except StorageFull as none:
+                    raise StorageFull(
+                        tier.name, f"{none.message} (the write failed first: {e.message})"
+                    ) from e
+                try:
+                    added = await self._call(tier, "put", tier.put_many(list(unique.items())))
+                except StorageFull as again:
+                    raise StorageFull(
+                        tier.name,
+                        f"tier {tier.name!r} is full: {again.message} (after freeing "
+                        f"{max(need, 1)} bytes of unreferenced or demotable chunks; first "
+                        f"error: {e.message})",
+                    ) from again
             for k, b in unique.items():
                 self.policy.on_store(tier.name, k, len(b))
             m.BYTES_USED.labels(tier.name).set(await tier.bytes_used())
@@ -553,6 +581,8 @@ class TieredStore:
             except StoreError:
                 continue
             m.DEMOTIONS.labels(tier.name).inc(len(items))
+            if tier.shared:
+                self.moves.record([k for k, _ in items])
             await self._requeue([k for k, _ in items])
             return [k for k, _ in items] + missing
         return missing
@@ -618,6 +648,7 @@ class TieredStore:
                 continue
             for tier in targets:
                 await self._store_in(tier, items)
+            self.moves.record([k for k, _ in items])
             await self._requeue([k for k, _ in items])
             batch_counts = counts[start : start + MOVE_BATCH]
             per_tier: dict[str, list[ChunkKey]] = {}
@@ -641,6 +672,17 @@ class TieredStore:
         target = self.placement[cls].idle_demote_to
         return {target} if target is not None and target in self._index else set()
 
+    async def lost_chunks(self, manifest: Manifest) -> ChunkPresence:
+        """Which of ``manifest``'s chunks are gone from every tier (``.lost``: some are, and
+        every tier answered; see :func:`kvaas.store.presence.lost_chunks`). A cache whose
+        manifest reports ``lost`` can never be loaded whole again."""
+        return await lost_chunks(self, manifest)
+
+    async def bytes_by_tier(self, keys: Iterable[ChunkKey]) -> dict[str, int]:
+        """Bytes of the distinct ``keys`` per billed tier (the highest shared tier holding each;
+        see :func:`kvaas.store.presence.bytes_by_tier`)."""
+        return await bytes_by_tier(self, keys)
+
     # -- maintenance -------------------------------------------------------------------------
     async def collect_garbage(
         self, *, grace_s: float = 0.0, limit: int = 1000, lease_s: float = 60.0
@@ -648,35 +690,41 @@ class TieredStore:
         """Delete up to ``limit`` chunks unreferenced for at least ``grace_s`` from every tier.
 
         Safe while writers run (see :mod:`kvaas.store.refs`): only claimed chunks are deleted,
-        and only while the claim's lease lasts. If a tier cannot be cleaned or the lease runs
-        out, the claim is abandoned and the chunks stay candidates for a later pass.
+        and only while the claim's lease lasts. The claim is finished only once every tier is
+        clean; otherwise (a tier cannot be cleaned, the lease ran out, an error, a cancellation)
+        it is abandoned in a ``finally`` and the chunks stay candidates for a later pass. Even a
+        collector killed outright orphans nothing: candidates leave the index only on finish.
         """
         claim = await self.refs.claim_garbage(grace_s=grace_s, limit=limit, lease_s=lease_s)
         result = GCResult(claimed=len(claim.keys))
         if not claim.keys:
             return result
         keys = list(claim.keys)
-        complete = True
-        for tier in self.tiers:
-            if claim.expired:
-                result.lease_expired = True
-                complete = False
-                break
-            try:
-                n = await self._call(tier, "delete", tier.delete_many(keys))
-            except StoreError:
-                result.skipped_tiers.append(tier.name)
-                complete = False
-                continue
-            result.deleted_per_tier[tier.name] = n
-            if tier.capacity is not None:
-                self.policy.on_remove_many(tier.name, keys)
-        if complete:
-            await self.refs.finish_claim(claim)
-            m.GC_DELETED.inc(len(keys))
-        else:
-            with contextlib.suppress(StoreError):  # else the tombstones expire with the lease
-                await self.refs.abandon_claim(claim)
+        finished = False
+        try:
+            complete = True
+            for tier in self.tiers:
+                if claim.expired:
+                    result.lease_expired = True
+                    complete = False
+                    break
+                try:
+                    n = await self._call(tier, "delete", tier.delete_many(keys))
+                except StoreError:
+                    result.skipped_tiers.append(tier.name)
+                    complete = False
+                    continue
+                result.deleted_per_tier[tier.name] = n
+                if tier.capacity is not None:
+                    self.policy.on_remove_many(tier.name, keys)
+            if complete:
+                await self.refs.finish_claim(claim)
+                finished = True
+                m.GC_DELETED.inc(len(keys))
+        finally:
+            if not finished:  # else the tombstones expire with the lease
+                with contextlib.suppress(StoreError):
+                    await asyncio.shield(self.refs.abandon_claim(claim))
         return result
 
     async def demote_idle(self, idle_s: float) -> int:
@@ -740,6 +788,7 @@ class TieredStore:
         if src.capacity is not None:
             self.policy.on_remove_many(src.name, done)
         m.DEMOTIONS.labels(src.name).inc(len(done))
+        self.moves.record(done)
         return len(done)
 
     async def usage(self) -> dict[str, int]:

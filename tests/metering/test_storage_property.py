@@ -18,7 +18,7 @@ HORIZON = 400  # seconds of timeline; periods cut it at random boundaries
 class Op:
     cache: int
     at: int
-    kind: str  # create | extend | class | delete | expire
+    kind: str  # create | extend | vdelete (a version deleted: smaller) | class | delete | expire
     tokens: int
     cls: str
 
@@ -28,7 +28,7 @@ ops = st.lists(
         Op,
         cache=st.integers(0, 3),
         at=st.integers(0, HORIZON),
-        kind=st.sampled_from(["create", "extend", "class", "delete", "expire"]),
+        kind=st.sampled_from(["create", "extend", "vdelete", "class", "delete", "expire"]),
         tokens=st.integers(1, 5000),
         cls=st.sampled_from(CLASSES),
     ),
@@ -48,6 +48,9 @@ def to_changes(timeline: list[Op]) -> tuple[list[Change], dict[str, int]]:
             new = CacheState(op.tokens, op.cls, (("redis", op.tokens * 3),))
         elif op.kind == "extend" and state is not None:
             new = CacheState(state.tokens + op.tokens, state.storage_class, state.bytes_by_tier)
+        elif op.kind == "vdelete" and state is not None and state.tokens > op.tokens:
+            # the latest version deleted: the cache shrinks back (a ``resized`` event)
+            new = CacheState(state.tokens - op.tokens, state.storage_class, state.bytes_by_tier)
         elif op.kind == "class" and state is not None:
             new = CacheState(state.tokens, op.cls, state.bytes_by_tier)
         elif op.kind in ("delete", "expire") and state is not None:

@@ -102,8 +102,9 @@ def test_engine_command_starts_as_printed(tmp_path: Path) -> None:
     )
     assert node_env["KVAAS_REDIS_URL"] == REDIS_URL
     assert node_env["VLLM_API_KEY"] == API_KEY
-    assert argv[:3] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+    assert argv[:3] == ["-m", "kvaas.engine.node", "--model"]
     assert argv[argv.index("--port") + 1] == "8123"
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(1024**3)  # the 1 GiB default
     assert all(PASSWORD not in a and API_KEY not in a for a in argv)
     extra = _transfer_config(argv)["kv_connector_extra_config"]
     assert extra["store"]["redis_url"] is None and extra["redis_url_env"] == "KVAAS_REDIS_URL"
@@ -118,6 +119,8 @@ def _fake_node(seen: list[tuple[str, str | None]]) -> Starlette:
         seen.append((request.url.path, auth))
         if request.url.path.startswith("/v1") and auth != f"Bearer {API_KEY}":
             return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        if request.url.path == "/kvaas/fingerprint":
+            return JSONResponse({"fingerprint": "tiny-fp"})
         if request.url.path == "/v1/models":
             return JSONResponse({"data": [{"id": "tiny", "max_model_len": 1234}]})
         if request.url.path == "/v1/completions":
@@ -125,13 +128,13 @@ def _fake_node(seen: list[tuple[str, str | None]]) -> Starlette:
             return JSONResponse({"choices": [choice], "usage": {"prompt_tokens": 3}})
         return JSONResponse({})
 
-    paths = ["/health", "/v1/models", "/v1/completions"]
+    paths = ["/health", "/kvaas/fingerprint", "/v1/models", "/v1/completions"]
     return Starlette(routes=[Route(p, handle, methods=["GET", "POST"]) for p in paths])
 
 
 async def test_remote_engine_sends_the_key_on_every_request() -> None:
     seen: list[tuple[str, str | None]] = []
-    model = cast(Any, SimpleNamespace(name="tiny"))
+    model = cast(Any, SimpleNamespace(name="tiny", fingerprint="tiny-fp"))
     async with serve(_fake_node(seen)) as url:
         engine = RemoteEngine(model, [url], api_key=API_KEY)
         try:
@@ -142,7 +145,8 @@ async def test_remote_engine_sends_the_key_on_every_request() -> None:
             assert g.token_ids == [5]
         finally:
             await engine.shutdown()
-        assert {p for p, _ in seen} == {"/v1/models", "/health", "/v1/completions"}
+        paths = {"/v1/models", "/health", "/kvaas/fingerprint", "/v1/completions"}
+        assert {p for p, _ in seen} == paths
         assert all(auth == f"Bearer {API_KEY}" for _, auth in seen)
 
         seen.clear()

@@ -160,7 +160,8 @@ async def test_hung_redis_times_out_with_a_typed_error(
             breaker=held_breaker(clock),
         )
         store = make_store(memory=1 << 20, conn=conn)
-        await store.open()
+        await store.open()  # its eviction-policy check times out too, and is deferred
+        conn.breaker = held_breaker(clock)  # closed again: the write below meets the server
         chunks = tenant.chunks(2)
         await store.tier("disk").put_many(chunks)
         with pytest.raises(TierUnavailable) as e:

@@ -2,6 +2,11 @@
 the store instead of computing it; streaming too. The attach's tokens are metered, and the hit
 recorded, in :meth:`AttachOps._record_hit` (one transaction), once per request id.
 
+No database connection is held while the engine runs: the lookup's transaction ends before
+generation starts, and the hit is recorded in a short transaction of its own afterwards, so
+the number of concurrent attaches (streams included) is bounded by the engine and the gate,
+not by the database pool. An engine failure is ``503 engine_unavailable``.
+
 The engine runs while the request holds a slot of the service's gate (its tenant's turn); a
 stream holds it until it ends or its client goes, and is metered then with the tokens
 produced so far (:func:`kvaas.services.streams.metered`)."""
@@ -20,7 +25,7 @@ from kvaas.connector.params import TransferPlan
 from kvaas.db.base import utcnow
 from kvaas.db.models import Cache, Tenant
 from kvaas.engine import EngineError, Generation, Sampling
-from kvaas.errors import Conflict, ServiceUnavailable
+from kvaas.errors import Conflict, EngineUnavailable
 from kvaas.metering import hooks as metering
 from kvaas.services.caches.core import CacheCore
 from kvaas.services.caches.identity import bytes_to_tokens
@@ -126,11 +131,12 @@ class AttachOps(CacheCore):
         sampling, (cache, version, ids, plan, expected, available) = await self._prepare_attach(
             session, tenant, ref, prompt, sampling
         )
+        await session.commit()  # the lookup's transaction ends: no connection held meanwhile
         try:
             async with self.gate.slot(tenant.id):
                 gen = await self._engine().generate(ids, sampling, plan)
         except EngineError as e:
-            raise ServiceUnavailable(f"the engine failed: {e}") from e
+            raise _unavailable(e) from e
         out = AttachOutcome(gen, cache, len(ids), expected, available, version)
         if ref.require_hit and not out.hit:  # refused, but the engine's work is paid for
             await self._meter_attach(session, cache, out, rid)
@@ -161,6 +167,7 @@ class AttachOps(CacheCore):
         sampling, (cache, version, ids, plan, expected, available) = await self._prepare_attach(
             session, tenant, ref, prompt, sampling
         )
+        await session.commit()  # the lookup's transaction ends: no connection held meanwhile
         outcome = AttachOutcome(Generation(), cache, len(ids), expected, available, version)
 
         async def record() -> None:
@@ -176,7 +183,12 @@ class AttachOps(CacheCore):
         try:
             return outcome, await self.gate.stream(tenant.id, deltas)
         except EngineError as e:
-            raise ServiceUnavailable(f"the engine failed: {e}") from e
+            raise _unavailable(e) from e
+
+
+def _unavailable(error: EngineError) -> EngineUnavailable:
+    """The API error of an engine failure (its text names no node; ``detail`` does)."""
+    return EngineUnavailable(f"the engine failed: {error}", detail=error.detail)
 
 
 def _request_id() -> str:

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, and_, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.auth.tenancy import namespace_secret
@@ -24,13 +24,13 @@ from kvaas.codec.sizing import chunk_size, read_kv_shape
 from kvaas.config import Settings
 from kvaas.connector.params import TransferPlan
 from kvaas.db.base import utcnow
-from kvaas.db.models import Cache, CacheTag, CacheVersion, Tenant
+from kvaas.db.models import Cache, CacheTag, CacheVersion, StoreRelease, Tenant
 from kvaas.db.repositories import AuditRepository
 from kvaas.db.session import Database
 from kvaas.engine import Engine, EngineError, Sampling
 from kvaas.errors import APIError, BadRequest, Conflict, NotFound, ValidationFailed
 from kvaas.metering import hooks as metering
-from kvaas.services import listing, quotas
+from kvaas.services import listing, outbox, quotas
 from kvaas.services.caches.identity import PrefillJob, bytes_to_tokens, engine_salt, keys_for
 from kvaas.services.caches.records import NOT_FOUND, PURGED, TAG_NOT_FOUND, Progress
 from kvaas.services.fairness import FairGate
@@ -83,6 +83,8 @@ class CacheCore:
         self.engine = engine
         self.prompts = PromptPolicy(engine)
         self._jobs: dict[tuple[str, int], asyncio.Task[None]] = {}
+        #: versions this process is prefilling right now (background or not), with a count
+        self._running: dict[tuple[str, int], int] = {}
         self._quota_guard = quotas.Guard()
         self._master_keys: MasterKeys | None = None  # loaded (or generated) on first use
 
@@ -150,6 +152,10 @@ class CacheCore:
     def _slot(self, tenant: Tenant) -> str:
         return namespace_slot(self._namespace(tenant))
 
+    def slot_of(self, tenant: Tenant) -> str:
+        """The store slot the tenant's manifests are filed under."""
+        return self._slot(tenant)
+
     def _ttl(self, ttl: int | None, param: str = "ttl_seconds") -> timedelta:
         """A lifetime within the configured bounds (``param``: the field it came from)."""
         s = self.settings
@@ -177,8 +183,15 @@ class CacheCore:
         if cache is None or cache.tenant_id != tenant.id or cache.status in ("deleted", "expired"):
             raise NotFound(NOT_FOUND.format(id=cache_id), param="cache_id")
         if cache.expires_at <= utcnow():
-            await self._expire(session, tenant, cache)
-            raise NotFound(NOT_FOUND.format(id=cache_id), param="cache_id")
+            if await self._expire(session, tenant, cache) or cache.status not in (
+                "pending",
+                "ready",
+                "failed",
+            ):
+                raise NotFound(NOT_FOUND.format(id=cache_id), param="cache_id")
+            await session.refresh(cache)  # given a later expiry meanwhile
+            if cache.status in ("deleted", "expired") or cache.expires_at <= utcnow():
+                raise NotFound(NOT_FOUND.format(id=cache_id), param="cache_id")
         return cache
 
     async def resolve(
@@ -315,83 +328,123 @@ class CacheCore:
         self, session: AsyncSession, job: PrefillJob, error: BaseException | str
     ) -> str:
         """Transition: the prefill of ``job.version`` failed. A failed create fails the cache;
-        a failed extend leaves the cache at its previous version. The version's manifest is
-        released first: a version seen ``failed`` holds no chunks.
+        a failed extend leaves the cache at its previous version. The version's release
+        (its manifest, and the chunks the prefill wrote) is recorded in the same transaction
+        and carried out after the commit (or by the outbox's drain).
+
+        Conditional: only a version still ``pending`` becomes ``failed`` (and only a cache
+        still ``pending`` fails with its version 1); one deleted meanwhile stays deleted.
 
         ``error``: a reason meant for the tenant, or the exception that failed the prefill.
         The tenant's ``failure_reason`` is :func:`describe_failure`'s public text; what the
         exception says of the platform's internals goes to the log and to the admin API's
         audit log (action ``cache.prefill_failed``). Returns the public text."""
         reason, detail = describe_failure(error)
-        await self._release(job.slot, job.cache_id, [job.version], job.keys)
-        cache = await session.get(Cache, job.cache_id, populate_existing=True, with_for_update=True)
-        row = await session.get(CacheVersion, (job.cache_id, job.version), populate_existing=True)
-        if row is not None and row.status == "pending":
-            row.status = "failed"
-            row.failure_reason = reason
-            row.token_ids = PURGED
-        if cache is not None:
-            if job.version == 1 and cache.status == "pending":
-                cache.status = "failed"
-                cache.failure_reason = reason
-                cache.token_ids = PURGED
-            cache.reserved_tokens = 0
-            cache.reserved_bytes = 0
+        failed = await session.execute(
+            update(CacheVersion)
+            .where(
+                CacheVersion.cache_id == job.cache_id,
+                CacheVersion.version == job.version,
+                CacheVersion.status == "pending",
+            )
+            .values(status="failed", failure_reason=reason, token_ids=PURGED, lease_expires_at=None)
+        )
+        if _rows(failed):
+            if job.version == 1:
+                await session.execute(
+                    update(Cache)
+                    .where(Cache.id == job.cache_id, Cache.status == "pending")
+                    .values(status="failed", failure_reason=reason, token_ids=PURGED)
+                )
+            await session.execute(
+                update(Cache)
+                .where(Cache.id == job.cache_id)
+                .values(reserved_tokens=0, reserved_bytes=0)
+            )
+        rows = outbox.queue_release(
+            session, job.slot, job.cache_id, [job.version], "failed", job.keys
+        )
         if detail is not None:
             log.warning("prefill of %s v%d failed: %s", job.cache_id, job.version, detail)
+            tenant_id = (
+                await session.execute(select(Cache.tenant_id).where(Cache.id == job.cache_id))
+            ).scalar()
             await AuditRepository(session).record(
                 actor="kvaas",
                 action="cache.prefill_failed",
                 target_type="cache",
                 target_id=job.cache_id,
-                tenant_id=cache.tenant_id if cache is not None else None,
+                tenant_id=tenant_id,
                 details={"version": job.version, "reason": reason, "detail": detail[:2000]},
             )
         await session.commit()
+        await self._settle(session, rows)
         return reason
 
-    async def _release(
-        self,
-        slot: str,
-        cache_id: str,
-        versions: Sequence[int] | None = None,
-        written: Sequence[ChunkKey] = (),
-    ) -> None:
-        """Release the manifests of ``versions`` (default: every stored one) so garbage
-        collection can take the chunks no other manifest references. ``written``: chunks a
-        prefill may have written after a concurrent release; they are queued for collection
-        too."""
-        # known gap: on a store outage the manifests (and so their chunks) stay referenced
-        with contextlib.suppress(StoreError):
-            if versions is None:
-                versions = await self.store.list_versions(slot, cache_id)
-            for v in versions:
-                await self.store.delete_manifest(slot, cache_id, v)
-            if written:
-                await self.store.refs.requeue_unreferenced(list(written))
+    async def _settle(self, session: AsyncSession, rows: Sequence[StoreRelease]) -> None:
+        """Carry out releases just committed to the outbox (``rows``), now, best effort: each
+        one the store confirms leaves the outbox; on a store error the rest stay for the
+        outbox's drain (with its back-off)."""
+        done: list[int] = []
+        try:
+            for row in rows:
+                await outbox.release_now(self.store, row)
+                done.append(row.id)
+        except StoreError as e:
+            log.info("release of %s deferred to the outbox: %s", rows[0].cache_id, e)
+        finally:
+            if done:
+                with contextlib.suppress(Exception):  # a later drain releases them again
+                    await session.execute(delete(StoreRelease).where(StoreRelease.id.in_(done)))
+                    await session.commit()
 
-    async def _expire(self, session: AsyncSession, tenant: Tenant, cache: Cache) -> None:
-        """Transition: the cache passed ``expires_at``."""
-        await self._retire(session, cache, "expired", utcnow())
+    async def _expire(self, session: AsyncSession, tenant: Tenant, cache: Cache) -> bool:
+        """Transition: the cache passed ``expires_at``. Conditional: a cache deleted, or given
+        a later ``expires_at``, meanwhile is left alone (``False``)."""
+        now = utcnow()
+        rows = await self._retire(session, tenant, cache, "expired", now)
+        if rows is None:
+            await session.commit()
+            return False
         await session.commit()
-        await self._release(self._slot(tenant), cache.id)
+        await self._settle(session, rows)
+        return True
 
     async def _retire(
-        self, session: AsyncSession, cache: Cache, status: str, now: datetime
-    ) -> None:
-        """The database side of deletion and expiry (the caller commits). The prompt's token
-        ids are purged from the cache and its versions; counts and hashes stay for billing and
-        audit."""
-        cache.status = status
-        cache.token_ids = PURGED
-        cache.reserved_tokens = 0
-        cache.reserved_bytes = 0
-        cache.updated_at = now
+        self, session: AsyncSession, tenant: Tenant, cache: Cache, status: str, now: datetime
+    ) -> list[StoreRelease] | None:
+        """The database side of deletion and expiry (the caller commits), conditional on the
+        cache being live (for an expiry: and past ``expires_at``): ``None`` when it is not
+        (nothing written). The prompt's token ids are purged from the cache and its versions;
+        counts and hashes stay for billing and audit. The release of every stored version
+        (a pending one's included) is recorded in the outbox; returns those rows."""
+        cond: ColumnElement[bool] = Cache.status.in_(
+            ("pending", "ready", "failed") if status == "deleted" else ("pending", "ready")
+        )
+        if status == "expired":
+            cond = and_(cond, Cache.expires_at <= now)
+        values: dict[str, object] = dict(
+            status=status, token_ids=PURGED, reserved_tokens=0, reserved_bytes=0, updated_at=now
+        )
+        if status == "deleted":
+            values["deleted_at"] = now
+        res = await session.execute(
+            update(Cache).where(Cache.id == cache.id, cond).values(**values)
+        )
+        if not _rows(res):
+            return None
+        await session.refresh(cache)
         await session.execute(
             update(CacheVersion)
             .where(CacheVersion.cache_id == cache.id, CacheVersion.status != "deleted")
-            .values(status="deleted", deleted_at=now, token_ids=PURGED)
+            .values(status="deleted", deleted_at=now, token_ids=PURGED, lease_expires_at=None)
         )
         await session.execute(delete(CacheTag).where(CacheTag.cache_id == cache.id))
         # storage is metered until the deletion, or until ``expires_at`` for an expiry
         await metering.on_cache_ended(session, cache, status, now if status == "deleted" else None)
+        return outbox.queue_release(session, self._slot(tenant), cache.id, None, status)
+
+
+def _rows(result: object) -> int:
+    """Rows an ``UPDATE``/``DELETE`` matched."""
+    return int(getattr(result, "rowcount", 0) or 0)

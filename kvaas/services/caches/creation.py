@@ -14,18 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.billing.budget import check_create_allowed
+from kvaas.db import claims
 from kvaas.db.base import utcnow
 from kvaas.db.models import Cache, CacheVersion, Tenant
-from kvaas.engine import EngineError, Generation, Sampling
+from kvaas.engine import Engine, EngineError, Generation, Sampling
 from kvaas.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from kvaas.metering import hooks as metering
-from kvaas.services import quotas
-from kvaas.services.caches.core import CacheCore
+from kvaas.services import outbox, quotas
+from kvaas.services.caches.core import CacheCore, _rows
 from kvaas.services.caches.identity import (
     PrefillJob,
     bytes_to_tokens,
@@ -129,8 +132,11 @@ class CreateOps(CacheCore):
                     chunks=cache.tokens // cache.chunk_tokens,
                     stored_bytes=0,
                     created_at=cache.created_at,
+                    lease_expires_at=self._lease_until(),
                 )
             )
+            # the request's Idempotency-Key names the cache in the transaction that makes it
+            await claims.record_resource(session, tenant.id, cache.id)
             await session.commit()
 
     async def extend(
@@ -152,9 +158,8 @@ class CreateOps(CacheCore):
             skip = await self.store.longest_prefix(keys[:n_base]) if n_base else 0
         except StoreError:
             skip = 0
-        reserve_bytes = self._reserve_bytes(
-            cache.scheme, cache.chunk_tokens, len(keys) - n_base
-        )
+        reserve_bytes = self._reserve_bytes(cache.scheme, cache.chunk_tokens, len(keys) - n_base)
+        await check_create_allowed(session, tenant, self.settings)  # the budget, as a create
         version = await self._begin_extend(session, tenant, cache, ids, len(new), reserve_bytes)
         job = self._job(tenant, cache, version, ids, keys, skip)
         gen = await self._prefill(session, job, tenant.id)
@@ -206,6 +211,7 @@ class CreateOps(CacheCore):
                     chunks=len(ids) // cache.chunk_tokens,
                     stored_bytes=0,
                     created_at=utcnow(),
+                    lease_expires_at=self._lease_until(),
                 )
             )
             cache.reserved_tokens = new_tokens
@@ -218,6 +224,12 @@ class CreateOps(CacheCore):
         check the chunks and complete the version; on failure mark it failed and raise 503
         (429 when the gate refused the prefill)."""
         eng = self._engine()
+        with self._prefilling(job):
+            return await self._run_prefill(session, job, tenant_id, eng)
+
+    async def _run_prefill(
+        self, session: AsyncSession, job: PrefillJob, tenant_id: str, eng: Engine
+    ) -> Generation:
         try:
             await self.store.put_manifest(job.manifest())
             once = Sampling(max_tokens=1, temperature=0.0, cache_salt=job.salt)
@@ -244,25 +256,50 @@ class CreateOps(CacheCore):
     ) -> None:
         """Transition: version ``job.version`` is stored and ``ready`` (a create when it is
         version 1, else an extend); it becomes the cache's latest version and the reservation
-        is replaced by the bytes stored. If the cache or version was deleted (or expired)
-        meanwhile, its manifest is released instead (404)."""
-        # the cache row is locked (PostgreSQL) until the commit: a concurrent delete either
-        # happened before (this version is released here) or sees the version ready
-        cache = await session.get(Cache, job.cache_id, populate_existing=True, with_for_update=True)
+        is replaced by the bytes stored. If the cache or version was deleted (or expired, or
+        failed) meanwhile, its release is recorded instead (404).
+
+        Conditional, and no lock is held across store I/O: the bytes of the cache's ready
+        versions are measured first; then one transaction takes the cache row
+        (``UPDATE ... WHERE status IN ('pending', 'ready')``: PostgreSQL's row lock, SQLite's
+        write lock), turns the version ``ready`` only if it is still ``pending``, and measures
+        again (under the lock, rarely) if the ready versions changed meanwhile."""
+        ready = await self._ready_versions(session, job.cache_id)
+        cache = await session.get(Cache, job.cache_id, populate_existing=True)
         row = await session.get(CacheVersion, (job.cache_id, job.version), populate_existing=True)
-        if (
-            cache is None
-            or row is None
-            or row.status != "pending"
-            or cache.status not in ("pending", "ready")
-        ):
+        await session.commit()  # end the read: nothing is held while the store is asked
+        done = 0
+        if cache is not None and row is not None:
+            total = await self._unique_bytes(job.namespace, cache, [*ready, row])
+            taken = await session.execute(
+                update(Cache)
+                .where(Cache.id == job.cache_id, Cache.status.in_(("pending", "ready")))
+                .values(updated_at=utcnow())
+            )
+            done = _rows(taken) and _rows(
+                await session.execute(
+                    update(CacheVersion)
+                    .where(
+                        CacheVersion.cache_id == job.cache_id,
+                        CacheVersion.version == job.version,
+                        CacheVersion.status == "pending",
+                    )
+                    .values(status="ready", stored_bytes=stored_bytes, lease_expires_at=None)
+                )
+            )
+        if not done or cache is None or row is None:
+            rows = outbox.queue_release(
+                session, job.slot, job.cache_id, [job.version], "deleted", job.keys
+            )
             await session.commit()
-            await self._release(job.slot, job.cache_id, [job.version], job.keys)
+            await self._settle(session, rows)
             raise NotFound(NOT_FOUND.format(id=job.cache_id), param="cache_id")
-        row.status = "ready"
-        row.stored_bytes = stored_bytes
-        ready = [*await self._ready_versions(session, cache.id), row]
-        cache.stored_bytes = await self._unique_bytes(job.namespace, cache, ready)
+        now_ready = await self._ready_versions(session, job.cache_id)
+        if [v.version for v in now_ready] != sorted([*(v.version for v in ready), job.version]):
+            total = await self._unique_bytes(job.namespace, cache, now_ready)
+        await session.refresh(row)
+        await session.refresh(cache)
+        cache.stored_bytes = total
         cache.status = "ready"
         cache.version = job.version
         cache.tokens = row.tokens
@@ -308,6 +345,40 @@ class CreateOps(CacheCore):
             with contextlib.suppress(Exception):
                 async with self.db.session() as session:
                     await self._fail(session, job, e)
+
+    def _lease_until(self) -> datetime:
+        return utcnow() + timedelta(seconds=self.settings.prefill_lease_seconds)
+
+    @contextlib.contextmanager
+    def _prefilling(self, job: PrefillJob) -> Iterator[None]:
+        """While the block runs, ``job``'s version is this process's: its lease is renewed."""
+        key = (job.cache_id, job.version)
+        self._running[key] = self._running.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._running[key] -= 1
+            if not self._running[key]:
+                del self._running[key]
+
+    async def renew_leases(self, session: AsyncSession) -> int:
+        """Renew the leases of the pending versions this process is prefilling (the
+        maintenance loop calls it); return how many were renewed."""
+        keys = list(self._running)
+        n = 0
+        for start in range(0, len(keys), 200):
+            batch = keys[start : start + 200]
+            res = await session.execute(
+                update(CacheVersion)
+                .where(
+                    tuple_(CacheVersion.cache_id, CacheVersion.version).in_(batch),
+                    CacheVersion.status == "pending",
+                )
+                .values(lease_expires_at=self._lease_until())
+            )
+            n += _rows(res)
+        await session.commit()
+        return n
 
     @property
     def running_jobs(self) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.db.base import utcnow
@@ -20,9 +20,11 @@ from kvaas.db.models import Cache, CacheTag, CacheVersion, Tenant
 from kvaas.db.upsert import upsert
 from kvaas.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from kvaas.metering import hooks as metering
-from kvaas.services import listing
-from kvaas.services.caches.core import CacheCore
+from kvaas.services import listing, outbox
+from kvaas.services.caches.core import CacheCore, _rows
+from kvaas.services.caches.identity import bytes_to_tokens
 from kvaas.services.caches.records import (
+    NOT_FOUND,
     PURGED,
     STALE_PENDING,
     STALE_REASON,
@@ -99,11 +101,32 @@ class LifecycleOps(CacheCore):
         except StoreError as e:
             raise ServiceUnavailable(f"the cache could not be moved: {e.public_message}") from e
         old = cache.storage_class
-        cache.storage_class = storage_class
-        cache.updated_at = utcnow()
-        await metering.on_storage_class_changed(
-            session, cache, old, storage_class, cache.updated_at
+        now = utcnow()
+        # conditional: still ready, still in the class it was moved from, no extend begun
+        res = await session.execute(
+            update(Cache)
+            .where(
+                Cache.id == cache.id,
+                Cache.status == "ready",
+                Cache.storage_class == old,
+                ~exists().where(
+                    CacheVersion.cache_id == cache.id, CacheVersion.status == "pending"
+                ),
+            )
+            .values(storage_class=storage_class, updated_at=now)
         )
+        if not _rows(res):
+            await session.commit()
+            await session.refresh(cache)
+            if cache.status in ("deleted", "expired"):
+                raise NotFound(NOT_FOUND.format(id=cache.id), param="cache_id")
+            raise Conflict(
+                f"cache {cache.id!r} changed while it was being moved (it is {cache.status}, "
+                f"class {cache.storage_class}); retry",
+                param="storage_class",
+            )
+        await session.refresh(cache)
+        await metering.on_storage_class_changed(session, cache, old, storage_class, now)
         await session.commit()
 
     async def delete(self, session: AsyncSession, tenant: Tenant, cache_id: str) -> Cache:
@@ -113,13 +136,15 @@ class LifecycleOps(CacheCore):
         return cache
 
     async def _delete(self, session: AsyncSession, tenant: Tenant, cache: Cache) -> None:
-        """Transition: the cache is deleted (a prefill still running releases its own
-        manifest when it finds out)."""
-        now = utcnow()
-        await self._retire(session, cache, "deleted", now)
-        cache.deleted_at = now
+        """Transition: the cache is deleted, conditionally (404 when it was deleted or expired
+        meanwhile). The release of every stored version, a pending one's included, is in the
+        outbox with the status change (a prefill still running also releases its own version
+        when it finds out)."""
+        rows = await self._retire(session, tenant, cache, "deleted", utcnow())
         await session.commit()
-        await self._release(self._slot(tenant), cache.id)
+        if rows is None:
+            raise NotFound(NOT_FOUND.format(id=cache.id), param="cache_id")
+        await self._settle(session, rows)
 
     async def delete_version(
         self, session: AsyncSession, tenant: Tenant, cache_id: str, version: int
@@ -138,7 +163,9 @@ class LifecycleOps(CacheCore):
                 "instead",
                 param="version",
             )
-        await self._delete_version(session, tenant, cache, row, rest)
+        await session.commit()  # nothing is held while the store is asked
+        stored = await self._unique_bytes(self._namespace(tenant), cache, rest) if rest else 0
+        await self._delete_version(session, tenant, cache, row, rest, stored)
         return cache, row
 
     async def _delete_version(
@@ -148,25 +175,65 @@ class LifecycleOps(CacheCore):
         cache: Cache,
         row: CacheVersion,
         rest: Sequence[CacheVersion],
+        stored: int,
     ) -> None:
         """Transition: one version deleted; the latest remaining ready version becomes the
-        cache's, and its stored bytes count the remaining versions' chunks."""
-        stored = await self._unique_bytes(self._namespace(tenant), cache, rest) if rest else 0
+        cache's, and its stored bytes (``stored``, measured for ``rest``) count the remaining
+        versions' chunks. When the cache's size changes, its storage is metered at the new
+        size from now on (a ``resized`` lifecycle event).
+
+        Conditional: the cache row is taken first (``UPDATE ... WHERE status = 'ready'``; 404
+        when it is gone), then the version (``WHERE status IN ('ready', 'failed')``; 404 when
+        deleted meanwhile). The cache's fields come from the ready versions read under that
+        lock; if they are no longer ``rest`` (an extend completed, another version was
+        deleted), the bytes are measured again under the lock (rare)."""
         now = utcnow()
-        row.status = "deleted"
-        row.deleted_at = now
-        row.token_ids = PURGED
-        if rest:
-            latest = rest[-1]
-            cache.version = latest.version
-            cache.tokens = latest.tokens
-            cache.token_ids = latest.token_ids
-            cache.prefix_sha256 = latest.prefix_sha256
-            cache.stored_chunks = latest.chunks
-            cache.stored_bytes = stored
-        cache.updated_at = now
+        taken = await session.execute(
+            update(Cache)
+            .where(Cache.id == cache.id, Cache.status == "ready")
+            .values(updated_at=now)
+        )
+        if not _rows(taken):
+            await session.commit()
+            raise NotFound(NOT_FOUND.format(id=cache.id), param="cache_id")
+        gone = await session.execute(
+            update(CacheVersion)
+            .where(
+                CacheVersion.cache_id == cache.id,
+                CacheVersion.version == row.version,
+                CacheVersion.status.in_(("ready", "failed")),
+            )
+            .values(status="deleted", deleted_at=now, token_ids=PURGED)
+        )
+        now_rest = await self._ready_versions(session, cache.id) if _rows(gone) else []
+        if not now_rest:
+            await session.rollback()
+            if _rows(gone):
+                raise Conflict(
+                    f"version {row.version} is the only version of cache {cache.id!r}; delete "
+                    "the cache instead",
+                    param="version",
+                )
+            raise NotFound(f"cache {cache.id!r} has no version {row.version}", param="version")
+        if [v.version for v in now_rest] != [v.version for v in rest]:
+            stored = await self._unique_bytes(self._namespace(tenant), cache, now_rest)
+        await session.refresh(cache)
+        await session.refresh(row)
+        before = (cache.tokens, cache.stored_bytes)
+        latest = now_rest[-1]
+        cache.version = latest.version
+        cache.tokens = latest.tokens
+        cache.token_ids = latest.token_ids
+        cache.prefix_sha256 = latest.prefix_sha256
+        cache.stored_chunks = latest.chunks
+        cache.stored_bytes = stored
+        if (cache.tokens, cache.stored_bytes) != before:
+            await metering.on_version_deleted(session, cache, row.version, now)
+        rows = outbox.queue_release(
+            session, self._slot(tenant), cache.id, [row.version], "version_deleted"
+        )
         await session.commit()
-        await self._release(self._slot(tenant), cache.id, [row.version])
+        await self._settle(session, rows)
 
     async def put_tag(
         self, session: AsyncSession, tenant: Tenant, name: str, cache_id: str
@@ -209,8 +276,11 @@ class LifecycleOps(CacheCore):
         await session.commit()
 
     async def sweep(self, session: AsyncSession, limit: int = 500) -> int:
-        """Expire caches past ``expires_at`` and release their chunks, and fail prefills that
-        lost their gateway; return how many caches were expired."""
+        """Expire caches past ``expires_at`` (their releases go through the outbox), and fail
+        prefills that lost their gateway: a pending version past its lease (or, without one,
+        pending for :data:`STALE_PENDING`) that this process is not running. Every transition
+        is conditional, so a cache deleted or extended meanwhile is left as it is. Returns
+        how many caches were expired."""
         now = utcnow()
         rows = (
             await session.execute(
@@ -220,8 +290,9 @@ class LifecycleOps(CacheCore):
                 .limit(limit)
             )
         ).all()
+        expired = 0
         for cache, tenant in rows:
-            await self._expire(session, tenant, cache)
+            expired += await self._expire(session, tenant, cache)
         stale = (
             await session.execute(
                 select(CacheVersion, Cache, Tenant)
@@ -229,13 +300,20 @@ class LifecycleOps(CacheCore):
                 .join(Tenant, Tenant.id == Cache.tenant_id)
                 .where(
                     CacheVersion.status == "pending",
-                    CacheVersion.created_at <= now - STALE_PENDING,
+                    or_(
+                        CacheVersion.lease_expires_at < now,
+                        CacheVersion.lease_expires_at.is_(None)
+                        & (CacheVersion.created_at <= now - STALE_PENDING),
+                    ),
                 )
                 .limit(limit)
             )
         ).all()
+        await session.commit()
         for v, cache, tenant in stale:
-            if (cache.id, v.version) in self._jobs:
+            if (cache.id, v.version) in self._jobs or (cache.id, v.version) in self._running:
                 continue
-            await self._fail(session, self._job(tenant, cache, v.version, []), STALE_REASON)
-        return len(rows)
+            job = self._job(tenant, cache, v.version, bytes_to_tokens(v.token_ids))
+            job.keys = self._cache_keys(tenant, cache, job.ids)  # what it may have written
+            await self._fail(session, job, STALE_REASON)
+        return expired

@@ -1,0 +1,121 @@
+"""Store releases survive crashes and store errors: the intent is committed with the status
+change (the outbox), drained until the store confirms, and the reconciler finds manifests no
+live version owns (SQLite and PostgreSQL, real embedded store)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from kvaas.db.models import StoreRelease
+from kvaas.services import outbox
+from kvaas.services.caches import CacheService
+from kvaas.services.reconcile import reconcile_all
+from kvaas.store.errors import StoreError
+
+from .conftest import World
+
+
+def _break(w: World, method: str, error: BaseException) -> None:
+    """``store.<method>`` raises ``error`` (once): the process dies there (cancellation), or
+    the store fails there."""
+    real = getattr(w.store, method)
+    state = {"armed": True}
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        if state["armed"]:
+            state["armed"] = False
+            raise error
+        return await real(*args, **kwargs)
+
+    setattr(w.store, method, broken)
+
+
+async def _rows(w: World) -> list[StoreRelease]:
+    async with w.db.session() as s:
+        return list((await s.execute(select(StoreRelease))).scalars())
+
+
+async def _reconcile(w: World) -> int:
+    return await reconcile_all(w.db, w.store, w.service._slot)
+
+
+@pytest.mark.parametrize("status", ["ready", "pending"])
+async def test_a_release_cut_off_by_a_crash_is_carried_out_after_restart(
+    world: World, status: str
+) -> None:
+    """The delete commits, then the process dies before the store released anything (a
+    pending cache deleted while its gateway dies included): the release is in the outbox, and
+    the next gateway's drain releases every manifest; nothing is left for the reconciler."""
+    w = world
+    cache = await w.seed({1: status}, status=status)
+    _break(w, "list_versions", asyncio.CancelledError())
+    with pytest.raises(asyncio.CancelledError):
+        async with w.db.session() as s:
+            await w.service.delete(s, w.tenant, cache.id)
+    assert (await w.row(cache.id)).status == "deleted"
+    assert await w.stored_versions(cache.id) == [1]  # still held: the process died
+    assert [(r.cache_id, r.version, r.reason) for r in await _rows(w)] == [
+        (cache.id, None, "deleted")
+    ]
+    # a new gateway process: its maintenance drains the outbox
+    restarted = CacheService(w.service.settings, w.store, None, w.db)
+    result = await outbox.drain(restarted.db, restarted.store)
+    assert (result.released, result.depth) == (1, 0)
+    assert await w.stored_versions(cache.id) == []
+    assert await _reconcile(w) == 0
+
+
+async def test_a_store_error_leaves_the_release_for_a_retry_with_back_off(world: World) -> None:
+    """A version delete whose release meets a store error: the row stays (attempts 1, a
+    back-off), the version's manifest is held until a later drain succeeds."""
+    w = world
+    cache = await w.seed({1: "ready", 2: "ready"})
+    _break(w, "delete_manifest", StoreError("redis: connection refused"))
+    async with w.db.session() as s:
+        await w.service.delete_version(s, w.tenant, cache.id, 1)
+    assert await w.stored_versions(cache.id) == [1, 2]
+    (row,) = await _rows(w)
+    assert (row.version, row.attempts) == (1, 0)
+    # the store is still down at the first drain
+    _break(w, "delete_manifest", StoreError("redis: connection refused"))
+    result = await outbox.drain(w.db, w.store)
+    assert (result.released, result.retried, result.depth) == (0, 1, 1)
+    (row,) = await _rows(w)
+    assert row.attempts == 1 and row.last_error and "connection refused" in row.last_error
+    assert row.next_attempt_at > row.created_at
+    assert (await outbox.drain(w.db, w.store)).released == 0  # not due yet
+    async with w.db.session() as s:
+        await s.execute(update(StoreRelease).values(next_attempt_at=row.created_at))
+        await s.commit()
+    assert (await outbox.drain(w.db, w.store)).released == 1
+    assert await w.stored_versions(cache.id) == [2]
+    assert await _rows(w) == []
+    assert outbox.backoff(1) == timedelta(seconds=1)
+    assert outbox.backoff(5) == timedelta(seconds=16)
+    assert outbox.backoff(40) == outbox.MAX_BACKOFF
+
+
+async def test_reconciler_finds_manifests_no_live_version_owns(world: World) -> None:
+    """Manifests left behind (a failed version's, a deleted cache's, written by a prefill
+    after its cache's release) are found once, queued and released; the live and pending
+    versions' manifests are left; a second cycle finds nothing."""
+    w = world
+    live = await w.seed({1: "ready", 2: "failed", 3: "pending"})
+    gone = await w.seed({1: "ready"})
+    async with w.db.session() as s:
+        await w.service.delete(s, w.tenant, gone.id)
+    assert await w.stored_versions(gone.id) == []
+    # left behind: the failed version's manifest, and one a dead prefill wrote after the delete
+    await w.store.put_manifest(w.job(live, 2).manifest())
+    await w.store.put_manifest(w.job(gone, 1).manifest())
+    assert await _reconcile(w) == 2
+    assert await _reconcile(w) == 0  # queued already: not queued twice
+    assert (await outbox.drain(w.db, w.store)).released == 2
+    assert await w.stored_versions(live.id) == [1, 3]
+    assert await w.stored_versions(gone.id) == []
+    assert await _reconcile(w) == 0
