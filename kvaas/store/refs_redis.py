@@ -459,7 +459,10 @@ class RedisRefIndex(RefIndex):
                 slot, candidates, token, lease_s=lease_s, grace_s=grace_s, most=want
             )
             reply = await self._eval(self._claim, names, args)
-            claimed_at = max(claimed_at, float(reply[0]))
+            # the earliest script time: a candidate released again after it stays (at worst a
+            # chunk is deleted twice, never a later copy left without a candidate)
+            t = float(reply[0])
+            claimed_at = t if not claimed_at else min(claimed_at, t)
             claimed.extend(candidates[int(i) - 1] for i in reply[1:])
         return GarbageClaim(
             token=token, keys=tuple(claimed), deadline=started + lease_s, claimed_at=claimed_at
