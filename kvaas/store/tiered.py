@@ -1,6 +1,6 @@
 """The tiered store: ordered tiers (top = fastest, e.g. memory → Redis → disk), one API.
 
-(This module is longer than most, ~770 lines, on purpose: it is one class whose reads,
+(This module is longer than most, ~820 lines, on purpose: it is one class whose reads,
 promotion, writes, eviction, demotion, manifests and garbage collection share the per-tier
 locks, the eviction policy and the tier metrics; split apart, each piece would reach into the
 others' private state.)
