@@ -13,8 +13,9 @@ outside the store):
 - **Idle demotion** (:meth:`StoreMaintenance.demote_round`): chunks of the ``standard`` class
   not read for ``demote_idle_s`` move from Redis to disk every ``demote_every_s`` seconds.
 - **Housekeeping** (:meth:`StoreMaintenance.housekeeping_round`): checks Redis' eviction policy
-  again (a Redis that was down at start-up, or restarted with another configuration), and gives
-  the SQLite index its reserve file back after a full disk.
+  again (a Redis that was down at start-up, or restarted with another configuration), gives the
+  SQLite index its reserve file back after a full disk, and recounts the shared disk directory
+  so that every process sharing it counts the others' chunks against the budget.
 - Extra ``jobs`` (name, period, coroutine function) run the same way: the gateway adds the
   per-tier storage billing of :mod:`kvaas.metering.tiers` there.
 
@@ -124,6 +125,7 @@ class StoreMaintenance:
                 raise
         if isinstance(refs, SqliteRefIndex):
             await refs.restore_reserve()
+        await self.store.rescan_shared()  # the disk budget counts other processes' chunks
 
     # -- loops -------------------------------------------------------------------------------
     def jobs(self) -> list[Job]:
