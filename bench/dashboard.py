@@ -56,6 +56,9 @@ def pg_schema() -> Any:
     try:
         yield f"{POSTGRES_URL}?options={quote(f'-csearch_path={name}')}"
     finally:
+        if os.environ.get("KVAAS_BENCH_KEEP_SCHEMA"):  # for profiling: drop it yourself
+            print(f"kept schema {name}")
+            return
         with psycopg.connect(libpq, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
@@ -376,6 +379,9 @@ def main() -> None:
     with pg_schema() as url:
         migrate.upgrade(url)
         seeded = seed(url, tenants, caches, attaches)
+        if os.environ.get("KVAAS_BENCH_SEED_ONLY"):
+            print(url)
+            return
         print(
             f"seeded {seeded['tenants']} tenants, {seeded['caches']:,} caches "
             f"({seeded['live_caches']:,} live), {seeded['usage_events']:,} usage events, "

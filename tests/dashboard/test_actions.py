@@ -223,8 +223,15 @@ async def test_overview_shows_token_weighted_hit_rate_and_storage(dash: Dash) ->
     await seed_attach(dash.db, t.id, cid, cached=0, prefill=1000)
     r = await dash.client.get("/admin")
     assert r.status_code == 200
+    # the aggregates load as a fragment until their first result is in
+    assert 'hx-get="/admin/overview/economics"' in r.text
+    r = await dash.client.get("/admin/overview/economics")
     assert re.search(r'id="hit-rate">45.0 %<', r.text), r.text
-    assert "900" in r.text  # prefill tokens saved
+    assert re.search(r'id="prefill-saved">900<', r.text)
+    r = await dash.client.get("/admin")
+    assert re.search(r'id="hit-rate">45.0 %<', r.text), "the page shows the kept result"
+    money = await dash.client.get("/admin/overview/money")
+    assert re.search(r'id="revenue">[0-9.]+ [A-Z]{3}<', money.text), money.text
     charts = (await dash.client.get("/admin/overview/charts.json")).json()
     assert charts["storage"]["series"]["redis"][-1] == 10_000
     assert sum(charts["attaches"]["attaches"]) == 2
