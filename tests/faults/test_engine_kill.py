@@ -110,6 +110,7 @@ async def test_engine_core_killed_then_restarted(gw: Gateway) -> None:
     for r in plain:
         if r.status_code == 503:
             assert r.json()["error"]["type"] == "engine_unavailable"
+            assert r.headers["Retry-After"]
     if streamed.status_code == 200:  # its status line was sent: an error is in-band
         assert "internal_error" not in streamed.text
     else:  # it failed before its first token
