@@ -336,7 +336,10 @@ async def measure(db_url: str, repeat: int) -> dict[str, Any]:
             pages = [
                 ("Login", "/admin/login"),
                 ("Overview", "/admin"),
+                ("Overview: attach stats", "/admin/overview/economics"),
+                ("Overview: revenue", "/admin/overview/money"),
                 ("Overview charts (JSON)", "/admin/overview/charts.json"),
+                ("Overview, results kept", "/admin"),
                 ("Tenants", "/admin/tenants"),
                 ("Tenants, search", "/admin/tenants?q=tenant-04"),
                 ("Tenant", f"/admin/tenants/{tid}"),

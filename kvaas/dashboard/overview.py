@@ -179,7 +179,8 @@ def chart_payload(
     storage: list[tuple[datetime, dict[str, int]]], hourly: list[tuple[datetime, int, int, int]]
 ) -> dict[str, Any]:
     """The overview charts' data: bytes per tier over time, attaches (and hit rate) per hour."""
-    tiers = sorted({t for _, held in storage for t in held})
+    held_any = {t for _, held in storage for t, n in held.items() if n}
+    tiers = sorted(held_any or {t for _, held in storage for t in held})
     return {
         "storage": {
             "labels": [at.strftime("%m-%d %H:%M") for at, _ in storage],

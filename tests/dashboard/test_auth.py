@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 from kvtest.dashboard import Dash, csrf_of
-from kvtest.gateway import ADMIN_TOKEN, admin_headers
+from kvtest.gateway import ADMIN_TOKEN, admin_headers, running_app
 from pydantic import SecretStr
 
 from kvaas.config import Settings
@@ -173,3 +174,26 @@ async def test_a_failed_login_keeps_the_page_asked_for(dash: Dash) -> None:
     # a form rendered after creating a key sits at /keys: reloading it goes to the tenant
     r = await dash.client.get("/admin/tenants/acme/keys")
     assert r.status_code == 303 and r.headers["location"] == "/admin/tenants/acme"
+
+
+async def test_guessing_the_token_is_limited_per_address(tmp_path: Path) -> None:
+    """Wrong logins count against the address's budget of failed authentication, like wrong
+    tokens on the admin API: once it is spent the address gets 429, even with the right one."""
+    values = {
+        "data_dir": tmp_path / "data",
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'kvaas.db'}",
+        "admin_token": ADMIN_TOKEN,
+        "unauth_rate_limit_per_second": 0.001,
+        "unauth_rate_limit_burst": 3,
+    }
+    async with running_app(None, **values) as (app, client):
+        form = await client.get("/admin/login")
+        token = csrf_of(form.text)
+        for _ in range(4):  # a burst of 3, then the failure that finds the bucket empty
+            r = await client.post("/admin/login", data={"token": "w" * 40, CSRF_FIELD: token})
+            assert r.status_code == 401
+        r = await client.post("/admin/login", data={"token": ADMIN_TOKEN, CSRF_FIELD: token})
+        assert r.status_code == 429
+        assert (await client.get("/admin/login")).status_code == 429
+        assert auth.COOKIE not in client.cookies
+        assert app.state.settings.unauth_rate_limit_burst == 3
