@@ -88,6 +88,7 @@ def _economics(db: Database) -> Compute:
     async def compute() -> dict[str, Any]:
         async with db.session() as s:
             stats = await admin_views.attach_stats(s, datetime.now(UTC), days=DAYS)
+            by_model = await admin_views.attach_by_model(s, stats.since, stats.until)
         top = stats.by_tenant[:10]
         first = stats.daily[0] if stats.daily else None
         last = stats.daily[-1] if stats.daily else None
@@ -99,6 +100,7 @@ def _economics(db: Database) -> Compute:
         return {
             "stats": stats,
             "top": top,
+            "by_model": by_model,
             "trend": trend,
             "names": await _names(db, {t for t, *_ in top}),
         }

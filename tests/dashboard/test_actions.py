@@ -228,6 +228,8 @@ async def test_overview_shows_token_weighted_hit_rate_and_storage(dash: Dash) ->
     r = await dash.client.get("/admin/overview/economics")
     assert re.search(r'id="hit-rate">45.0 %<', r.text), r.text
     assert re.search(r'id="prefill-saved">900<', r.text)
+    by_model = r.text[r.text.index('id="hit-by-model"') :]
+    assert re.search(r"<td>tiny</td><td>900</td><td>1,100</td><td>45.0 %</td>", by_model)
     r = await dash.client.get("/admin")
     assert re.search(r'id="hit-rate">45.0 %<', r.text), "the page shows the kept result"
     money = await dash.client.get("/admin/overview/money")
