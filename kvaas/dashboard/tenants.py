@@ -36,6 +36,7 @@ from kvaas.db.repositories import ApiKeyRepository
 from kvaas.errors import APIError, ValidationFailed
 from kvaas.services import admin_lists, admin_views, listing, quotas
 from kvaas.services.usage_reports import usage_report
+from kvaas.store.keys import derive_namespace, namespace_slot
 
 router = APIRouter(prefix="/admin/tenants", include_in_schema=False)
 
@@ -83,6 +84,11 @@ async def _tenant_page(
     caches = await listing.list_caches(session, tenant.id, listing.CacheFilter(limit=10))
     audit, _ = await admin_lists.audit_page(session, tenant_id=tenant.id, limit=10)
     budget = await session.get(Budget, tenant.id)
+    try:
+        secret = tenancy.namespace_secret(tenant, get_master_keys(request))
+        scope: str | None = namespace_slot(derive_namespace(secret))
+    except APIError:  # its keys are not configured on this gateway
+        scope = None
     return page(
         request,
         "tenant.html",
@@ -103,6 +109,7 @@ async def _tenant_page(
         money=book.format,
         audit=audit,
         scopes=tenancy.KNOWN_SCOPES,
+        cache_scope=scope,
         notice=notice_of(request),
     )
 

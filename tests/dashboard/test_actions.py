@@ -42,6 +42,9 @@ async def test_create_a_tenant_and_keys_the_secret_shown_once(dash: Dash) -> Non
     t = await _tenant(dash, "acme")
     page = await dash.client.get(f"/admin/tenants/{t.id}")
     assert secret.group(1) not in page.text  # once only
+    # the tenant's cache scope: the slot its chunk keys and manifests are filed under
+    slot = re.search(r"namespace slot <code>([0-9a-f]+)</code>", page.text)
+    assert slot and slot.group(1) not in t.namespace_secret
 
     r = await dash.post(
         f"/admin/tenants/{t.id}/keys", {"name": "ci", "scopes": "caches:read usage:read"}
