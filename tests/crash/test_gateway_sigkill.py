@@ -192,14 +192,18 @@ async def _burst(
             await asyncio.sleep(0.005)
         else:
             pytest.fail(f"the kill point {kill_when} was never reached")
+        in_flight = sum(1 for t in tasks if not t.done())
         _kill(proc)
         await asyncio.gather(*tasks, return_exceptions=True)
+        print(f"SIGKILL at {kill_when}: {in_flight} of {len(tasks)} requests in flight")
 
 
 async def _check(url: str, key: str, cwd: Path, keyed: dict[str, dict[str, Any]]) -> None:
     """The invariants after a restart (see the module's docstring)."""
     data = cwd / ".kvaas"
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    began = time.monotonic()
+    deadline = began + SETTLE_TIMEOUT_S
+    owed = _sql(data, "SELECT count(*) FROM store_releases")[0][0]
     while True:
         pending = _sql(
             data,
@@ -208,6 +212,11 @@ async def _check(url: str, key: str, cwd: Path, keyed: dict[str, dict[str, Any]]
             "(SELECT count(*) FROM store_releases)",
         )[0][0]
         if pending == 0:
+            statuses = _sql(data, "SELECT status, count(*) FROM caches GROUP BY status")
+            print(
+                f"settled {time.monotonic() - began:.1f} s after the restart was ready "
+                f"(releases owed at start: {owed}); caches: {dict(statuses)}"
+            )
             break
         assert time.monotonic() < deadline, _sql(
             data, "SELECT cache_id, version, reason, last_error FROM store_releases"
