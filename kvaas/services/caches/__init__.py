@@ -39,9 +39,10 @@ commit, or by the maintenance loop's drain. A pending version holds a lease its 
 renews; the sweep fails it once the lease has run out.
 
 **Modules.** ``records`` (specs, results, errors), ``identity`` (token bytes, chunk keys, prefill
-jobs), ``core`` (collaborators, lookups, fail/expire/retire and the releases they owe), and one module per group of
-operations: ``creation`` (create, extend, background prefills), ``attach``, ``lifecycle``
-(update, delete, versions, tags, sweep). :class:`CacheService` puts the operations together.
+jobs), ``core`` (collaborators, lookups, fail/expire/retire and the releases they owe), and one
+module per group of operations: ``creation`` (create, extend, background prefills), ``attach``,
+``lifecycle`` (update, delete, versions, tags, sweep). :class:`CacheService` puts the operations
+together.
 """
 
 from __future__ import annotations
