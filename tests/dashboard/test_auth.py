@@ -197,3 +197,21 @@ async def test_guessing_the_token_is_limited_per_address(tmp_path: Path) -> None
         assert (await client.get("/admin/login")).status_code == 429
         assert auth.COOKIE not in client.cookies
         assert app.state.settings.unauth_rate_limit_burst == 3
+
+
+async def test_non_ascii_tokens_are_refused_not_errors(dash: Dash) -> None:
+    """Cookies and form fields are compared in constant time as bytes: text outside ASCII is a
+    mismatch (403, or no session), never a server error."""
+    form = await dash.client.get("/admin/login")
+    r = await dash.client.post("/admin/login", data={"token": ADMIN_TOKEN, CSRF_FIELD: "é" * 32})
+    assert r.status_code == 403
+    await dash.login()
+    r = await dash.client.post("/admin/tenants", data={"name": "x", CSRF_FIELD: "é" * 43})
+    assert r.status_code == 403
+    value = dash.client.cookies[auth.COOKIE]
+    payload, _, _sig = value.partition(".")
+    dash.client.cookies.clear()
+    raw = f"{auth.COOKIE}={payload}.\u00e9\u00e9".encode()
+    assert (await dash.client.get("/admin", headers={"Cookie": raw})).status_code == 303
+    assert auth.read_cookie(dash.app.state.settings, f"{payload}.ü") is None
+    assert form.status_code == 200
