@@ -108,15 +108,22 @@ def _economics(db: Database) -> Compute:
     return compute
 
 
-def _money(db: Database, book: PriceBook) -> Compute:
+def money_compute(db: Database, book: PriceBook) -> Compute:
+    """Month-to-date revenue, in total and per tenant (kept under ``money``)."""
+
     async def compute() -> dict[str, Any]:
+        now = datetime.now(UTC)
         async with db.session() as s:
-            total, per = await admin_views.revenue_month_to_date(s, book, datetime.now(UTC))
-        spend = sorted(per.items(), key=lambda kv: -kv[1])[:10]
+            total, per = await admin_views.revenue_month_to_date(s, book, now)
+        every = [
+            (tid, book.format(minor)) for tid, minor in sorted(per.items(), key=lambda kv: -kv[1])
+        ]
         return {
+            "period": f"{now.year:04d}-{now.month:02d}",
             "revenue": book.format(total),
-            "spend": [(tid, book.format(minor)) for tid, minor in spend],
-            "names": await _names(db, {t for t, _ in spend}),
+            "spend": every[:10],
+            "every": every,  # the open month's draft amounts, for the invoices page
+            "names": await _names(db, set(per)),
         }
 
     return compute
@@ -144,7 +151,9 @@ async def dashboard_overview(request: Request, session: SessionDep, operator: Op
     db: Database = request.app.state.db
     inv = await admin_views.inventory(session, now)
     eco = memo_of(request, "economics", ECONOMICS_TTL).peek("all", _economics(db))
-    money = memo_of(request, "money", MONEY_TTL).peek("all", _money(db, pricebook_of(request)))
+    money = memo_of(request, "money", MONEY_TTL).peek(
+        "all", money_compute(db, pricebook_of(request))
+    )
     return page(
         request,
         "overview.html",
@@ -172,7 +181,7 @@ async def dashboard_overview_economics(request: Request, operator: Operator) -> 
 async def dashboard_overview_money(request: Request, operator: Operator) -> Response:
     """The revenue fragment (waits for the first result)."""
     kept = await memo_of(request, "money", MONEY_TTL).get(
-        "all", _money(request.app.state.db, pricebook_of(request))
+        "all", money_compute(request.app.state.db, pricebook_of(request))
     )
     return page(request, "_money.html", operator, money=kept)
 

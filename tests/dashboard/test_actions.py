@@ -266,6 +266,18 @@ async def test_run_invoicing_and_open_the_pdf(dash: Dash) -> None:
     assert "finalized" in detail.text and "acme" in detail.text
     [entry] = await _audit(dash, "invoices.run")
     assert entry.details["created"] == [inv.group(1)]
+    # the open month: a draft per tenant with usage, its amount so far
+    await seed_attach(dash.db, t.id, cid, cached=1000, prefill=100)
+    page = await dash.client.get("/admin/invoices")
+    assert 'hx-get="/admin/invoices/drafts"' in page.text
+    drafts = await dash.client.get("/admin/invoices/drafts")
+    row = re.search(
+        r"<td><a [^>]*>acme</a></td><td>(\d{4}-\d{2})</td><td>([^<]+)</td><td>draft", drafts.text
+    )
+    now = datetime.now(UTC)
+    assert row and row.group(1) == f"{now.year:04d}-{now.month:02d}", drafts.text
+    only = await dash.client.get("/admin/invoices?state=draft")
+    assert "<h2>Issued</h2>" not in only.text and 'id="draft-list"' in only.text
     # the open month is refused with the service's reason
     now = datetime.now(UTC)
     r = await dash.post(
