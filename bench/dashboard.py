@@ -12,7 +12,9 @@ each page ``--repeat`` times through the ASGI interface (no network; rendering i
     python bench/dashboard.py [--quick] [--json PATH]
 
 ``--quick``: 10 tenants, 10,000 caches. Prints a table of each page's first (cold) and median
-times, and writes them with the seed sizes to ``--json``.
+times, and writes them with the seed sizes to ``--json``. For profiling,
+``KVAAS_BENCH_SEED_ONLY=1 KVAAS_BENCH_KEEP_SCHEMA=1`` seeds, prints the database URL and keeps
+the schema (drop it afterwards).
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ def pg_schema() -> Any:
     finally:
         if os.environ.get("KVAAS_BENCH_KEEP_SCHEMA"):  # for profiling: drop it yourself
             print(f"kept schema {name}")
-            return
-        with psycopg.connect(libpq, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        else:
+            with psycopg.connect(libpq, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 def seed(db_url: str, tenants: int, caches: int, attaches: int) -> dict[str, Any]:
