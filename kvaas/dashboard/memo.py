@@ -72,6 +72,10 @@ class Memo:
             return kept
         return await asyncio.shield(self._start(key, compute))
 
+    def forget(self, key: str) -> None:
+        """Drop the kept result (the next :meth:`get` computes anew)."""
+        self._kept.pop(key, None)
+
     async def close(self) -> None:
         """Cancel the computations still running (at shutdown: each closes its session)."""
         tasks = list(self._running.values())

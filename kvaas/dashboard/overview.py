@@ -108,6 +108,15 @@ def _economics(db: Database) -> Compute:
     return compute
 
 
+def _of_budget(spend: int, budget: int | None, book: PriceBook) -> str:
+    """``"40.0 % of 250.00 USD"``, or ``"no budget"``."""
+    if budget is None:
+        return "no budget"
+    if budget == 0:
+        return f"budget {book.format(0)}"
+    return f"{100 * spend / budget:.1f} % of {book.format(budget)}"
+
+
 def money_compute(db: Database, book: PriceBook) -> Compute:
     """Month-to-date revenue, in total and per tenant (kept under ``money``)."""
 
@@ -115,8 +124,11 @@ def money_compute(db: Database, book: PriceBook) -> Compute:
         now = datetime.now(UTC)
         async with db.session() as s:
             total, per = await admin_views.revenue_month_to_date(s, book, now)
+            budgets = await admin_views.budgets(s, list(per))
+        ranked = sorted(per.items(), key=lambda kv: -kv[1])
         every = [
-            (tid, book.format(minor)) for tid, minor in sorted(per.items(), key=lambda kv: -kv[1])
+            (tid, book.format(minor), _of_budget(minor, budgets.get(tid), book))
+            for tid, minor in ranked
         ]
         return {
             "period": f"{now.year:04d}-{now.month:02d}",

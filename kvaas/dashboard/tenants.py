@@ -30,6 +30,7 @@ from kvaas.dashboard.deps import (
     redirect,
     settings_of,
 )
+from kvaas.dashboard.overview import MONEY_TTL, memo_of
 from kvaas.dashboard.render import SECURITY_HEADERS, page
 from kvaas.db.models import Budget
 from kvaas.db.repositories import ApiKeyRepository
@@ -234,6 +235,7 @@ async def dashboard_set_budget(
             {"before_minor": old.amount_minor if old else None, "after_minor": minor},
         )
         await set_budget(session, tenant.id, minor, book.currency)  # commits both
+        memo_of(request, "money", MONEY_TTL).forget("all")  # spend against budgets changed
     except APIError as e:
         return await failed(request, session, operator, "Save budget", e, back)
     return redirect(back, done="budget-saved")

@@ -271,13 +271,16 @@ async def test_run_invoicing_and_open_the_pdf(dash: Dash) -> None:
     page = await dash.client.get("/admin/invoices")
     assert 'hx-get="/admin/invoices/drafts"' in page.text
     drafts = await dash.client.get("/admin/invoices/drafts")
-    row = re.search(
-        r"<td><a [^>]*>acme</a></td><td>(\d{4}-\d{2})</td><td>([^<]+)</td><td>draft", drafts.text
-    )
+    draft_row = r"<td><a [^>]*>acme</a></td><td>(\d{4}-\d{2})</td><td>([^<]+)</td><td>draft</td>"
+    row = re.search(draft_row + r"<td>no budget</td>", drafts.text)
     now = datetime.now(UTC)
     assert row and row.group(1) == f"{now.year:04d}-{now.month:02d}", drafts.text
     only = await dash.client.get("/admin/invoices?state=draft")
     assert "<h2>Issued</h2>" not in only.text and 'id="draft-list"' in only.text
+    # spend against the budget, once the tenant has one (setting it drops the kept result)
+    await dash.post(f"/admin/tenants/{t.id}/budget", {"amount": "1000000"})
+    money = await dash.client.get("/admin/overview/money")
+    assert re.search(r"<td>[0-9.]+ % of 1000000.00 [A-Z]{3}</td>", money.text), money.text
     # the open month is refused with the service's reason
     now = datetime.now(UTC)
     r = await dash.post(
