@@ -44,6 +44,11 @@ router = APIRouter(prefix="/admin/tenants", include_in_schema=False)
 STATUS_ACTIONS = {"disable": "disabled", "enable": "active"}
 
 
+def tenant_path(ref: str) -> str:
+    """The tenant's page (the reference quoted: it came from the request's path)."""
+    return f"/admin/tenants/{quote(ref, safe='')}"
+
+
 @router.get("")
 async def dashboard_tenants(request: Request, session: SessionDep, operator: Operator) -> Response:
     q = request.query_params.get("q", "").strip()[:64]
@@ -149,7 +154,7 @@ async def dashboard_tenant_usage(
 async def dashboard_keys_page(ref: str, operator: Operator) -> Response:
     """Where a key's creation left the browser: the tenant's page (the secret is not shown
     again)."""
-    return redirect(f"/admin/tenants/{quote(ref, safe='')}")
+    return redirect(tenant_path(ref))
 
 
 @router.post("/{ref}/keys")
@@ -168,14 +173,14 @@ async def dashboard_create_key(
         )
         return await _tenant_page(request, session, operator, key.tenant_id, new_secret=secret)
     except APIError as e:
-        return await failed(request, session, operator, "Create key", e, f"/admin/tenants/{ref}")
+        return await failed(request, session, operator, "Create key", e, tenant_path(ref))
 
 
 @router.post("/{ref}/keys/{key}/revoke")
 async def dashboard_revoke_key(
     ref: str, key: str, request: Request, session: SessionDep, operator: Operator
 ) -> Response:
-    back = f"/admin/tenants/{ref}"
+    back = tenant_path(ref)
     try:
         tenant = await tenancy.find_tenant(session, ref)
         row = await ApiKeyRepository(session).get(key)
@@ -192,7 +197,7 @@ async def dashboard_set_limits(
     ref: str, request: Request, session: SessionDep, operator: Operator
 ) -> Response:
     form = await form_of(request)
-    back = f"/admin/tenants/{ref}"
+    back = tenant_path(ref)
     try:
         await tenancy.set_tenant_limits(
             session,
@@ -214,7 +219,7 @@ async def dashboard_set_budget(
     """Set the tenant's monthly budget (in the price book's currency), audited in the same
     transaction as the change."""
     form = await form_of(request)
-    back = f"/admin/tenants/{ref}"
+    back = tenant_path(ref)
     book = pricebook_of(request)
     try:
         tenant = await tenancy.find_tenant(session, ref)
@@ -272,7 +277,7 @@ async def dashboard_confirm_status(
 async def dashboard_set_status(
     ref: str, action: str, request: Request, session: SessionDep, operator: Operator
 ) -> Response:
-    back = f"/admin/tenants/{ref}"
+    back = tenant_path(ref)
     try:
         if action not in STATUS_ACTIONS:
             raise ValidationFailed("the action is disable or enable", param="action")

@@ -215,3 +215,18 @@ async def test_non_ascii_tokens_are_refused_not_errors(dash: Dash) -> None:
     assert (await dash.client.get("/admin", headers={"Cookie": raw})).status_code == 303
     assert auth.read_cookie(dash.app.state.settings, f"{payload}.ü") is None
     assert form.status_code == 200
+
+
+async def test_odd_path_parameters_stay_inside_the_location(dash: Dash) -> None:
+    """A tenant or cache reference is quoted where it goes back into a redirect: line breaks
+    and slashes cannot add headers or leave the page."""
+    await dash.login()
+    token = await dash.csrf()
+    for path in (
+        "/admin/tenants/a%0d%0aSet-Cookie:%20x=1/limits",
+        "/admin/caches/a%0d%0aX-Evil:%201/ttl",
+    ):
+        r = await dash.client.post(path, data={CSRF_FIELD: token, "ttl_seconds": "100"})
+        assert r.status_code in (404, 422), (path, r.status_code)
+        assert "x=1" not in r.headers.get("set-cookie", "")
+        assert "x-evil" not in r.headers
