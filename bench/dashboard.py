@@ -12,7 +12,9 @@ each page ``--repeat`` times through the ASGI interface (no network; rendering i
     python bench/dashboard.py [--quick] [--json PATH]
 
 ``--quick``: 10 tenants, 10,000 caches. Prints a table of each page's first (cold) and median
-times, and writes them with the seed sizes to ``--json``.
+times, and writes them with the seed sizes to ``--json``. For profiling,
+``KVAAS_BENCH_SEED_ONLY=1 KVAAS_BENCH_KEEP_SCHEMA=1`` seeds, prints the database URL and keeps
+the schema (drop it afterwards).
 """
 
 from __future__ import annotations
@@ -56,8 +58,11 @@ def pg_schema() -> Any:
     try:
         yield f"{POSTGRES_URL}?options={quote(f'-csearch_path={name}')}"
     finally:
-        with psycopg.connect(libpq, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        if os.environ.get("KVAAS_BENCH_KEEP_SCHEMA"):  # for profiling: drop it yourself
+            print(f"kept schema {name}")
+        else:
+            with psycopg.connect(libpq, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 def seed(db_url: str, tenants: int, caches: int, attaches: int) -> dict[str, Any]:
@@ -333,7 +338,10 @@ async def measure(db_url: str, repeat: int) -> dict[str, Any]:
             pages = [
                 ("Login", "/admin/login"),
                 ("Overview", "/admin"),
+                ("Overview: attach stats", "/admin/overview/economics"),
+                ("Overview: revenue", "/admin/overview/money"),
                 ("Overview charts (JSON)", "/admin/overview/charts.json"),
+                ("Overview, results kept", "/admin"),
                 ("Tenants", "/admin/tenants"),
                 ("Tenants, search", "/admin/tenants?q=tenant-04"),
                 ("Tenant", f"/admin/tenants/{tid}"),
@@ -376,6 +384,9 @@ def main() -> None:
     with pg_schema() as url:
         migrate.upgrade(url)
         seeded = seed(url, tenants, caches, attaches)
+        if os.environ.get("KVAAS_BENCH_SEED_ONLY"):
+            print(url)
+            return
         print(
             f"seeded {seeded['tenants']} tenants, {seeded['caches']:,} caches "
             f"({seeded['live_caches']:,} live), {seeded['usage_events']:,} usage events, "

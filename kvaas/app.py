@@ -19,9 +19,10 @@ from kvaas.api import account, admin, caches, health, openai_compat
 from kvaas.api.budget import router as budget_router
 from kvaas.api.errors import install_error_handlers
 from kvaas.api.estimate import router as estimate_router
-from kvaas.api.idempotency import IdempotencyMiddleware, document_limits, sweep_idempotency
+from kvaas.api.idempotency import IdempotencyMiddleware, sweep_idempotency
 from kvaas.api.invoices import router as invoices_router
 from kvaas.api.lifecycle import router as lifecycle_router
+from kvaas.api.limits_docs import document_limits
 from kvaas.api.middleware import RequestContextMiddleware
 from kvaas.api.ratelimit import RateLimitMiddleware, build_address_guard, build_limiter
 from kvaas.api.scopes import check_scoped, document_scopes

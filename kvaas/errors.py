@@ -117,6 +117,16 @@ class EngineUnavailable(ServiceUnavailable):
     type = "engine_unavailable"
     description = "The engine is unavailable; retry later."
 
+    @classmethod
+    def failed(cls, error: Exception) -> EngineUnavailable:
+        """The answer to an engine failure ``error`` (an ``EngineError``: its text names no
+        node or address, its ``detail`` does and goes to the log only), retryable."""
+        return cls(
+            f"the engine failed: {error}",
+            detail=getattr(error, "detail", None),
+            headers={"Retry-After": "5"},
+        )
+
 
 ALL_ERRORS: tuple[type[APIError], ...] = (
     BadRequest,

@@ -95,10 +95,9 @@ def as_api_error(err: BaseException) -> APIError | None:
         if isinstance(err, EngineUnavailable):
             return err
         if isinstance(err, APIError):
-            message, headers = err.public_message, {"Retry-After": "5", **err.headers}
+            out = EngineUnavailable(err.public_message, headers={"Retry-After": "5", **err.headers})
         else:
-            message, headers = f"the engine failed: {err}", {"Retry-After": "5"}
-        out = EngineUnavailable(message, headers=headers)
+            out = EngineUnavailable.failed(engine)
         out.__cause__ = err
         return out
     return err if isinstance(err, APIError) else None

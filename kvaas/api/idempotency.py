@@ -46,7 +46,6 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from fastapi import FastAPI
 from sqlalchemy import delete, exc, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -58,7 +57,7 @@ from kvaas.db.base import utcnow
 from kvaas.db.claims import CLAIMED_KEY
 from kvaas.db.models import Cache, IdempotencyRecord
 from kvaas.db.session import Database, DatabaseUnavailable
-from kvaas.errors import APIError, Conflict, RateLimited, ServiceUnavailable, ValidationFailed
+from kvaas.errors import APIError, Conflict, ServiceUnavailable, ValidationFailed
 
 log = logging.getLogger("kvaas.idempotency")
 
@@ -510,62 +509,3 @@ async def _read_body(receive: Receive) -> bytes:
 async def _answer(scope: Scope, send: Send, messages: list[Message]) -> None:
     for message in messages:
         await send(message)
-
-
-def document_limits(app: FastAPI, *, max_key_length: int) -> None:
-    """Add what the middleware does to the OpenAPI document: the ``Idempotency-Key`` header
-    and its ``409`` on every POST under ``/v1/``, and ``429`` on every ``/v1/`` operation."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = build()
-        error_ref = {"$ref": "#/components/schemas/ErrorBody"}
-        for path, item in schema.get("paths", {}).items():
-            if not path.startswith("/v1/"):
-                continue
-            for method, op in item.items():
-                responses = op.setdefault("responses", {})
-                limited = responses.setdefault(
-                    "429",
-                    {
-                        "description": RateLimited.description,
-                        "content": {"application/json": {"schema": error_ref}},
-                    },
-                )
-                if RateLimited.description not in limited["description"]:  # the route's own 429
-                    limited["description"] += f" / {RateLimited.description}"
-                limited.setdefault("headers", {})["Retry-After"] = {
-                    "description": "Seconds until the request may be retried.",
-                    "schema": {"type": "integer"},
-                }
-                if method != "post":
-                    continue
-                params = op.setdefault("parameters", [])
-                params.append(
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "description": "Makes retries of this request safe: the same key and "
-                        "body within 24 h replay the first response.",
-                        "schema": {
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": max_key_length,
-                            "pattern": "^[\\x20-\\x7e]+$",
-                        },
-                    }
-                )
-                if "409" in responses:
-                    responses["409"]["description"] += f" / {IdempotencyConflict.description}"
-                else:
-                    responses["409"] = {
-                        "description": IdempotencyConflict.description,
-                        "content": {"application/json": {"schema": error_ref}},
-                    }
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -8,6 +8,9 @@ page redirects to the login page, while ``/admin/api`` keeps answering 401/403.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -46,8 +49,29 @@ async def _csrf_rejected(request: Request, exc: Exception) -> Response:
     )
 
 
+async def close_memos(app: FastAPI) -> None:
+    """Stop the aggregates still being computed in the background (before the database
+    closes)."""
+    for memo in (getattr(app.state, "dashboard_memos", None) or {}).values():
+        await memo.close()
+
+
+def _closing_memos(lifespan: Any) -> Any:
+    @asynccontextmanager
+    async def wrapped(app: FastAPI) -> AsyncIterator[Any]:
+        async with lifespan(app) as state:
+            try:
+                yield state
+            finally:
+                await close_memos(app)
+
+    return wrapped
+
+
 def mount(app: FastAPI) -> None:
-    """Serve the dashboard from ``app`` (pages, their static files, the login redirect)."""
+    """Serve the dashboard from ``app`` (pages, their static files, the login redirect); its
+    background computations stop when the application's lifespan ends."""
+    app.router.lifespan_context = _closing_memos(app.router.lifespan_context)
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(CsrfRejected, _csrf_rejected)
     for module in (login, overview, tenants, caches, invoices, system):

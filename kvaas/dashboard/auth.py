@@ -53,6 +53,12 @@ class DashboardSession:
     csrf: str
 
 
+def same(given: str, expected: str) -> bool:
+    """Constant-time equality of two texts, compared as UTF-8 bytes (so any text given is
+    just a mismatch: ``hmac.compare_digest`` refuses non-ASCII ``str``)."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -84,7 +90,9 @@ def csrf_for(key: bytes, sid: str) -> str:
 def check_token(settings: Settings, given: str) -> bool:
     """Whether ``given`` is the admin token (constant time; never true when it is unset)."""
     expected = admin_token(settings)
-    return bool(expected) and hmac.compare_digest(given.strip().encode(), expected)
+    return bool(expected) and hmac.compare_digest(
+        given.strip().encode("utf-8", "replace"), expected
+    )
 
 
 def new_cookie(settings: Settings, now: float | None = None) -> tuple[str, DashboardSession]:
@@ -104,7 +112,7 @@ def read_cookie(
         return None
     payload, _, sig = value.partition(".")
     key = signing_key(settings)
-    if not sig or not hmac.compare_digest(sig, _sign(key, payload)):
+    if not sig or not same(sig, _sign(key, payload)):
         return None
     try:
         data = json.loads(_unb64(payload))
@@ -186,6 +194,6 @@ async def require_session(request: Request) -> DashboardSession:
             "application/x-www-form-urlencoded"
         ):
             given = (await form_of(request)).get(CSRF_FIELD)
-        if not given or not hmac.compare_digest(given, session.csrf):
+        if not given or not same(given, session.csrf):
             raise CsrfRejected()
     return session

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -36,6 +37,13 @@ from kvaas.store.keys import derive_namespace, namespace_slot
 from kvaas.store.policy import DEFAULT_PLACEMENT, resolve_placement
 
 router = APIRouter(prefix="/admin/caches", include_in_schema=False)
+
+
+def cache_path(cache_id: str) -> str:
+    """The cache's page (the id quoted: it came from the request's path)."""
+    return f"/admin/caches/{quote(cache_id, safe='')}"
+
+
 CLASSES = ("hot", "standard", "cold")
 
 
@@ -181,7 +189,7 @@ async def _act(
     done: str,
 ) -> Response:
     """Audit ``action`` and apply ``patch`` (or delete when ``None``) in one transaction."""
-    back = f"/admin/caches/{cache_id}"
+    back = cache_path(cache_id)
     try:
         service = _service(request)
         _, tenant = await _cache_and_tenant(session, cache_id)
@@ -217,9 +225,7 @@ async def dashboard_cache_ttl(
         if ttl is None:
             raise ValidationFailed("give the new lifetime in seconds", param="ttl_seconds")
     except APIError as e:
-        return await failed(
-            request, session, operator, "Change TTL", e, f"/admin/caches/{cache_id}"
-        )
+        return await failed(request, session, operator, "Change TTL", e, cache_path(cache_id))
     return await _act(
         request,
         session,
@@ -241,7 +247,12 @@ async def dashboard_cache_class(
     if cls not in CLASSES:
         e = ValidationFailed(f"storage class must be one of {CLASSES}", param="storage_class")
         return await failed(
-            request, session, operator, "Change class", e, f"/admin/caches/{cache_id}"
+            request,
+            session,
+            operator,
+            "Change class",
+            e,
+            cache_path(cache_id),
         )
     return await _act(
         request,

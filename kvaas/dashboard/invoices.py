@@ -27,8 +27,9 @@ from kvaas.dashboard.deps import (
     redirect,
     settings_of,
 )
+from kvaas.dashboard.overview import MONEY_TTL, memo_of, money_compute
 from kvaas.dashboard.render import page
-from kvaas.db.models import Tenant
+from kvaas.db.models import Invoice, Tenant
 from kvaas.db.repositories import AuditRepository
 from kvaas.errors import APIError, NotFound, ServiceUnavailable
 from kvaas.services import admin_lists
@@ -45,12 +46,24 @@ async def dashboard_invoices(request: Request, session: SessionDep, operator: Op
     p = request.query_params
     period, state = p.get("period") or None, p.get("state") or None
     try:
-        rows, cursor = await admin_lists.invoices_page(
-            session, period=period, state=state, after=p.get("after") or None
-        )
+        rows: list[tuple[Invoice, str]] = []
+        cursor: str | None = None
+        if state == "draft":  # drafts are not stored: only the open month's running amounts
+            pass
+        else:
+            rows, cursor = await admin_lists.invoices_page(
+                session, period=period, state=state, after=p.get("after") or None
+            )
     except APIError as e:
         return await failed(request, session, operator, "Invoices", e, "/admin/invoices")
     runs, _ = await admin_lists.audit_page(session, action_prefix="invoices.", limit=10)
+    # the open month: a draft per tenant with usage, its running amount (kept by the overview)
+    current = period_of(datetime.now(UTC))
+    drafts = None
+    if state in (None, "draft") and period in (None, current):
+        drafts = memo_of(request, "money", MONEY_TTL).peek(
+            "all", money_compute(request.app.state.db, pricebook_of(request))
+        )
     return page(
         request,
         "invoices.html",
@@ -61,7 +74,10 @@ async def dashboard_invoices(request: Request, session: SessionDep, operator: Op
         period=period or "",
         state=state or "",
         periods=await admin_lists.periods(session),
-        states=admin_lists.INVOICE_STATES,
+        states=("draft", *admin_lists.INVOICE_STATES),
+        drafts=drafts,
+        show_drafts=state in (None, "draft") and period in (None, current),
+        current=current,
         invoice_state=admin_lists.invoice_state,
         money=pricebook_of(request).format,
         default_period=last_closed_period(datetime.now(UTC)),
@@ -99,6 +115,17 @@ def _file_route(kind: Literal["pdf", "html"], media_type: str) -> None:
 
 _file_route("pdf", "application/pdf")
 _file_route("html", "text/html; charset=utf-8")
+
+
+@router.get("/drafts")
+async def dashboard_invoice_drafts(request: Request, operator: Operator) -> Response:
+    """The open month's drafts (waits for the first month-to-date computation)."""
+    kept = await memo_of(request, "money", MONEY_TTL).get(
+        "all", money_compute(request.app.state.db, pricebook_of(request))
+    )
+    return page(
+        request, "_drafts.html", operator, drafts=kept, current=period_of(datetime.now(UTC))
+    )
 
 
 @router.get("/{invoice_id}")

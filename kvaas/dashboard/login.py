@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from fastapi import APIRouter, Request
@@ -62,7 +61,7 @@ async def dashboard_login(request: Request) -> Response:
     form = await auth.form_of(request)
     cookie = request.cookies.get(auth.LOGIN_COOKIE, "")
     given = form.get(auth.CSRF_FIELD, "")
-    if not cookie or not given or not hmac.compare_digest(cookie, given):
+    if not cookie or not given or not auth.same(given, cookie):
         return _login_page(
             request,
             error="The form expired or was not sent from this page; try again.",

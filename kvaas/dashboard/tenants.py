@@ -30,16 +30,23 @@ from kvaas.dashboard.deps import (
     redirect,
     settings_of,
 )
+from kvaas.dashboard.overview import MONEY_TTL, memo_of
 from kvaas.dashboard.render import SECURITY_HEADERS, page
 from kvaas.db.models import Budget
 from kvaas.db.repositories import ApiKeyRepository
 from kvaas.errors import APIError, ValidationFailed
 from kvaas.services import admin_lists, admin_views, listing, quotas
 from kvaas.services.usage_reports import usage_report
+from kvaas.store.keys import derive_namespace, namespace_slot
 
 router = APIRouter(prefix="/admin/tenants", include_in_schema=False)
 
 STATUS_ACTIONS = {"disable": "disabled", "enable": "active"}
+
+
+def tenant_path(ref: str) -> str:
+    """The tenant's page (the reference quoted: it came from the request's path)."""
+    return f"/admin/tenants/{quote(ref, safe='')}"
 
 
 @router.get("")
@@ -83,6 +90,11 @@ async def _tenant_page(
     caches = await listing.list_caches(session, tenant.id, listing.CacheFilter(limit=10))
     audit, _ = await admin_lists.audit_page(session, tenant_id=tenant.id, limit=10)
     budget = await session.get(Budget, tenant.id)
+    try:
+        secret = tenancy.namespace_secret(tenant, get_master_keys(request))
+        scope: str | None = namespace_slot(derive_namespace(secret))
+    except APIError:  # its keys are not configured on this gateway
+        scope = None
     return page(
         request,
         "tenant.html",
@@ -103,6 +115,7 @@ async def _tenant_page(
         money=book.format,
         audit=audit,
         scopes=tenancy.KNOWN_SCOPES,
+        cache_scope=scope,
         notice=notice_of(request),
     )
 
@@ -141,7 +154,7 @@ async def dashboard_tenant_usage(
 async def dashboard_keys_page(ref: str, operator: Operator) -> Response:
     """Where a key's creation left the browser: the tenant's page (the secret is not shown
     again)."""
-    return redirect(f"/admin/tenants/{quote(ref, safe='')}")
+    return redirect(tenant_path(ref))
 
 
 @router.post("/{ref}/keys")
@@ -160,14 +173,14 @@ async def dashboard_create_key(
         )
         return await _tenant_page(request, session, operator, key.tenant_id, new_secret=secret)
     except APIError as e:
-        return await failed(request, session, operator, "Create key", e, f"/admin/tenants/{ref}")
+        return await failed(request, session, operator, "Create key", e, tenant_path(ref))
 
 
 @router.post("/{ref}/keys/{key}/revoke")
 async def dashboard_revoke_key(
     ref: str, key: str, request: Request, session: SessionDep, operator: Operator
 ) -> Response:
-    back = f"/admin/tenants/{ref}"
+    back = tenant_path(ref)
     try:
         tenant = await tenancy.find_tenant(session, ref)
         row = await ApiKeyRepository(session).get(key)
@@ -184,7 +197,7 @@ async def dashboard_set_limits(
     ref: str, request: Request, session: SessionDep, operator: Operator
 ) -> Response:
     form = await form_of(request)
-    back = f"/admin/tenants/{ref}"
+    back = tenant_path(ref)
     try:
         await tenancy.set_tenant_limits(
             session,
@@ -206,7 +219,7 @@ async def dashboard_set_budget(
     """Set the tenant's monthly budget (in the price book's currency), audited in the same
     transaction as the change."""
     form = await form_of(request)
-    back = f"/admin/tenants/{ref}"
+    back = tenant_path(ref)
     book = pricebook_of(request)
     try:
         tenant = await tenancy.find_tenant(session, ref)
@@ -227,6 +240,7 @@ async def dashboard_set_budget(
             {"before_minor": old.amount_minor if old else None, "after_minor": minor},
         )
         await set_budget(session, tenant.id, minor, book.currency)  # commits both
+        memo_of(request, "money", MONEY_TTL).forget("all")  # spend against budgets changed
     except APIError as e:
         return await failed(request, session, operator, "Save budget", e, back)
     return redirect(back, done="budget-saved")
@@ -263,7 +277,7 @@ async def dashboard_confirm_status(
 async def dashboard_set_status(
     ref: str, action: str, request: Request, session: SessionDep, operator: Operator
 ) -> Response:
-    back = f"/admin/tenants/{ref}"
+    back = tenant_path(ref)
     try:
         if action not in STATUS_ACTIONS:
             raise ValidationFailed("the action is disable or enable", param="action")

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, exc, text
+from sqlalchemy import event, exc, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -79,7 +79,12 @@ class Database:
             }
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.dialect == "sqlite":
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            busy_ms = int(timeout * 1000)
+            event.listen(
+                self.engine.sync_engine,
+                "connect",
+                lambda conn, record: _sqlite_pragmas(conn, record, busy_ms),
+            )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @asynccontextmanager
@@ -105,9 +110,29 @@ class Database:
         await self.engine.dispose()
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+async def lock_for_write(session: AsyncSession, entity: type[Any], column: Any, key: Any) -> None:
+    """Hold ``entity``'s row ``column == key`` (``column``: a mapped attribute) for writing
+    until ``session``'s transaction ends, so a read-then-write that follows is atomic against
+    every other process: PostgreSQL's row lock (``SELECT ... FOR UPDATE``); on SQLite, which
+    has no row locks and whose transactions take the write lock only at their first write, a
+    write that changes nothing takes the database's write lock now (what ``BEGIN IMMEDIATE``
+    gives: later reads in the transaction see every commit, and no other writer commits
+    before this one)."""
+    bind = session.get_bind()
+    if bind.dialect.name == "sqlite":
+        table, name = entity.__table__.name, column.key  # our own models' names, not input
+        await session.execute(
+            text(f"UPDATE {table} SET {name} = {name} WHERE {name} = :key"), {"key": key}
+        )
+    else:
+        await session.execute(select(column).where(column == key).with_for_update())
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, busy_ms: int = 5000) -> None:
+    """Foreign keys on, WAL, and a writer waits ``busy_ms`` for the write lock (the
+    database's timeout) before it fails."""
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=5000")
+    cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
     cur.close()

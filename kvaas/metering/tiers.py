@@ -18,6 +18,7 @@ from the time of their event. So storage is billed per tier from the moment chun
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 
@@ -79,6 +80,7 @@ class TierBilling:
         self.store = store
         self.slot_of = slot_of
         self.batch = batch
+        self._slot_by_tenant: dict[str, str] = {}
         self._last_event_id: int | None = None
         """The newest lifecycle event seen by the previous round (events after it are new)."""
 
@@ -95,8 +97,9 @@ class TierBilling:
         return recorded
 
     async def _sync(self, moved: dict[str, float], everyone: bool) -> tuple[int, dict[str, float]]:
+        """Returns the events recorded and the moved slots left for the next round (batch
+        exhausted, or a tier could not answer)."""
         recorded = 0
-        left = dict(moved)
         async with self.db.session() as s:
             newest = (await s.execute(select(func.max(CacheLifecycleEvent.id)))).scalar() or 0
             changed: set[str] = set()
@@ -115,28 +118,25 @@ class TierBilling:
             self._last_event_id = newest
             if not (moved or everyone or changed):
                 return 0, {}
-            rows = (
-                await s.execute(
-                    select(Cache, Tenant)
-                    .join(Tenant, Tenant.id == Cache.tenant_id)
-                    .where(Cache.status == "ready")
-                    .order_by(Cache.tenant_id, Cache.id)
-                )
-            ).all()
-            slots: dict[str, str] = {}
+            slot_by_tenant = await self._slots(s)
+            wanted = [t for t, slot in slot_by_tenant.items() if everyone or slot in moved]
+            caches: dict[str, Cache] = {}
+            for column, values in ((Cache.tenant_id, wanted), (Cache.id, sorted(changed))):
+                for i in range(0, len(values), _IN_BATCH):
+                    part = values[i : i + _IN_BATCH]
+                    rows = await s.execute(
+                        select(Cache).where(Cache.status == "ready", column.in_(part))
+                    )
+                    caches.update((c.id, c) for c in rows.scalars())
+            left: dict[str, float] = {}
             done = 0
-            for cache, tenant in rows:
-                if done >= self.batch:
-                    break
-                slot = slots.get(tenant.id)
-                if slot is None:
-                    try:
-                        slot = slots[tenant.id] = self.slot_of(tenant)
-                    except Exception as e:  # a tenant this gateway cannot resolve: skip it
-                        log.warning("tier billing: tenant %s skipped: %s", tenant.id, e)
-                        slots[tenant.id] = ""
-                        continue
-                if not slot or not (everyone or slot in moved or cache.id in changed):
+            for cache in sorted(caches.values(), key=lambda c: (c.tenant_id, c.id)):
+                slot = slot_by_tenant.get(cache.tenant_id)
+                if not slot:
+                    continue
+                if done >= self.batch:  # the rest next round
+                    if slot in moved:
+                        left[slot] = moved[slot]
                     continue
                 # a move: from its time; a new event: from the event (the latest one wins)
                 at = _when(moved[slot]) if slot in moved else _EPOCH
@@ -145,14 +145,25 @@ class TierBilling:
                     measured = await self.store.bytes_by_tier(keys)
                 except StoreError as e:  # a tier cannot answer: measure next round
                     log.info("tier billing: cache %s not measured: %s", cache.id, e)
+                    left[slot] = moved.get(slot, time.time())
                     continue
                 done += 1
                 if await sync_cache_tiers(s, cache, measured, at):
                     recorded += 1
-            else:
-                left = {}
             await s.commit()
         return recorded, left
+
+    async def _slots(self, s: AsyncSession) -> dict[str, str]:
+        """Each tenant's namespace slot (cached: a tenant's slot never changes); ``""`` for a
+        tenant this gateway cannot resolve (its secret is wrapped under a key it lacks)."""
+        for tenant in (await s.execute(select(Tenant))).scalars():
+            if tenant.id not in self._slot_by_tenant:
+                try:
+                    self._slot_by_tenant[tenant.id] = self.slot_of(tenant)
+                except Exception as e:
+                    log.warning("tier billing: tenant %s skipped: %s", tenant.id, e)
+                    self._slot_by_tenant[tenant.id] = ""
+        return self._slot_by_tenant
 
     async def _keys(self, slot: str, cache_id: str) -> Iterable[ChunkKey]:
         keys: dict[ChunkKey, None] = {}
@@ -164,6 +175,7 @@ class TierBilling:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_IN_BATCH = 500
 
 
 def _when(epoch_s: float) -> datetime:

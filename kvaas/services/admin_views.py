@@ -21,7 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.billing.budget import MONTH_TO_DATE, month_start
 from kvaas.billing.pricebook import PriceBook
-from kvaas.db.models import LISTED_STATUSES, Cache, CacheLifecycleEvent, Tenant, UsageEvent
+from kvaas.db.models import (
+    LISTED_STATUSES,
+    Budget,
+    Cache,
+    CacheLifecycleEvent,
+    Tenant,
+    UsageEvent,
+)
 from kvaas.metering.ledger import STORAGE_CLASSES, TIERS
 from kvaas.metering.storage import epoch_s, tenants_with_activity
 
@@ -240,6 +247,16 @@ async def revenue_month_to_date(
     for tid in await tenants_with_activity(session, start, now):
         per[tid] = await MONTH_TO_DATE.running(session, tid, pricebook, now)
     return sum(per.values()), per
+
+
+async def budgets(session: AsyncSession, tenant_ids: Sequence[str]) -> dict[str, int]:
+    """The monthly budgets (minor units) of those of ``tenant_ids`` that have one."""
+    if not tenant_ids:
+        return {}
+    rows = await session.execute(
+        select(Budget.tenant_id, Budget.amount_minor).where(Budget.tenant_id.in_(list(tenant_ids)))
+    )
+    return {tid: int(amount) for tid, amount in rows}
 
 
 async def tenant_spend(

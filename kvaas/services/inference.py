@@ -106,7 +106,7 @@ async def generate(inf: Inference) -> Run:
         async with service.gate.slot(tenant.id):
             gen = await engine.generate(ids, service.salted(tenant, inf.sampling))
     except EngineError as e:
-        raise EngineUnavailable(f"the engine failed: {e}", detail=e.detail) from e
+        raise EngineUnavailable.failed(e) from e
     run = Run(None, gen, len(ids))
     await run.meter(inf.session, tenant.id, inf.request_id)
     await inf.session.commit()
@@ -145,4 +145,4 @@ async def generate_stream(inf: Inference) -> tuple[Run, AsyncIterator[Generation
     try:
         return run, await service.gate.stream(tenant_id, deltas)
     except EngineError as e:
-        raise EngineUnavailable(f"the engine failed: {e}", detail=e.detail) from e
+        raise EngineUnavailable.failed(e) from e

@@ -118,56 +118,72 @@ class DrainResult:
     depth: int = 0  # rows left in the outbox after this drain
 
 
-async def drain(db: Database, store: TieredStore, *, limit: int = 200) -> DrainResult:
-    """Release up to ``limit`` due rows, oldest first; each row is removed in its own short
-    transaction once the store confirmed it. Stops at the first store error (the store is
-    likely down: the rest wait for their own back-off)."""
+async def drain(
+    db: Database, store: TieredStore, *, limit: int = 200, batches: int = 10
+) -> DrainResult:
+    """Release due rows, oldest first, ``limit`` per batch and at most ``batches`` batches
+    (another batch only after a full one). The rows the store confirmed leave the outbox in one
+    short transaction per batch (a crash before that releases them again: harmless). Stops at
+    the first store error (the store is likely down: that row gets its back-off, the rest wait
+    for the next drain)."""
     result = DrainResult()
     async with db.session() as session:
-        rows = list(
-            (
-                await session.execute(
-                    select(StoreRelease)
-                    .where(StoreRelease.next_attempt_at <= utcnow())
-                    .order_by(StoreRelease.id)
-                    .limit(limit)
-                )
-            ).scalars()
-        )
-        await session.commit()
-        for row in rows:
-            try:
-                await release_now(store, row)
-            except StoreError as e:
-                attempts = row.attempts + 1
-                await session.execute(
-                    update(StoreRelease)
-                    .where(StoreRelease.id == row.id)
-                    .values(
-                        attempts=attempts,
-                        last_error=str(e)[:500],
-                        next_attempt_at=utcnow() + backoff(attempts),
+        for _ in range(batches):
+            rows = list(
+                (
+                    await session.execute(
+                        select(StoreRelease)
+                        .where(StoreRelease.next_attempt_at <= utcnow())
+                        .order_by(StoreRelease.id)
+                        .limit(limit)
                     )
-                )
-                await session.commit()
-                result.retried += 1
-                RELEASES.labels("retried").inc()
-                log.warning(
-                    "release of %s v%s failed (attempt %d), retried later: %s",
-                    row.cache_id,
-                    "*" if row.version is None else row.version,
-                    attempts,
-                    e,
-                )
-                break
-            await session.execute(delete(StoreRelease).where(StoreRelease.id == row.id))
+                ).scalars()
+            )
             await session.commit()
-            result.released += 1
-            RELEASES.labels("released").inc()
+            done: list[int] = []
+            failed = False
+            for row in rows:
+                try:
+                    await release_now(store, row)
+                except StoreError as e:
+                    failed = True
+                    await _retry_later(session, row, e)
+                    result.retried += 1
+                    RELEASES.labels("retried").inc()
+                    break
+                done.append(row.id)
+            if done:
+                await session.execute(delete(StoreRelease).where(StoreRelease.id.in_(done)))
+                await session.commit()
+                result.released += len(done)
+                RELEASES.labels("released").inc(len(done))
+            if failed or len(rows) < limit:
+                break
         result.depth = await depth(session)
         await session.commit()
     OUTBOX_DEPTH.set(result.depth)
     return result
+
+
+async def _retry_later(session: AsyncSession, row: StoreRelease, error: StoreError) -> None:
+    attempts = row.attempts + 1
+    await session.execute(
+        update(StoreRelease)
+        .where(StoreRelease.id == row.id)
+        .values(
+            attempts=attempts,
+            last_error=str(error)[:500],
+            next_attempt_at=utcnow() + backoff(attempts),
+        )
+    )
+    await session.commit()
+    log.warning(
+        "release of %s v%s failed (attempt %d), retried later: %s",
+        row.cache_id,
+        "*" if row.version is None else row.version,
+        attempts,
+        error,
+    )
 
 
 async def depth(session: AsyncSession) -> int:

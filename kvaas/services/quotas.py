@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from kvaas.config import Settings
 from kvaas.db.base import utcnow
 from kvaas.db.models import Cache, Tenant
+from kvaas.db.session import lock_for_write
 from kvaas.errors import APIError
 
 #: Statuses that hold (or are about to hold) storage.
@@ -142,9 +143,9 @@ def _own(value: int | None, default: int | None) -> int | None:
 class Guard:
     """Serialises the quota checks of one tenant until the caller commits inside the block.
 
-    PostgreSQL: the tenant's row is locked (``SELECT ... FOR UPDATE``) until the transaction
-    ends, across every gateway process. In-process as well (SQLite has no row locks): one of a
-    few asyncio locks, picked by the tenant id.
+    Across every gateway process: the tenant's row is held for writing until the transaction
+    ends (:func:`~kvaas.db.session.lock_for_write`: PostgreSQL's row lock, SQLite's write
+    lock). In-process as well: one of a few asyncio locks, picked by the tenant id.
     """
 
     def __init__(self, stripes: int = 64) -> None:
@@ -153,5 +154,5 @@ class Guard:
     @contextlib.asynccontextmanager
     async def __call__(self, session: AsyncSession, tenant: Tenant) -> AsyncIterator[Usage]:
         async with self._locks[zlib.crc32(tenant.id.encode()) % len(self._locks)]:
-            await session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
+            await lock_for_write(session, Tenant, Tenant.id, tenant.id)
             yield await usage(session, tenant.id)

@@ -8,7 +8,9 @@ error is raised as :class:`~kvaas.store.errors.StorageFull` (ENOSPC, EDQUOT, EFB
 :class:`~kvaas.store.errors.StoreError`.
 
 Size accounting is per process: the index (key → size) is rebuilt on :meth:`DiskTier.open` by a
-scan, and files another process wrote are adopted when this process first meets them. Presence
+scan, files another process wrote are adopted when this process first meets them, and
+:meth:`DiskTier.rescan` (run by the store's housekeeping) adopts and forgets what other processes
+wrote and deleted, so processes sharing a directory share its budget. Presence
 (``exists_many``, ``get_many``, ``put_many``) is always decided by the filesystem, so several
 processes can share one directory; only ``sizes_many`` and the byte accounting trust the index.
 All file I/O runs in worker threads (``asyncio.to_thread``): one thread hop per batch.
@@ -125,6 +127,27 @@ class DiskTier(Tier):
                         (ChunkKey(bytes.fromhex(f.name)), st.st_size, max(st.st_atime, st.st_mtime))
                     )
         return out
+
+    async def rescan(self) -> tuple[list[tuple[ChunkKey, int]], list[ChunkKey]]:
+        """Bring the size index in line with the directory, which other processes share: adopt
+        the chunks they wrote, forget those they deleted. Returns ``(adopted, forgotten)``.
+
+        The byte budget is checked against this index, so a periodic rescan (the store's
+        housekeeping) makes every process sharing the directory count every process's chunks:
+        together they stay within the budget, up to what was written since the last rescan."""
+        await self._ensure_open()
+        entries = await asyncio.to_thread(self._scan)
+        found = {k: size for k, size, _ in entries}
+        maybe_gone = [k for k in self._index if k not in found]
+        # written by this process after the scan passed its directory: still there
+        sizes = await asyncio.to_thread(self._stat_many, maybe_gone) if maybe_gone else []
+        gone = [k for k, size in zip(maybe_gone, sizes, strict=True) if size is None]
+        adopted = [(k, size) for k, size in found.items() if k not in self._index]
+        for k in gone:
+            self._forget(k)
+        for k, size in adopted:
+            self._adopt(k, size)
+        return adopted, gone
 
     # -- reads -------------------------------------------------------------------------------
     async def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:

@@ -12,9 +12,10 @@ outside the store):
   the throughput bound is ``gc_batch * gc_max_passes`` chunks per ``gc_every_s``.
 - **Idle demotion** (:meth:`StoreMaintenance.demote_round`): chunks of the ``standard`` class
   not read for ``demote_idle_s`` move from Redis to disk every ``demote_every_s`` seconds.
-- **Housekeeping** (:meth:`StoreMaintenance.housekeeping_round`): checks a Redis that was down
-  at start-up for a safe eviction policy, and gives the SQLite index its reserve file back after
-  a full disk.
+- **Housekeeping** (:meth:`StoreMaintenance.housekeeping_round`): checks Redis' eviction policy
+  again (a Redis that was down at start-up, or restarted with another configuration), gives the
+  SQLite index its reserve file back after a full disk, and recounts the shared disk directory
+  so that every process sharing it counts the others' chunks against the budget.
 - Extra ``jobs`` (name, period, coroutine function) run the same way: the gateway adds the
   per-tier storage billing of :mod:`kvaas.metering.tiers` there.
 
@@ -116,14 +117,15 @@ class StoreMaintenance:
     async def housekeeping_round(self) -> None:
         """Deferred start-up checks and the index's reserve file."""
         refs = self.store.refs
-        if isinstance(refs, RedisRefIndex) and not refs.policy_checked:
-            try:
+        if isinstance(refs, RedisRefIndex):  # every round: a Redis restarted with another
+            try:  # configuration is caught within one round
                 await refs.check_eviction_policy()
             except ConfigurationError as e:  # found unsafe after start-up: say so loudly
                 log.error("%s", e.message)
                 raise
         if isinstance(refs, SqliteRefIndex):
             await refs.restore_reserve()
+        await self.store.rescan_shared()  # the disk budget counts other processes' chunks
 
     # -- loops -------------------------------------------------------------------------------
     def jobs(self) -> list[Job]:

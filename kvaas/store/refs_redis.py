@@ -57,168 +57,16 @@ from kvaas.store.manifest import Manifest
 from kvaas.store.policy import STORAGE_CLASSES, StorageClass, check_storage_class
 from kvaas.store.redis_conn import RedisClient, RedisConnection, group_by_slot
 from kvaas.store.refs import GarbageClaim, RefCounts, RefIndex, new_claim_token
+from kvaas.store.refs_redis_scripts import (
+    ABANDON,
+    ALLOW_OOM,
+    CLAIM,
+    DELETE_MANIFEST,
+    FINISH,
+    PUT_MANIFEST,
+    SET_CLASS,
+)
 from kvaas.store.tier import TierHealth
-
-_ALLOW_OOM = "#!lua flags=allow-oom\n"
-"""First line of every index script (Redis >= 7): the index must keep working when Redis is at
-``maxmemory`` (``noeviction`` refuses ordinary writes then): a release that could not commit
-would strand references, and a manifest is tiny next to the chunks that spill to disk."""
-
-_NOW = """
-local function now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-"""
-
-# KEYS: manifest, versions, garbage, refs[1..n], tombstones[1..n]
-# ARGV: body, storage class, version, hex[1..n]
-# -> {-1} conflict | {0, i1, i2, ...} positions (1-based) of tombstoned chunks
-_PUT_MANIFEST = """
-local n = (#KEYS - 3) / 2
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return {-1} end
-if not cur then
-  redis.call('SET', KEYS[1], ARGV[1])
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[3])
-  for i = 1, n do
-    redis.call('HINCRBY', KEYS[3 + i], ARGV[2], 1)
-    redis.call('ZREM', KEYS[3], ARGV[3 + i])
-  end
-end
-local out = {0}
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[3 + n + i]) == 1 then out[#out + 1] = i end
-end
-return out
-"""
-
-# KEYS: manifest, versions, garbage, refs[1..n]
-# ARGV: expected body, storage class, version, hex[1..n]
-# -> -1 changed meanwhile (retry) | 0 absent | 1 + number of chunks that became candidates
-_DELETE_MANIFEST = (
-    _NOW
-    + """
-local n = #KEYS - 3
-local cur = redis.call('GET', KEYS[1])
-if not cur then return 0 end
-if cur ~= ARGV[1] then return -1 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[3])
-local t = now()
-local added = 0
-for i = 1, n do
-  local left = redis.call('HINCRBY', KEYS[3 + i], ARGV[2], -1)
-  if left <= 0 then redis.call('HDEL', KEYS[3 + i], ARGV[2]) end
-  if redis.call('EXISTS', KEYS[3 + i]) == 0 then
-    added = added + redis.call('ZADD', KEYS[3], 'NX', t, ARGV[3 + i])
-  end
-end
-return 1 + added
-"""
-)
-
-# KEYS: manifest, refs[1..n]
-# ARGV: expected body, new body, old class, new class
-# -> -1 changed meanwhile (retry) | 0 absent | {hot1, std1, cold1, hot2, ...} counts afterwards
-_SET_CLASS = """
-local n = #KEYS - 1
-local cur = redis.call('GET', KEYS[1])
-if not cur then return 0 end
-if cur ~= ARGV[1] then return -1 end
-if ARGV[3] ~= ARGV[4] then
-  redis.call('SET', KEYS[1], ARGV[2])
-  for i = 1, n do
-    local left = redis.call('HINCRBY', KEYS[1 + i], ARGV[3], -1)
-    if left <= 0 then redis.call('HDEL', KEYS[1 + i], ARGV[3]) end
-    redis.call('HINCRBY', KEYS[1 + i], ARGV[4], 1)
-  end
-end
-local out = {}
-for i = 1, n do
-  local c = redis.call('HMGET', KEYS[1 + i], 'hot', 'standard', 'cold')
-  out[#out + 1] = tonumber(c[1]) or 0
-  out[#out + 1] = tonumber(c[2]) or 0
-  out[#out + 1] = tonumber(c[3]) or 0
-end
-return out
-"""
-
-# KEYS: garbage, refs[1..n], tombstones[1..n]
-# ARGV: token, lease ms, grace s, most chunks to claim, hex[1..n]
-# -> {server time, positions (1-based) of the chunks claimed by the token}
-# Candidates stay in the zset until finish (a dead collector's chunks come back when its lease
-# ends); a chunk already tombstoned by the same token is answered again, so running the script
-# twice (redis-py resends it after a socket timeout) claims the same chunks.
-_CLAIM = (
-    _NOW
-    + """
-local n = (#KEYS - 1) / 2
-local t = now()
-local cutoff = t - tonumber(ARGV[3])
-local most = tonumber(ARGV[4])
-local out = {tostring(t)}
-for i = 1, n do
-  if #out > most then break end
-  local hex = ARGV[4 + i]
-  local since = redis.call('ZSCORE', KEYS[1], hex)
-  if since then
-    if redis.call('EXISTS', KEYS[1 + i]) == 1 then
-      redis.call('ZREM', KEYS[1], hex)
-    else
-      local owner = redis.call('GET', KEYS[1 + n + i])
-      if owner == ARGV[1] then
-        out[#out + 1] = i
-      elseif not owner and tonumber(since) <= cutoff then
-        redis.call('SET', KEYS[1 + n + i], ARGV[1], 'PX', ARGV[2])
-        out[#out + 1] = i
-      end
-    end
-  end
-end
-return out
-"""
-)
-
-# KEYS: garbage, refs[1..n], tombstones[1..n]   ARGV: token, claim time, hex[1..n]
-# -> number of tombstones removed; the candidates of the chunks whose tombstone the token still
-# held go too, unless referenced or released again after the claim
-_FINISH = """
-local n = (#KEYS - 1) / 2
-local removed = 0
-for i = 1, n do
-  if redis.call('GET', KEYS[1 + n + i]) == ARGV[1] then
-    redis.call('DEL', KEYS[1 + n + i])
-    removed = removed + 1
-    local since = redis.call('ZSCORE', KEYS[1], ARGV[2 + i])
-    if since and tonumber(since) <= tonumber(ARGV[2])
-        and redis.call('EXISTS', KEYS[1 + i]) == 0 then
-      redis.call('ZREM', KEYS[1], ARGV[2 + i])
-    end
-  end
-end
-return removed
-"""
-
-# KEYS: garbage, refs[1..n], tombstones[1..n]   ARGV: token ('' = none), hex[1..n]
-# -> number of unreferenced chunks added to the candidates (tombstones of the token removed)
-_ABANDON = (
-    _NOW
-    + """
-local n = (#KEYS - 1) / 2
-local t = now()
-local added = 0
-for i = 1, n do
-  if ARGV[1] ~= '' and redis.call('GET', KEYS[1 + n + i]) == ARGV[1] then
-    redis.call('DEL', KEYS[1 + n + i])
-  end
-  if redis.call('EXISTS', KEYS[1 + i]) == 0 then
-    added = added + redis.call('ZADD', KEYS[1], 'NX', t, ARGV[1 + i])
-  end
-end
-return added
-"""
-)
 
 _MAX_RETRIES = 20
 SAFE_EVICTION_POLICIES = frozenset({"noeviction"})
@@ -240,7 +88,7 @@ class _Script:
     """A Lua script run with ``EVALSHA`` (falling back to ``EVAL`` on ``NOSCRIPT``)."""
 
     def __init__(self, source: str) -> None:
-        source = _ALLOW_OOM + source.lstrip("\n")
+        source = ALLOW_OOM + source.lstrip("\n")
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
@@ -262,12 +110,12 @@ class RedisRefIndex(RefIndex):
         self.name = "index"
         self.conn = conn
         self.keys = conn.keys
-        self._put = _Script(_PUT_MANIFEST)
-        self._delete = _Script(_DELETE_MANIFEST)
-        self._set_class = _Script(_SET_CLASS)
-        self._claim = _Script(_CLAIM)
-        self._finish = _Script(_FINISH)
-        self._abandon = _Script(_ABANDON)
+        self._put = _Script(PUT_MANIFEST)
+        self._delete = _Script(DELETE_MANIFEST)
+        self._set_class = _Script(SET_CLASS)
+        self._claim = _Script(CLAIM)
+        self._finish = _Script(FINISH)
+        self._abandon = _Script(ABANDON)
         self._mark = _Script("return redis.call('SADD', KEYS[1], ARGV[1])")
         self.policy_checked = False
         """Whether the server's eviction policy was checked (and found safe)."""
@@ -459,7 +307,10 @@ class RedisRefIndex(RefIndex):
                 slot, candidates, token, lease_s=lease_s, grace_s=grace_s, most=want
             )
             reply = await self._eval(self._claim, names, args)
-            claimed_at = max(claimed_at, float(reply[0]))
+            # the earliest script time: a candidate released again after it stays (at worst a
+            # chunk is deleted twice, never a later copy left without a candidate)
+            t = float(reply[0])
+            claimed_at = t if not claimed_at else min(claimed_at, t)
             claimed.extend(candidates[int(i) - 1] for i in reply[1:])
         return GarbageClaim(
             token=token, keys=tuple(claimed), deadline=started + lease_s, claimed_at=claimed_at

@@ -1,6 +1,6 @@
 """The tiered store: ordered tiers (top = fastest, e.g. memory → Redis → disk), one API.
 
-(This module is longer than most, ~770 lines, on purpose: it is one class whose reads,
+(This module is longer than most, ~840 lines, on purpose: it is one class whose reads,
 promotion, writes, eviction, demotion, manifests and garbage collection share the per-tier
 locks, the eviction policy and the tier metrics; split apart, each piece would reach into the
 others' private state.)
@@ -790,6 +790,23 @@ class TieredStore:
         m.DEMOTIONS.labels(src.name).inc(len(done))
         self.moves.record(done)
         return len(done)
+
+    async def rescan_shared(self) -> int:
+        """Let bounded tiers shared with other processes (the disk) recount what the shared
+        directory holds (see :meth:`~kvaas.store.disk.DiskTier.rescan`), and the eviction policy
+        follow; returns the number of chunks adopted or forgotten."""
+        changed = 0
+        for tier in self.tiers:
+            rescan = getattr(tier, "rescan", None)
+            if rescan is None or tier.capacity is None:
+                continue
+            async with self._lock(tier):
+                adopted, gone = await rescan()
+                self.policy.load(tier.name, adopted)
+                self.policy.on_remove_many(tier.name, gone)
+            m.BYTES_USED.labels(tier.name).set(await tier.bytes_used())
+            changed += len(adopted) + len(gone)
+        return changed
 
     async def usage(self) -> dict[str, int]:
         """Bytes held per tier (tiers that cannot answer right now are left out)."""

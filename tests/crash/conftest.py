@@ -9,12 +9,14 @@ chosen)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kvtest.services import REDIS_URL
 
 from kvaas.config import Settings
 from kvaas.db import migrate
@@ -24,6 +26,7 @@ from kvaas.db.session import Database
 from kvaas.services.caches import CacheService, tokens_to_bytes
 from kvaas.services.caches.identity import PrefillJob, prefix_sha256
 from kvaas.store.factory import StoreConfig, build_store
+from kvaas.store.redis_conn import RedisConnection
 from kvaas.store.tiered import TieredStore
 
 CHUNK = 16
@@ -151,8 +154,10 @@ class Hook:
         setattr(store, method, hooked)
 
 
-@pytest.fixture
-async def world(database_url: str, tmp_path: Path) -> AsyncIterator[World]:
+@asynccontextmanager
+async def _world(
+    database_url: str, tmp_path: Path, redis_prefix: str | None
+) -> AsyncIterator[World]:
     migrate.upgrade(database_url)
     db = Database(database_url)
     settings = Settings(  # type: ignore[call-arg]
@@ -167,7 +172,8 @@ async def world(database_url: str, tmp_path: Path) -> AsyncIterator[World]:
             memory_bytes=0,
             disk_dir=tmp_path / "disk",
             disk_bytes=64 * 1024 * 1024,
-            redis_url=None,
+            redis_url=REDIS_URL if redis_prefix else None,
+            redis_prefix=redis_prefix or "kvaas",
         )
     )
     await store.open()
@@ -181,3 +187,17 @@ async def world(database_url: str, tmp_path: Path) -> AsyncIterator[World]:
     finally:
         await store.close()
         await db.dispose()
+        if redis_prefix:
+            conn = RedisConnection(REDIS_URL, prefix=redis_prefix)
+            try:
+                for name in await conn.scan_keys(f"{redis_prefix}:*"):
+                    await conn.run(lambda c, n=name: c.delete(n))
+            finally:
+                await conn.close()
+
+
+@pytest.fixture
+async def world(database_url: str, tmp_path: Path) -> AsyncIterator[World]:
+    """The service on an embedded store: disk tier, SQLite reference index."""
+    async with _world(database_url, tmp_path, None) as w:
+        yield w

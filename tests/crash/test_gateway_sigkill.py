@@ -80,31 +80,42 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
-@contextlib.contextmanager
-def _serve(cwd: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``kvaas serve`` in ``cwd`` until ``/readyz`` answers 200; SIGKILLed on exit."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [str(KVAAS), "serve", "--port", str(port)],
-            cwd=cwd,
-            env=_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+def _start(cwd: Path, log: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """``kvaas serve`` in ``cwd`` until ``/readyz`` answers 200 (a port taken by another
+    process between the pick and the bind: a new port, up to three times)."""
+    for _ in range(3):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        offset = log.stat().st_size if log.exists() else 0
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [str(KVAAS), "serve", "--port", str(port)],
+                cwd=cwd,
+                env=_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"kvaas serve exited {proc.returncode}:\n{log.read_text()[-5000:]}")
+        while proc.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
+                    return url, proc
             if time.monotonic() > deadline:
+                _kill(proc)
                 pytest.fail(f"kvaas serve not ready:\n{log.read_text()[-5000:]}")
             time.sleep(0.5)
+        _kill(proc)
+        if "address already in use" not in log.read_bytes()[offset:].decode(errors="replace"):
+            pytest.fail(f"kvaas serve exited {proc.returncode}:\n{log.read_text()[-5000:]}")
+    pytest.fail("no free port for kvaas serve")
+
+
+@contextlib.contextmanager
+def _serve(cwd: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """:func:`_start`; SIGKILLed on exit."""
+    url, proc = _start(cwd, log)
+    try:
         yield url, proc
     finally:
         _kill(proc)
@@ -181,14 +192,18 @@ async def _burst(
             await asyncio.sleep(0.005)
         else:
             pytest.fail(f"the kill point {kill_when} was never reached")
+        in_flight = sum(1 for t in tasks if not t.done())
         _kill(proc)
         await asyncio.gather(*tasks, return_exceptions=True)
+        print(f"SIGKILL at {kill_when}: {in_flight} of {len(tasks)} requests in flight")
 
 
 async def _check(url: str, key: str, cwd: Path, keyed: dict[str, dict[str, Any]]) -> None:
     """The invariants after a restart (see the module's docstring)."""
     data = cwd / ".kvaas"
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    began = time.monotonic()
+    deadline = began + SETTLE_TIMEOUT_S
+    owed = _sql(data, "SELECT count(*) FROM store_releases")[0][0]
     while True:
         pending = _sql(
             data,
@@ -197,6 +212,11 @@ async def _check(url: str, key: str, cwd: Path, keyed: dict[str, dict[str, Any]]
             "(SELECT count(*) FROM store_releases)",
         )[0][0]
         if pending == 0:
+            statuses = _sql(data, "SELECT status, count(*) FROM caches GROUP BY status")
+            print(
+                f"settled {time.monotonic() - began:.1f} s after the restart was ready "
+                f"(releases owed at start: {owed}); caches: {dict(statuses)}"
+            )
             break
         assert time.monotonic() < deadline, _sql(
             data, "SELECT cache_id, version, reason, last_error FROM store_releases"

@@ -5,7 +5,10 @@ live version owns (SQLite and PostgreSQL, real embedded store)."""
 from __future__ import annotations
 
 import asyncio
+import secrets
+from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +20,18 @@ from kvaas.services.caches import CacheService
 from kvaas.services.reconcile import reconcile_all
 from kvaas.store.errors import StoreError
 
-from .conftest import World
+from .conftest import World, _world
+
+
+@pytest.fixture(params=["embedded", "redis"])
+async def any_world(
+    request: pytest.FixtureRequest, database_url: str, tmp_path: Path
+) -> AsyncIterator[World]:
+    """The service on each kind of store: the embedded one (SQLite reference index) and one
+    with a Redis tier and the Redis reference index (a private prefix, deleted afterwards)."""
+    prefix = None if request.param == "embedded" else f"kvcrash-{secrets.token_hex(4)}"
+    async with _world(database_url, tmp_path, prefix) as w:
+        yield w
 
 
 def _break(w: World, method: str, error: BaseException) -> None:
@@ -46,12 +60,12 @@ async def _reconcile(w: World) -> int:
 
 @pytest.mark.parametrize("status", ["ready", "pending"])
 async def test_a_release_cut_off_by_a_crash_is_carried_out_after_restart(
-    world: World, status: str
+    any_world: World, status: str
 ) -> None:
     """The delete commits, then the process dies before the store released anything (a
     pending cache deleted while its gateway dies included): the release is in the outbox, and
     the next gateway's drain releases every manifest; nothing is left for the reconciler."""
-    w = world
+    w = any_world
     cache = await w.seed({1: status}, status=status)
     _break(w, "list_versions", asyncio.CancelledError())
     with pytest.raises(asyncio.CancelledError):
@@ -70,10 +84,10 @@ async def test_a_release_cut_off_by_a_crash_is_carried_out_after_restart(
     assert await _reconcile(w) == 0
 
 
-async def test_a_store_error_leaves_the_release_for_a_retry_with_back_off(world: World) -> None:
+async def test_a_store_error_leaves_the_release_for_a_retry_with_back_off(any_world: World) -> None:
     """A version delete whose release meets a store error: the row stays (attempts 1, a
     back-off), the version's manifest is held until a later drain succeeds."""
-    w = world
+    w = any_world
     cache = await w.seed({1: "ready", 2: "ready"})
     _break(w, "delete_manifest", StoreError("redis: connection refused"))
     async with w.db.session() as s:
@@ -100,11 +114,11 @@ async def test_a_store_error_leaves_the_release_for_a_retry_with_back_off(world:
     assert outbox.backoff(40) == outbox.MAX_BACKOFF
 
 
-async def test_reconciler_finds_manifests_no_live_version_owns(world: World) -> None:
+async def test_reconciler_finds_manifests_no_live_version_owns(any_world: World) -> None:
     """Manifests left behind (a failed version's, a deleted cache's, written by a prefill
     after its cache's release) are found once, queued and released; the live and pending
     versions' manifests are left; a second cycle finds nothing."""
-    w = world
+    w = any_world
     live = await w.seed({1: "ready", 2: "failed", 3: "pending"})
     gone = await w.seed({1: "ready"})
     async with w.db.session() as s:

@@ -151,3 +151,17 @@ async def test_sweep_fails_a_pending_version_whose_lease_ran_out(world: World) -
     assert await w.stored_versions(dead.id) == []
     assert (await w.row(alive.id)).status == "pending"
     assert await w.stored_versions(alive.id) == [1]
+
+
+async def test_a_patch_does_not_write_a_cache_deleted_meanwhile(world: World) -> None:
+    """The delete commits between the PATCH's lookup and its write: 404, and the deleted cache
+    keeps its fields (no new lifetime for a deleted cache)."""
+    w = world
+    cache = await w.seed({1: "ready"})
+    async with w.db.session() as s:
+        row = await w.service.get_live(s, w.tenant, cache.id)
+        await _delete(w, cache.id)  # the competing transaction, between the two steps
+        with pytest.raises(NotFound):
+            await w.service._set_fields(s, row, {"name": "renamed", "ttl_seconds": 7200})
+    after = await w.row(cache.id)
+    assert (after.status, after.name, after.ttl_seconds) == ("deleted", None, 3600)

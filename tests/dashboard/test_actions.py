@@ -42,6 +42,9 @@ async def test_create_a_tenant_and_keys_the_secret_shown_once(dash: Dash) -> Non
     t = await _tenant(dash, "acme")
     page = await dash.client.get(f"/admin/tenants/{t.id}")
     assert secret.group(1) not in page.text  # once only
+    # the tenant's cache scope: the slot its chunk keys and manifests are filed under
+    slot = re.search(r"namespace slot <code>([0-9a-f]+)</code>", page.text)
+    assert slot and slot.group(1) not in t.namespace_secret
 
     r = await dash.post(
         f"/admin/tenants/{t.id}/keys", {"name": "ci", "scopes": "caches:read usage:read"}
@@ -223,8 +226,17 @@ async def test_overview_shows_token_weighted_hit_rate_and_storage(dash: Dash) ->
     await seed_attach(dash.db, t.id, cid, cached=0, prefill=1000)
     r = await dash.client.get("/admin")
     assert r.status_code == 200
+    # the aggregates load as a fragment until their first result is in
+    assert 'hx-get="/admin/overview/economics"' in r.text
+    r = await dash.client.get("/admin/overview/economics")
     assert re.search(r'id="hit-rate">45.0 %<', r.text), r.text
-    assert "900" in r.text  # prefill tokens saved
+    assert re.search(r'id="prefill-saved">900<', r.text)
+    by_model = r.text[r.text.index('id="hit-by-model"') :]
+    assert re.search(r"<td>tiny</td><td>900</td><td>1,100</td><td>45.0 %</td>", by_model)
+    r = await dash.client.get("/admin")
+    assert re.search(r'id="hit-rate">45.0 %<', r.text), "the page shows the kept result"
+    money = await dash.client.get("/admin/overview/money")
+    assert re.search(r'id="revenue">[0-9.]+ [A-Z]{3}<', money.text), money.text
     charts = (await dash.client.get("/admin/overview/charts.json")).json()
     assert charts["storage"]["series"]["redis"][-1] == 10_000
     assert sum(charts["attaches"]["attaches"]) == 2
@@ -254,6 +266,21 @@ async def test_run_invoicing_and_open_the_pdf(dash: Dash) -> None:
     assert "finalized" in detail.text and "acme" in detail.text
     [entry] = await _audit(dash, "invoices.run")
     assert entry.details["created"] == [inv.group(1)]
+    # the open month: a draft per tenant with usage, its amount so far
+    await seed_attach(dash.db, t.id, cid, cached=1000, prefill=100)
+    page = await dash.client.get("/admin/invoices")
+    assert 'hx-get="/admin/invoices/drafts"' in page.text
+    drafts = await dash.client.get("/admin/invoices/drafts")
+    draft_row = r"<td><a [^>]*>acme</a></td><td>(\d{4}-\d{2})</td><td>([^<]+)</td><td>draft</td>"
+    row = re.search(draft_row + r"<td>no budget</td>", drafts.text)
+    now = datetime.now(UTC)
+    assert row and row.group(1) == f"{now.year:04d}-{now.month:02d}", drafts.text
+    only = await dash.client.get("/admin/invoices?state=draft")
+    assert "<h2>Issued</h2>" not in only.text and 'id="draft-list"' in only.text
+    # spend against the budget, once the tenant has one (setting it drops the kept result)
+    await dash.post(f"/admin/tenants/{t.id}/budget", {"amount": "1000000"})
+    money = await dash.client.get("/admin/overview/money")
+    assert re.search(r"<td>[0-9.]+ % of 1000000.00 [A-Z]{3}</td>", money.text), money.text
     # the open month is refused with the service's reason
     now = datetime.now(UTC)
     r = await dash.post(

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 from kvtest.dashboard import Dash, csrf_of
-from kvtest.gateway import ADMIN_TOKEN, admin_headers
+from kvtest.gateway import ADMIN_TOKEN, admin_headers, running_app
 from pydantic import SecretStr
 
 from kvaas.config import Settings
@@ -173,3 +174,59 @@ async def test_a_failed_login_keeps_the_page_asked_for(dash: Dash) -> None:
     # a form rendered after creating a key sits at /keys: reloading it goes to the tenant
     r = await dash.client.get("/admin/tenants/acme/keys")
     assert r.status_code == 303 and r.headers["location"] == "/admin/tenants/acme"
+
+
+async def test_guessing_the_token_is_limited_per_address(tmp_path: Path) -> None:
+    """Wrong logins count against the address's budget of failed authentication, like wrong
+    tokens on the admin API: once it is spent the address gets 429, even with the right one."""
+    values = {
+        "data_dir": tmp_path / "data",
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'kvaas.db'}",
+        "admin_token": ADMIN_TOKEN,
+        "unauth_rate_limit_per_second": 0.001,
+        "unauth_rate_limit_burst": 3,
+    }
+    async with running_app(None, **values) as (app, client):
+        form = await client.get("/admin/login")
+        token = csrf_of(form.text)
+        for _ in range(4):  # a burst of 3, then the failure that finds the bucket empty
+            r = await client.post("/admin/login", data={"token": "w" * 40, CSRF_FIELD: token})
+            assert r.status_code == 401
+        r = await client.post("/admin/login", data={"token": ADMIN_TOKEN, CSRF_FIELD: token})
+        assert r.status_code == 429
+        assert (await client.get("/admin/login")).status_code == 429
+        assert auth.COOKIE not in client.cookies
+        assert app.state.settings.unauth_rate_limit_burst == 3
+
+
+async def test_non_ascii_tokens_are_refused_not_errors(dash: Dash) -> None:
+    """Cookies and form fields are compared in constant time as bytes: text outside ASCII is a
+    mismatch (403, or no session), never a server error."""
+    form = await dash.client.get("/admin/login")
+    r = await dash.client.post("/admin/login", data={"token": ADMIN_TOKEN, CSRF_FIELD: "é" * 32})
+    assert r.status_code == 403
+    await dash.login()
+    r = await dash.client.post("/admin/tenants", data={"name": "x", CSRF_FIELD: "é" * 43})
+    assert r.status_code == 403
+    value = dash.client.cookies[auth.COOKIE]
+    payload, _, _sig = value.partition(".")
+    dash.client.cookies.clear()
+    raw = f"{auth.COOKIE}={payload}.\u00e9\u00e9".encode()
+    assert (await dash.client.get("/admin", headers={"Cookie": raw})).status_code == 303
+    assert auth.read_cookie(dash.app.state.settings, f"{payload}.ü") is None
+    assert form.status_code == 200
+
+
+async def test_odd_path_parameters_stay_inside_the_location(dash: Dash) -> None:
+    """A tenant or cache reference is quoted where it goes back into a redirect: line breaks
+    and slashes cannot add headers or leave the page."""
+    await dash.login()
+    token = await dash.csrf()
+    for path in (
+        "/admin/tenants/a%0d%0aSet-Cookie:%20x=1/limits",
+        "/admin/caches/a%0d%0aX-Evil:%201/ttl",
+    ):
+        r = await dash.client.post(path, data={CSRF_FIELD: token, "ttl_seconds": "100"})
+        assert r.status_code in (404, 422), (path, r.status_code)
+        assert "x=1" not in r.headers.get("set-cookie", "")
+        assert "x-evil" not in r.headers

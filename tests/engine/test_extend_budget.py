@@ -10,7 +10,7 @@ async def test_extend_checks_the_budget_hard_limit(gateway, monkeypatch) -> None
     ids = corpus_ids(gateway)[9000:9600]
     cl = await new_client(gateway)
     c = await cl.create(ids[:300])
-    r = await cl.request("PUT", "/v1/budget", json={"amount_minor": 0})
+    r = await cl.request("PUT", "/v1/budget", json={"amount_minor": 0, "currency": "USD"})
     assert r.status_code == 200, r.text
     monkeypatch.setattr(gateway.app.state.cache_service.settings, "budget_hard_limit", True)
     r = await cl.request("POST", "/v1/cache/create", json={"token_ids": ids[:300]})

@@ -91,9 +91,35 @@ async def test_engine_core_killed_then_restarted(gw: Gateway) -> None:
     assert r.status_code == 201, r.text
     cache_id = r.json()["id"]
     assert (await attach(gw, cache_id)).status_code == 200
+    # requests in flight when it dies: three attaches and a stream, each generating long
+    # (one that happens to end before the kill answers 200: never a 500)
+    inflight = [asyncio.create_task(attach(gw, cache_id, max_tokens=1500)) for _ in range(3)]
+    inflight.append(asyncio.create_task(attach(gw, cache_id, max_tokens=1500, stream=True)))
+    gate = gw.app.state.cache_service.gate
+
+    async def generating() -> bool:
+        return bool(gate.running >= 4)
+
+    await wait_for(generating, "four requests generating", limit_s=120)
     for pid in engine_core_pids(gw):
         os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
+    *plain, streamed = await asyncio.gather(*inflight)
+    codes = [r.status_code for r in plain]
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    for r in plain:
+        if r.status_code == 503:
+            assert r.json()["error"]["type"] == "engine_unavailable"
+            assert r.headers["Retry-After"]
+    if streamed.status_code == 200:  # its status line was sent: an error is in-band
+        assert "internal_error" not in streamed.text
+    else:  # it failed before its first token
+        assert streamed.status_code == 503
+        assert streamed.json()["error"]["type"] == "engine_unavailable"
+    print(
+        f"[fault] in flight at the kill: {codes.count(503)} of 3 attaches 503, stream: "
+        f"{'engine_unavailable' if 'engine_unavailable' in streamed.text else 'completed'}"
+    )
 
     # requests fail cleanly at once: no 500, no hang, nothing left pending
     r = await attach(gw, cache_id)

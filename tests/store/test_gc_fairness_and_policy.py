@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kvaas.store import RedisRefIndex, TieredStore
+from kvaas.store import RedisRefIndex, StoreMaintenance, TieredStore
 from kvaas.store.errors import ConfigurationError
 
 
@@ -66,3 +66,18 @@ async def test_noeviction_redis_is_accepted(
         assert index.policy_checked
     finally:
         await index.close()
+
+
+async def test_housekeeping_catches_a_policy_changed_after_start_up(
+    private_redis: Callable[..., Any], make_conn: Callable[..., Any], make_store: Any
+) -> None:
+    """Redis reconfigured (or restarted with another configuration) while the store runs: the
+    next housekeeping round reports it."""
+    redis = private_redis("--maxmemory", "64mb", "--maxmemory-policy", "noeviction")
+    store = make_store(memory=None, conn=make_conn(redis.url))
+    await store.open()
+    maintenance = StoreMaintenance(store)
+    await maintenance.housekeeping_round()
+    await store.refs.conn.run(lambda c: c.config_set("maxmemory-policy", "allkeys-lru"))
+    with pytest.raises(ConfigurationError, match="allkeys-lru"):
+        await maintenance.housekeeping_round()

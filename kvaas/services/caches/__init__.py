@@ -29,11 +29,20 @@ transaction, so bookkeeping that must follow it (usage metering) belongs inside 
 ``_begin_create`` / ``_begin_extend`` (rows inserted, quota reserved), ``_complete`` (a version
 became ready: create or extend done), ``_fail``, ``_record_hit`` (attach),
 ``_set_storage_class``, ``_set_fields``, ``_delete_version``, ``_delete``, ``_expire``.
+Each status change is a conditional ``UPDATE ... WHERE status IN (...)`` whose row count says
+whether it happened (a competing transition committed meanwhile is never overwritten), taken
+without holding a lock across store or engine I/O; quota checks and the inserts they allow run
+under :class:`~kvaas.services.quotas.Guard` (the tenant's row held for writing, SQLite
+included). A transition that retires stored versions records their release in the outbox
+(:mod:`kvaas.services.outbox`) in its own transaction; the release is carried out after the
+commit, or by the maintenance loop's drain. A pending version holds a lease its gateway
+renews; the sweep fails it once the lease has run out.
 
 **Modules.** ``records`` (specs, results, errors), ``identity`` (token bytes, chunk keys, prefill
-jobs), ``core`` (collaborators, lookups, fail/expire/retire/release), and one module per group of
-operations: ``creation`` (create, extend, background prefills), ``attach``, ``lifecycle``
-(update, delete, versions, tags, sweep). :class:`CacheService` puts the operations together.
+jobs), ``core`` (collaborators, lookups, fail/expire/retire and the releases they owe), and one
+module per group of operations: ``creation`` (create, extend, background prefills), ``attach``,
+``lifecycle`` (update, delete, versions, tags, sweep). :class:`CacheService` puts the operations
+together.
 """
 
 from __future__ import annotations

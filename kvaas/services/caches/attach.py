@@ -136,7 +136,7 @@ class AttachOps(CacheCore):
             async with self.gate.slot(tenant.id):
                 gen = await self._engine().generate(ids, sampling, plan)
         except EngineError as e:
-            raise _unavailable(e) from e
+            raise EngineUnavailable.failed(e) from e
         out = AttachOutcome(gen, cache, len(ids), expected, available, version)
         if ref.require_hit and not out.hit:  # refused, but the engine's work is paid for
             await self._meter_attach(session, cache, out, rid)
@@ -183,12 +183,7 @@ class AttachOps(CacheCore):
         try:
             return outcome, await self.gate.stream(tenant.id, deltas)
         except EngineError as e:
-            raise _unavailable(e) from e
-
-
-def _unavailable(error: EngineError) -> EngineUnavailable:
-    """The API error of an engine failure (its text names no node; ``detail`` does)."""
-    return EngineUnavailable(f"the engine failed: {error}", detail=error.detail)
+            raise EngineUnavailable.failed(e) from e
 
 
 def _request_id() -> str:

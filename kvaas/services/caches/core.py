@@ -340,6 +340,10 @@ class CacheCore:
         exception says of the platform's internals goes to the log and to the admin API's
         audit log (action ``cache.prefill_failed``). Returns the public text."""
         reason, detail = describe_failure(error)
+        # the cache row first, as every transition takes it (then its versions): no deadlock
+        await session.execute(
+            update(Cache).where(Cache.id == job.cache_id).values(updated_at=Cache.updated_at)
+        )
         failed = await session.execute(
             update(CacheVersion)
             .where(

@@ -72,11 +72,24 @@ class LifecycleOps(CacheCore):
     async def _set_fields(
         self, session: AsyncSession, cache: Cache, fields: dict[str, Any]
     ) -> None:
-        """Transition: name, metadata, lifetime or ``refresh_on_hit`` changed."""
-        for k, v in fields.items():
-            setattr(cache, k, v)
-        cache.updated_at = utcnow()
+        """Transition: name, metadata, lifetime or ``refresh_on_hit`` changed. Conditional: a
+        cache deleted or expired meanwhile is not written (404); a new lifetime is not given to
+        a cache already past its old one."""
+        now = utcnow()
+        res = await session.execute(
+            update(Cache)
+            .where(
+                Cache.id == cache.id,
+                Cache.status.in_(("pending", "ready", "failed")),
+                Cache.expires_at > now,
+            )
+            .values(**fields, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
         await session.commit()
+        await session.refresh(cache)
+        if not _rows(res):
+            raise NotFound(NOT_FOUND.format(id=cache.id), param="cache_id")
 
     async def _set_storage_class(
         self, session: AsyncSession, tenant: Tenant, cache: Cache, storage_class: str
