@@ -55,7 +55,7 @@ def _corpus_text() -> str:
     return Path(os.__file__).read_text() + Path(os.path.__file__).read_text()
 
 
-def _settings(data_dir: Path, tenant_inflight: int, batched: int) -> Any:
+def _settings(data_dir: Path, tenant_inflight: int, batched: int, chunk: int) -> Any:
     from kvaas.config import Settings
 
     return Settings(
@@ -68,6 +68,7 @@ def _settings(data_dir: Path, tenant_inflight: int, batched: int) -> Any:
         chunk_tokens=256,
         engine_max_model_len=4096,
         engine_max_batched_tokens=batched,
+        engine_prefill_chunk_tokens=chunk,
         engine_prefix_caching=False,
         engine_kv_cache_gib=2.0,
         tenant_max_inflight=tenant_inflight,
@@ -174,17 +175,21 @@ async def _noisy_worker(
 async def _huge_worker(
     client: httpx.AsyncClient, headers: dict[str, str], stop: asyncio.Event, seen: Counter[str]
 ) -> None:
-    """Multi-MB prompts to a completion and to a create, again until stopped."""
+    """Multi-MB prompts to a completion and to a create, again until stopped. The gateway may
+    refuse such a body by its length and close the connection before the client has sent it
+    all: that counts as ``closed`` (the refusal, seen from the client)."""
     text = "lorem ipsum " * (HUGE_CHARS // 12)
+    calls = (
+        ("completion", "/v1/completions", {"model": "tiny", "prompt": text, "max_tokens": 16}),
+        ("create", "/v1/cache/create", {"prompt": text}),
+    )
     while not stop.is_set():
-        r = await client.post(
-            "/v1/completions",
-            json={"model": "tiny", "prompt": text, "max_tokens": 16},
-            headers=headers,
-        )
-        seen[f"completion {_outcome(r)}"] += 1
-        r = await client.post("/v1/cache/create", json={"prompt": text}, headers=headers)
-        seen[f"create {_outcome(r)}"] += 1
+        for name, path, body in calls:
+            try:
+                r = await client.post(path, json=body, headers=headers)
+                seen[f"{name} {_outcome(r)}"] += 1
+            except httpx.TransportError:
+                seen[f"{name} closed"] += 1
 
 
 def _load_process(
@@ -282,11 +287,11 @@ async def _served(app: Any) -> AsyncIterator[str]:
         sock.close()
 
 
-async def run(n: int, tenant_inflight: int, batched: int) -> dict[str, Any]:
+async def run(n: int, tenant_inflight: int, batched: int, chunk: int) -> dict[str, Any]:
     from kvaas.app import create_app
 
     with tempfile.TemporaryDirectory(prefix="kvaas-fairness-") as tmp:
-        settings = _settings(Path(tmp), tenant_inflight, batched)
+        settings = _settings(Path(tmp), tenant_inflight, batched, chunk)
         app = create_app(settings)
         async with (
             app.router.lifespan_context(app),
@@ -328,6 +333,7 @@ async def run(n: int, tenant_inflight: int, batched: int) -> dict[str, Any]:
             "engine_max_inflight": settings.engine_max_inflight,
             "tenant_max_inflight": tenant_inflight,
             "engine_max_batched_tokens": batched,
+            "engine_prefill_chunk_tokens": chunk,
             "tenant_max_queued": settings.tenant_max_queued,
             "noisy_workers": 10 * tenant_inflight,
             "huge_prompt_chars": HUGE_CHARS,
@@ -369,9 +375,18 @@ def main() -> None:
         default=2048,
         help="tokens the engine computes per step (KVAAS_ENGINE_MAX_BATCHED_TOKENS)",
     )
+    ap.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=0,
+        help="per-request prompt tokens per engine step beside others "
+        "(KVAAS_ENGINE_PREFILL_CHUNK_TOKENS; 0: no cap)",
+    )
     args = ap.parse_args()
     n = args.attaches or (20 if args.quick else 200)
-    res = asyncio.run(run(n, args.tenant_inflight, args.max_batched_tokens))
+    res = asyncio.run(
+        run(n, args.tenant_inflight, args.max_batched_tokens, args.prefill_chunk_tokens)
+    )
     report(res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")

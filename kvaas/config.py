@@ -229,6 +229,14 @@ class Settings(BaseSettings):
     engine_max_batched_tokens: int = Field(
         2048, ge=64, description="Tokens the engine computes per step (chunked prefill)."
     )
+    engine_prefill_chunk_tokens: int = Field(
+        0,
+        ge=0,
+        description="Most prompt tokens one request may compute in an engine step while other "
+        "requests run (vLLM's long-prefill threshold; 0: no cap). A small value keeps every "
+        "running request's steps short beside long prefills (lower latency for the others), at "
+        "some cost in prefill throughput.",
+    )
     engine_prefix_caching: bool = Field(
         True,
         description="Let vLLM reuse KV still in its own memory before asking the store.",

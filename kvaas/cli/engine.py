@@ -38,6 +38,7 @@ def engine_command(
         dtype=kv_dtype(model_dir, s.engine_dtype),
         max_model_len=s.engine_max_model_len,
         max_num_batched_tokens=s.engine_max_batched_tokens,
+        prefill_chunk_tokens=s.engine_prefill_chunk_tokens,
         prefix_caching=s.engine_prefix_caching,
         kv_cache_gib=s.engine_kv_cache_gib,
     )

@@ -56,6 +56,7 @@ def build_engine(settings: Settings) -> Engine | None:
         dtype=dtype,
         max_model_len=settings.engine_max_model_len,
         max_num_batched_tokens=settings.engine_max_batched_tokens,
+        prefill_chunk_tokens=settings.engine_prefill_chunk_tokens,
         prefix_caching=settings.engine_prefix_caching,
         kv_cache_gib=settings.engine_kv_cache_gib,
         timeout_s=settings.engine_request_timeout_seconds,

@@ -67,6 +67,7 @@ class InProcessEngine(Engine):
         dtype: KVDtype | Literal["auto"] = "auto",
         max_model_len: int = 4096,
         max_num_batched_tokens: int = 2048,
+        prefill_chunk_tokens: int = 0,
         prefix_caching: bool = True,
         kv_cache_gib: float = 1.0,
         seed: int = 0,
@@ -79,6 +80,7 @@ class InProcessEngine(Engine):
         self._dtype = dtype
         self._max_model_len = max_model_len
         self._batched = max_num_batched_tokens
+        self._prefill_chunk = prefill_chunk_tokens
         self._prefix_caching = prefix_caching
         self._kv_cache_gib = kv_cache_gib
         self._seed = seed
@@ -111,6 +113,7 @@ class InProcessEngine(Engine):
             dtype=self._dtype,
             max_model_len=self._max_model_len,
             max_num_batched_tokens=self._batched,
+            long_prefill_token_threshold=self._prefill_chunk,
             enable_prefix_caching=self._prefix_caching,
             enforce_eager=True,
             seed=self._seed,

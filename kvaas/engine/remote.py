@@ -356,6 +356,7 @@ def serve_command(
     dtype: str = "auto",
     max_model_len: int = 4096,
     max_num_batched_tokens: int = 2048,
+    prefill_chunk_tokens: int = 0,
     prefix_caching: bool = True,
     kv_cache_gib: float = 1.0,
 ) -> NodeCommand:
@@ -392,6 +393,8 @@ def serve_command(
         str(max_model_len),
         "--max-num-batched-tokens",
         str(max_num_batched_tokens),
+        "--long-prefill-token-threshold",
+        str(prefill_chunk_tokens),
         "--kv-cache-memory-bytes",
         str(int(kv_cache_gib * 1024**3)),
         "--enforce-eager",
