@@ -38,6 +38,7 @@ from kvaas.metering.tiers import TierBilling
 from kvaas.services import outbox
 from kvaas.services.caches import CacheService
 from kvaas.services.fairness import FairGate
+from kvaas.services.leader import MaintenanceLocks
 from kvaas.services.prompts import prompt_body_limit
 from kvaas.services.reconcile import Reconciler
 from kvaas.store.factory import StoreConfig, build_store
@@ -104,8 +105,12 @@ async def _maintain_forever(service: CacheService, db: Database, settings: Setti
     4. one bounded reconciler step (manifests no live version owns: queued for release);
     5. expired ``Idempotency-Key`` records, in batches;
     6. garbage collection of unreferenced chunks.
+
+    Steps 2-6 work on shared state: with several gateways on one database each round of each
+    runs in one process at a time (:class:`~kvaas.services.leader.MaintenanceLocks`).
     """
     reconciler = Reconciler()
+    locks = MaintenanceLocks(db)
 
     async def renew() -> None:
         async with db.session() as session:
@@ -134,7 +139,7 @@ async def _maintain_forever(service: CacheService, db: Database, settings: Setti
         await asyncio.sleep(settings.maintenance_interval_seconds)
         for step in steps:
             try:
-                await step()
+                await (step() if step is renew else locks.run(step.__name__, step))
             except Exception as e:  # keep maintaining; the next round retries
                 log.warning("maintenance step %s failed: %s", step.__name__, e)
 

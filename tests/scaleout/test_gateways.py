@@ -1,0 +1,191 @@
+"""Two real gateway processes (``kvaas serve``) on one PostgreSQL schema and one Redis behave
+as one: each maintenance step on shared state runs in one of them at a time.
+
+The gateways run without an engine (``KVAAS_ENGINE=none``: the maintenance loop does not need
+one) and with a maintenance round every 0.2 s. The moment is chosen, not waited for: the test
+takes an exclusive lock on the outbox table and records ``N`` releases in the same
+transaction, so every drain that starts meanwhile blocks on its first query; once a drain is
+blocked (and the other gateway either blocked too or skipped the step), the test commits and
+every blocked drain sees all ``N`` rows. Without one runner per step both gateways release
+every row and count it (``kvaas_store_releases_total`` sums to 2N); with it one gateway
+releases each row once and the other skips the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from kvtest.gateway import ADMIN_TOKEN
+from kvtest.services import POSTGRES_URL, REDIS_URL, PgSchema
+
+from kvaas.db import migrate
+
+pytestmark = [pytest.mark.slow]
+
+KVAAS = Path(sys.executable).with_name("kvaas")
+READY_TIMEOUT_S = 120.0
+SETTLE_TIMEOUT_S = 60.0
+RELEASES = 150  # fewer than one drain batch (200): every blocked drain takes them all
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(schema: PgSchema, data: Path, prefix: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVAAS_")}
+    return {
+        **env,
+        "KVAAS_ADMIN_TOKEN": ADMIN_TOKEN,
+        "KVAAS_DATABASE_URL": schema.url,
+        "KVAAS_DATABASE_TIMEOUT_SECONDS": "60",  # a drain blocked by the test is not cancelled
+        "KVAAS_REDIS_URL": REDIS_URL,
+        "KVAAS_REDIS_PREFIX": prefix,
+        "KVAAS_ENGINE": "none",
+        "KVAAS_DATA_DIR": str(data),
+        "KVAAS_MAINTENANCE_INTERVAL_SECONDS": "0.2",
+        "KVAAS_RATE_LIMIT_PER_SECOND": "0",
+    }
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+@contextlib.contextmanager
+def _gateways(env: dict[str, str], logs: Path, n: int) -> Iterator[list[str]]:
+    """``n`` ``kvaas serve`` processes started at once, until each answers ``/readyz``."""
+    procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+    try:
+        for i in range(n):
+            port = _free_port()
+            log = logs / f"gateway{i}.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [str(KVAAS), "serve", "--port", str(port)],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            procs.append((f"http://127.0.0.1:{port}", proc, log))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for url, proc, log in procs:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"kvaas serve exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    r = httpx.get(f"{url}/readyz", timeout=5)
+                    if r.status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    pytest.fail(f"kvaas serve not ready:\n{log.read_text()[-4000:]}")
+                time.sleep(0.2)
+        yield [url for url, _, _ in procs]
+    finally:
+        for _, proc, _ in procs:
+            _kill(proc)
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    """The value of one sample in the gateway's ``/metrics`` (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    head = f"{name}{{{want}}}" if labels else name
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(head + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _blocked_drains(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> int:
+    """Gateway connections waiting for a lock on the outbox table in the drain's query."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND query ILIKE '%FROM store_releases%ORDER BY store_releases.id%'"
+        " AND pid <> pg_backend_pid()",
+    ).fetchone()
+    assert row is not None
+    return int(str(row[0]))
+
+
+def _wait(what: str, cond: object, timeout: float = SETTLE_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def schema() -> Iterator[PgSchema]:
+    s = PgSchema()
+    try:
+        yield s
+    finally:
+        s.drop()
+
+
+def test_outbox_drained_once_by_two_gateways(schema: PgSchema, tmp_path: Path) -> None:
+    migrate.upgrade(schema.url)
+    env = _env(schema, tmp_path / "data", f"kvaas-t{os.getpid()}")
+    with _gateways(env, tmp_path, 2) as urls:
+        with (
+            psycopg.connect(_libpq(schema.url)) as lock,
+            psycopg.connect(_libpq(POSTGRES_URL), autocommit=True) as watch,
+        ):
+            lock.execute("LOCK TABLE store_releases IN ACCESS EXCLUSIVE MODE")
+            lock.execute(
+                "INSERT INTO store_releases (slot, cache_id, version, chunk_keys, reason,"
+                " attempts, created_at, next_attempt_at)"
+                " SELECT 's0', 'cache-' || g, 1, '[]', 'deleted', 0, now(), now()"
+                " FROM generate_series(1, %s) g",
+                (RELEASES,),
+            )
+
+            def ready_to_release() -> bool:
+                blocked = _blocked_drains(watch, schema.name)
+                skipped = sum(
+                    _metric(u, "kvaas_maintenance_steps_total", step="drain", result="skipped")
+                    for u in urls
+                )
+                # both gateways inside the drain, or one inside and the other passing it by
+                return blocked >= 2 or (blocked == 1 and skipped >= 3)
+
+            _wait("a drain blocked on the outbox", ready_to_release)
+            blocked = _blocked_drains(watch, schema.name)
+            lock.commit()
+
+            def released() -> list[float]:
+                return [_metric(u, "kvaas_store_releases_total", result="released") for u in urls]
+
+            # every drain that was blocked has counted what it released
+            _wait(
+                "the blocked drains to finish",
+                lambda: (
+                    sum(released()) >= RELEASES and sum(1 for n in released() if n > 0) >= blocked
+                ),
+            )
+            left = watch.execute(f'SELECT count(*) FROM "{schema.name}".store_releases')
+            assert left.fetchone() == (0,)
+        counts = released()
+        assert sum(counts) == RELEASES, f"outbox rows released (per gateway): {counts}"
+        assert sorted(counts) == [0, RELEASES]
