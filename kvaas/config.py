@@ -350,6 +350,20 @@ class Settings(BaseSettings):
         description="Engine requests one tenant may run at once in a gateway process; its "
         "next ones wait their turn (freed slots go to tenants in turn).",
     )
+    tenant_max_inflight_shared: int = Field(
+        1,
+        ge=1,
+        description="Engine requests one tenant may run at once while another tenant is "
+        "active (has engine work running or waiting, or had within `tenant_active_seconds`); "
+        "at most `tenant_max_inflight`. Keeps a busy tenant from lengthening every other "
+        "tenant's engine steps; alone, it gets `tenant_max_inflight` back.",
+    )
+    tenant_active_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How long a tenant counts as active after its last engine request ends "
+        "(so a client sending requests one after the other stays active between them).",
+    )
     tenant_max_queued: int = Field(
         16,
         ge=0,

@@ -8,6 +8,15 @@ one tenant. When a slot frees, it goes to the *next tenant in turn* that has a r
 tenant), so a tenant with a deep queue gets no more turns than a tenant with a single request:
 its excess waits in its own queue, not in front of others.
 
+A tenant alone on the engine may run ``per_tenant`` requests at once; while *another* tenant is
+active (it has a request running or waiting, or had one within the last ``active_s`` seconds,
+so a client sending one request after the other stays active between them) it may run only
+``per_tenant_shared``. On an engine whose compute every request in a batch shares (a CPU, or a
+GPU near saturation), each extra request of a busy neighbour lengthens every step of everyone
+else's: holding a tenant to its shared cap while others work is what keeps their latency near
+what it is alone; when it is alone again it gets its full cap back. Slots it already holds are
+never taken back: it drops to the shared cap as they finish.
+
 A request that would make its tenant's queue longer than ``max_queue`` is refused at once, and
 one that waits longer than ``max_wait_s`` gives up: both raise :class:`EngineBusy`
 (``429 engine_busy`` with ``Retry-After``). The API refuses a tenant's excess *before* any of
@@ -28,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -57,12 +67,27 @@ class FairGate:
     """Admission to the engine: ``capacity`` in all, ``per_tenant`` per tenant, fair turns."""
 
     def __init__(
-        self, capacity: int, per_tenant: int, *, max_queue: int = 64, max_wait_s: float = 60.0
+        self,
+        capacity: int,
+        per_tenant: int,
+        *,
+        max_queue: int = 64,
+        max_wait_s: float = 60.0,
+        per_tenant_shared: int | None = None,
+        active_s: float = 2.0,
     ) -> None:
-        if capacity < 1 or per_tenant < 1:
-            raise ValueError("capacity and per_tenant must be at least 1")
+        if (
+            capacity < 1
+            or per_tenant < 1
+            or (per_tenant_shared is not None and per_tenant_shared < 1)
+        ):
+            raise ValueError("capacity and the per-tenant caps must be at least 1")
         self.capacity = capacity
         self.per_tenant = per_tenant
+        self.per_tenant_shared = min(per_tenant_shared or per_tenant, per_tenant)
+        self.active_s = active_s
+        self._last_active: dict[str, float] = {}  # tenant -> when it last held or freed a slot
+        self._wakeup: asyncio.TimerHandle | None = None
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
         self._running = 0
@@ -75,12 +100,15 @@ class FairGate:
     @classmethod
     def from_settings(cls, settings: Settings) -> FairGate:
         """The gate the settings describe (``engine_max_inflight``, ``tenant_max_inflight``,
-        ``tenant_max_queued``, ``engine_queue_timeout_seconds``)."""
+        ``tenant_max_inflight_shared``, ``tenant_active_seconds``, ``tenant_max_queued``,
+        ``engine_queue_timeout_seconds``)."""
         return cls(
             settings.engine_max_inflight,
             settings.tenant_max_inflight,
             max_queue=settings.tenant_max_queued,
             max_wait_s=settings.engine_queue_timeout_seconds,
+            per_tenant_shared=settings.tenant_max_inflight_shared,
+            active_s=settings.tenant_active_seconds,
         )
 
     @property
@@ -154,13 +182,34 @@ class FairGate:
             finally:
                 await aclose(items)
 
-    def _can_run(self, t: _Tenant) -> bool:
-        return self._running < self.capacity and t.running < self.per_tenant
+    def cap(self, tenant_id: str) -> int:
+        """Slots ``tenant_id`` may hold now: ``per_tenant`` alone, ``per_tenant_shared`` while
+        another tenant is active."""
+        return self.per_tenant_shared if self._others_active(tenant_id) else self.per_tenant
+
+    def _others_active(self, tenant_id: str) -> bool:
+        if any(tid != tenant_id for tid in self._tenants):  # running or waiting
+            return True
+        now = time.monotonic()
+        return any(
+            tid != tenant_id and now - at < self.active_s for tid, at in self._last_active.items()
+        )
+
+    def _touch(self, tenant_id: str) -> None:
+        now = time.monotonic()
+        self._last_active[tenant_id] = now
+        if len(self._last_active) > 4 * (len(self._tenants) + 16):  # forget the long idle
+            self._last_active = {
+                tid: at for tid, at in self._last_active.items() if now - at < self.active_s
+            }
+
+    def _can_run(self, tenant_id: str, t: _Tenant) -> bool:
+        return self._running < self.capacity and t.running < self.cap(tenant_id)
 
     async def _acquire(self, tenant_id: str) -> None:
         t = self._tenants.setdefault(tenant_id, _Tenant())
-        if not t.waiting and self._can_run(t) and not self._turns:
-            self._start(t)
+        if not t.waiting and self._can_run(tenant_id, t) and not self._turns:
+            self._start(tenant_id, t)
             return
         if len(t.waiting) >= self.max_queue:
             raise EngineBusy(
@@ -187,7 +236,8 @@ class FairGate:
                 ) from None
             raise
 
-    def _start(self, t: _Tenant) -> None:
+    def _start(self, tenant_id: str, t: _Tenant) -> None:
+        self._touch(tenant_id)
         self._running += 1
         self._grants += 1
         t.running += 1
@@ -195,6 +245,7 @@ class FairGate:
 
     def _release(self, tenant_id: str) -> None:
         t = self._tenants[tenant_id]
+        self._touch(tenant_id)
         self._running -= 1
         t.running -= 1
         if t.running == 0 and not t.waiting:
@@ -212,22 +263,45 @@ class FairGate:
 
     def _dispatch(self) -> None:
         """Grant free slots: each to the waiting tenant (under its cap) served least recently,
-        so every backlogged tenant gets a turn before any gets a second."""
+        so every backlogged tenant gets a turn before any gets a second. When a waiter is held
+        back only by the shared cap, look again once the others' activity has lapsed."""
         while self._running < self.capacity and self._turns:
             eligible = [
                 (t.last_served, i, tid)
                 for i, (tid, t) in enumerate(self._turns.items())
-                if t.running < self.per_tenant
+                if t.running < self.cap(tid)
             ]
             if not eligible:
+                if any(t.running < self.per_tenant for t in self._turns.values()):
+                    self._wake_later()
                 return
             tenant_id = min(eligible)[2]
             t = self._turns.pop(tenant_id)
             fut = t.waiting.popleft()
-            self._start(t)
+            self._start(tenant_id, t)
             fut.set_result(None)
             if t.waiting:
                 self._turns[tenant_id] = t
+
+    def _wake_later(self) -> None:
+        """Dispatch again when the next recent activity lapses (a tenant seen within
+        ``active_s`` that holds and waits for nothing any more)."""
+        if self._wakeup is not None:
+            return
+        now = time.monotonic()
+        lapses = [
+            at + self.active_s - now
+            for tid, at in self._last_active.items()
+            if tid not in self._tenants and now - at < self.active_s
+        ]
+        if not lapses:
+            return
+
+        def wake() -> None:
+            self._wakeup = None
+            self._dispatch()
+
+        self._wakeup = asyncio.get_running_loop().call_later(max(min(lapses), 0.001), wake)
 
 
 class Admitted(Generic[T]):

@@ -108,3 +108,45 @@ def test_admission_refuses_a_tenant_whose_slots_and_queue_are_taken() -> None:
     with pytest.raises(RuntimeError), gate.admit("a"):
         raise RuntimeError("the route failed")
     assert gate.admitted("a") == 0
+
+
+async def test_a_tenant_is_held_to_its_shared_cap_while_another_is_active() -> None:
+    gate = FairGate(capacity=8, per_tenant=3, per_tenant_shared=1, active_s=0.2)
+    log: list[str] = []
+    stop = {i: asyncio.Event() for i in range(6)}
+    a = [asyncio.create_task(_hold(gate, "a", log, stop[i])) for i in range(5)]
+    await asyncio.sleep(0.01)
+    assert gate.running_for("a") == 3 and gate.cap("a") == 3  # alone: its full cap
+    b_stop = asyncio.Event()
+    b = asyncio.create_task(_hold(gate, "b", log, b_stop))
+    await asyncio.sleep(0.01)
+    assert gate.running_for("b") == 1  # admitted at once beside a's three
+    assert gate.cap("a") == 1 and gate.cap("b") == 1
+    stop[0].set()
+    stop[1].set()
+    await asyncio.sleep(0.01)
+    assert gate.running_for("a") == 1 and gate.queued("a") == 2  # no new slot above 1
+    b_stop.set()
+    await b
+    await asyncio.sleep(0.01)
+    assert gate.running_for("a") == 1  # b stays active for a while after its request
+    await asyncio.sleep(0.3)  # b's activity lapsed: a gets its full cap back, no release needed
+    assert gate.running_for("a") == 3 and gate.queued("a") == 0
+    for e in stop.values():
+        e.set()
+    await asyncio.gather(*a)
+    assert gate.running == 0
+
+
+def test_gate_from_settings_holds_tenants_to_the_shared_cap(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kvaas.config import Settings
+
+    s = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=tmp_path,
+        tenant_max_inflight=4,
+        tenant_max_inflight_shared=2,
+        tenant_active_seconds=1.5,
+    )
+    gate = FairGate.from_settings(s)
+    assert (gate.per_tenant, gate.per_tenant_shared, gate.active_s) == (4, 2, 1.5)
