@@ -271,15 +271,27 @@ async def storage_over_time(
     session: AsyncSession, now: datetime, *, hours: int = 48, tenant_id: str | None = None
 ) -> list[tuple[datetime, dict[str, int]]]:
     """Bytes held per tier at each whole hour of the last ``hours`` hours (and now), from the
-    cache lifecycle (what the storage meters bill), for every tenant or one."""
+    cache lifecycle (what the storage meters bill), for every tenant or one. Only the history
+    of caches still stored at the window's start, or started since, is read."""
     points = [
         now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=h)
         for h in range(hours - 1, -1, -1)
     ] + [now]
     ids = [tenant_id] if tenant_id else await tenant_ids(session)
     deltas: list[tuple[int, int, dict[str, int]]] = []  # (second, order, bytes per tier)
+    start = points[0]
     for tid in ids:
         state: dict[str, dict[str, int]] = {}
+        # caches that ended before the window hold nothing in it: their history is not read
+        ended_before = (
+            select(CacheLifecycleEvent.cache_id)
+            .where(
+                CacheLifecycleEvent.tenant_id == tid,
+                CacheLifecycleEvent.kind == "ended",
+                CacheLifecycleEvent.at < start,
+            )
+            .scalar_subquery()
+        )
         rows = await session.execute(
             select(
                 CacheLifecycleEvent.cache_id,
@@ -287,7 +299,11 @@ async def storage_over_time(
                 CacheLifecycleEvent.at,
                 CacheLifecycleEvent.bytes_by_tier,
             )
-            .where(CacheLifecycleEvent.tenant_id == tid, CacheLifecycleEvent.at <= now)
+            .where(
+                CacheLifecycleEvent.tenant_id == tid,
+                CacheLifecycleEvent.at <= now,
+                CacheLifecycleEvent.cache_id.not_in(ended_before),
+            )
             .order_by(CacheLifecycleEvent.id)
         )
         for cid, kind, at, tiers in rows:
