@@ -57,7 +57,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvaas import codec
 from kvaas.connector import store_config
 from kvaas.connector.chunks import ChunkShape, decode_fitting
-from kvaas.connector.paged import PagedLayout, gather, scatter, slots
+from kvaas.connector.paged import LayoutError, PagedLayout, gather, scatter, slots
 from kvaas.connector.params import TransferPlan
 from kvaas.store.crypto import ChunkSealer, TenantKeys
 from kvaas.store.factory import StoreConfig, build_store
@@ -151,6 +151,17 @@ class _SaveState:
     saved: int = 0  # chunks already handed to the worker (or stored before: the plan's skip)
 
 
+def _attn_backend_name(vllm_config: VllmConfig, layer_name: str) -> str:
+    """The attention backend (``AttentionBackend.get_name()``) of layer ``layer_name``; raises
+    :class:`LayoutError` when the engine does not say (the K/V placement depends on it)."""
+    ctx = getattr(vllm_config.compilation_config, "static_forward_context", None) or {}
+    layer = ctx.get(layer_name)
+    get_backend = getattr(layer, "get_attn_backend", None)
+    if get_backend is None:
+        raise LayoutError(f"cannot tell the attention backend of KV cache layer {layer_name}")
+    return str(get_backend().get_name())
+
+
 def _store_config(vllm_config: VllmConfig) -> StoreConfig:
     transfer = vllm_config.kv_transfer_config
     return store_config(transfer.kv_connector_extra_config if transfer is not None else None)
@@ -186,6 +197,7 @@ class KVaaSConnector(KVConnectorBase_V1):
         self._saves: dict[str, _SaveState] = {}
         # worker state
         self._layers: list[tuple[str, torch.Tensor]] = []
+        self._kv_views: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (K, V)
         self._layout: PagedLayout | None = None
         self._failed_blocks: set[int] = set()
         self._short_loads: dict[str, int] = {}  # worker: this step's; scheduler: all seen
@@ -326,16 +338,45 @@ class KVaaSConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Take the engine's per-layer KV tensors; raises :class:`LayoutError` (the engine does
+        not start) on a layout the connector cannot copy correctly: MLA, an fp8 or quantized
+        cache, several KV cache groups, an unknown attention backend or an unexpected shape."""
         from vllm.model_executor.models.utils import extract_layer_index
 
+        if getattr(self._vllm_config.model_config, "use_mla", False):
+            raise LayoutError("the KVaaS connector does not support MLA models")
+        cache_dtype = getattr(self._vllm_config.cache_config, "cache_dtype", "auto")
+        if str(cache_dtype) != "auto":
+            raise LayoutError(
+                f"the KVaaS connector does not support kv_cache_dtype={cache_dtype!r} "
+                "(use 'auto': the model's dtype)"
+            )
+        groups = getattr(self._kv_cache_config, "kv_cache_groups", None)
+        if groups is not None and len(groups) > 1:
+            raise LayoutError(
+                f"the KVaaS connector supports one KV cache group, the engine has {len(groups)}"
+            )
         self._layers = sorted(kv_caches.items(), key=lambda kv: extract_layer_index(kv[0]))
-        first = self._layers[0][1]
-        self._layout = PagedLayout.detect(first, self._block_size, self._kv_heads, self._head_dim)
+        layouts = {
+            PagedLayout.for_backend(
+                _attn_backend_name(self._vllm_config, name),
+                t,
+                self._block_size,
+                self._kv_heads,
+                self._head_dim,
+            )
+            for name, t in self._layers
+        }
+        if len(layouts) != 1:
+            raise LayoutError(f"the KV cache layers differ in layout: {sorted(map(str, layouts))}")
+        self._layout = layouts.pop()
+        self._kv_views = [self._layout.keys_values(t) for _, t in self._layers]
         log.info(
-            "KVaaS connector: %d layers, layout %s, block size %d",
+            "KVaaS connector: %d layers, K/V placement %s, block size %d (kernel blocks of %d)",
             len(self._layers),
-            self._layout.kind,
+            self._layout.placement,
             self._block_size,
+            self._layout.kernel_block_size,
         )
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -371,9 +412,9 @@ class KVaaSConnector(KVConnectorBase_V1):
         if loaded_end > task.start:
             kv = torch.cat(chunks, dim=2)  # [L, 2, n, H, D]
             kv = kv[:, :, task.start - first * c : loaded_end - first * c]
-            blk, off = slots(task.block_ids, task.start, loaded_end, self._block_size)
-            for i, (_, layer) in enumerate(self._layers):
-                scatter(layer, self._layout, blk, off, kv[i])
+            blk, off = slots(task.block_ids, task.start, loaded_end, self._layout)
+            for i, views in enumerate(self._kv_views):
+                scatter(views, blk, off, kv[i])
         if loaded_end < task.end:
             self._fail(task, loaded_end)
             log.warning(
@@ -430,8 +471,8 @@ class KVaaSConnector(KVConnectorBase_V1):
         items: list[tuple[ChunkKey, bytes]] = []
         for i in range(len(task.keys)):
             start = (task.first + i) * c
-            blk, off = slots(task.block_ids, start, start + c, self._block_size)
-            kv = torch.stack([gather(layer, self._layout, blk, off) for _, layer in self._layers])
+            blk, off = slots(task.block_ids, start, start + c, self._layout)
+            kv = torch.stack([gather(views, blk, off) for views in self._kv_views])
             items.append((task.keys[i], codec.encode(kv.cpu().contiguous(), task.scheme)))
         self._store.put_chunks(items, task.storage_class, task.sealing.sealer())
 

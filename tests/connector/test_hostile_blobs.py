@@ -24,6 +24,7 @@ import torch
 import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from kvaas import codec
 from kvaas.codec.container import CHECKSUM_SIZE, DTYPE_IDS, pack
@@ -69,6 +70,14 @@ def _vllm_config(store: dict[str, Any]) -> Any:
         cache_config=SimpleNamespace(block_size=BLOCK),
         model_config=model,
         parallel_config=SimpleNamespace(),
+        compilation_config=SimpleNamespace(
+            static_forward_context={
+                f"model.layers.{i}.self_attn.attn": SimpleNamespace(
+                    get_attn_backend=lambda: CPUAttentionBackend
+                )
+                for i in range(LAYERS)
+            }
+        ),
     )
 
 
@@ -94,7 +103,9 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
             writer,
             Sealing(keys, "fingerprint", "none"),
             list(layers.values()),
-            PagedLayout.detect(layers["model.layers.0.self_attn.attn"], BLOCK, HEADS, DIM),
+            PagedLayout.for_backend(
+                "CPU_ATTN", layers["model.layers.0.self_attn.attn"], BLOCK, HEADS, DIM
+            ),
         )
     connector.shutdown()
 
@@ -148,9 +159,9 @@ def _check(w: Worker, blobs: list[bytes]) -> None:
     assert failed == set(BLOCK_IDS[n * blocks_per_chunk :])
     assert short == ({} if n == CHUNKS else {req: n * CHUNK})
     for i, kv in enumerate(expected):  # loaded chunks hold exactly the decoded KV
-        blk, off = slots(BLOCK_IDS, i * CHUNK, (i + 1) * CHUNK, BLOCK)
+        blk, off = slots(BLOCK_IDS, i * CHUNK, (i + 1) * CHUNK, w.layout)
         for li, layer in enumerate(w.layers):
-            assert torch.equal(gather(layer, w.layout, blk, off), kv[li])
+            assert torch.equal(gather(w.layout.keys_values(layer), blk, off), kv[li])
     loaded = set(BLOCK_IDS[: n * blocks_per_chunk])
     for layer in w.layers:  # everything else, failed blocks included, is untouched
         for b in range(NUM_BLOCKS):

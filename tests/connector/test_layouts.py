@@ -1,0 +1,320 @@
+"""The connector's paged copies on every KV layout vLLM 0.32's attention backends make.
+
+Each layer tensor is built the way vLLM's GPU and CPU model runners build it (one int8 buffer,
+``create_kv_cache_views`` with a ``KVCacheLayout`` and, where the backend splits blocks, a
+kernel block size), on CPU. What a token's key and value are is read through the backend's own
+indexing (the CPU backend's ``[2 * block, head_dim]`` rows view; the GPU backends'
+``transpose(1, 2).split(head_size, dim=-1)``), never through the connector's code: a save from
+some blocks then a load into others through a real :class:`KVaaSConnector` must put back
+exactly the keys and values the backend would read, store the same canonical blob whatever the
+layout, and leave every other block's bytes alone.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheTensor, create_kv_cache_views
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from kvaas import codec
+from kvaas.connector import transfer_config
+from kvaas.connector.connector import (
+    KVaaSConnector,
+    KVaaSConnectorMetadata,
+    LoadTask,
+    SaveTask,
+    Sealing,
+)
+from kvaas.connector.paged import LayoutError
+from kvaas.store.crypto import TenantKeys
+from kvaas.store.factory import StoreConfig, build_store
+from kvaas.store.keys import ChunkKey
+from kvaas.store.sync import SyncTieredStore
+
+LAYERS, HEADS, DIM, BLOCK, CHUNK = 2, 3, 16, 32, 64
+NUM_BLOCKS = 10
+SRC_BLOCKS = (7, 2, 9, 0)  # two chunks of two blocks, out of order
+DST_BLOCKS = (4, 8, 1, 5)
+SENTINEL = 7.0
+
+
+class _Backend:
+    """An attention backend as the connector sees it: its name (FlashInfer's module needs the
+    flashinfer package, absent on CPU; only the name matters to the connector)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def get_name(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Case:
+    backend: str
+    layout: KVCacheLayout
+    kernel_block: int | None = None  # kernel block splitting
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def id(self) -> str:
+        split = f"-kernel{self.kernel_block}" if self.kernel_block else ""
+        return f"{self.backend}-{self.layout.name}{split}-{str(self.dtype)[6:]}"
+
+
+CASES = [
+    Case("CPU_ATTN", KVCacheLayout.LBHNC),
+    Case("CPU_ATTN", KVCacheLayout.LBHNC, dtype=torch.bfloat16),
+    Case("FLASH_ATTN", KVCacheLayout.LBNHC),  # NHD
+    Case("FLASH_ATTN", KVCacheLayout.LBHNC),  # HND
+    Case("FLASH_ATTN", KVCacheLayout.LBNHC, kernel_block=16, dtype=torch.float16),
+    Case("TRITON_ATTN", KVCacheLayout.BLNHC),  # block-outermost
+    Case("TRITON_ATTN", KVCacheLayout.LBHNC, kernel_block=16),
+    Case("FLEX_ATTENTION", KVCacheLayout.LBNHC, dtype=torch.bfloat16),
+    Case("FLASHINFER", KVCacheLayout.BLHNC),
+    Case("FLASHINFER", KVCacheLayout.LBNHC, kernel_block=8),
+]
+
+
+def make_layers(
+    case: Case, names: list[str], raw: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The raw buffer (``raw`` or a new one) and one view per layer, as vLLM allocates
+    them."""
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=DIM, dtype=case.dtype)
+    page = spec.page_size_bytes
+    n = len(names)
+    if case.layout.is_layer_compact:
+        tensor = KVCacheTensor(page * NUM_BLOCKS * n, names, page * NUM_BLOCKS, page)
+    else:
+        tensor = KVCacheTensor(page * NUM_BLOCKS * n, names, page, page * n)
+    raw = torch.zeros(tensor.size, dtype=torch.int8) if raw is None else raw
+    views = create_kv_cache_views(
+        raw, spec, NUM_BLOCKS, case.layout, tensor, kernel_block_size=case.kernel_block
+    )
+    return raw, views
+
+
+def backend_kv(case: Case, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values as the backend's own kernels index them: ``[kernel_blocks, tokens,
+    heads, dim]`` views."""
+    if case.backend == "CPU_ATTN":  # cpu_attn.py: view as 2*block rows, chunk at dim 2
+        b, h, n, _ = layer.size()
+        k, v = layer.view((b, h, n * 2, -1)).chunk(2, dim=2)
+        return k.transpose(1, 2), v.transpose(1, 2)
+    k, v = layer.transpose(1, 2).split(DIM, dim=-1)  # flash_attn.py, triton, flex, flashinfer
+    return k, v
+
+
+def token_slot(case: Case, block_ids: tuple[int, ...], p: int) -> tuple[int, int]:
+    kb = case.kernel_block or BLOCK
+    ratio = BLOCK // kb
+    return block_ids[p // BLOCK] * ratio + (p % BLOCK) // kb, p % kb
+
+
+@dataclass
+class Rig:
+    case: Case
+    connector: KVaaSConnector
+    store: SyncTieredStore
+    raw: torch.Tensor
+    layers: list[torch.Tensor]
+    sealing: Sealing
+
+
+def _vllm_config(store: dict[str, Any], backends: dict[str, Any], **model: Any) -> Any:
+    """The parts of ``VllmConfig`` the connector reads."""
+    return SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(**transfer_config(store)),
+        cache_config=SimpleNamespace(block_size=BLOCK, cache_dtype="auto"),
+        model_config=SimpleNamespace(
+            get_num_kv_heads=lambda _p: HEADS, get_head_size=lambda: DIM, use_mla=False, **model
+        ),
+        parallel_config=SimpleNamespace(),
+        compilation_config=SimpleNamespace(
+            static_forward_context={
+                name: SimpleNamespace(get_attn_backend=lambda b=b: b)
+                for name, b in backends.items()
+            }
+        ),
+    )
+
+
+NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+
+
+def _connector(tmp: Path, backend: str, **model: Any) -> KVaaSConnector:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    cfg = StoreConfig(memory_bytes=0, disk_dir=tmp, disk_bytes=64 * 1024**2, redis_url=None)
+    vc = _vllm_config(cfg.to_dict(), {n: _Backend(backend) for n in NAMES}, **model)
+    return KVaaSConnector(vc, KVConnectorRole.WORKER, None)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=CASES, ids=lambda c: c.id)
+def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
+    case: Case = request.param
+    connector = _connector(tmp_path, case.backend)
+    raw, views = make_layers(case, NAMES)
+    for v in views:
+        v.fill_(SENTINEL)
+    connector.register_kv_caches(dict(zip(NAMES, views, strict=True)))
+    keys = TenantKeys("k1", {"k1": secrets.token_bytes(32)})
+    cfg = StoreConfig(memory_bytes=0, disk_dir=tmp_path, disk_bytes=64 * 1024**2, redis_url=None)
+    with SyncTieredStore(build_store(cfg)) as store:
+        store.open()
+        yield Rig(case, connector, store, raw, views, Sealing(keys, "fp", "none"))
+    connector.shutdown()
+
+
+def _truth(rig: Rig, block_ids: tuple[int, ...], n: int) -> torch.Tensor:
+    """``[L, 2, n, H, D]``: the first ``n`` tokens' KV in ``block_ids``, read the backend's
+    way."""
+    out = torch.empty(LAYERS, 2, n, HEADS, DIM, dtype=rig.case.dtype)
+    for li, layer in enumerate(rig.layers):
+        k, v = backend_kv(rig.case, layer)
+        for p in range(n):
+            kb, off = token_slot(rig.case, block_ids, p)
+            out[li, 0, p], out[li, 1, p] = k[kb, off], v[kb, off]
+    return out
+
+
+def _write(rig: Rig, block_ids: tuple[int, ...], kv: torch.Tensor) -> None:
+    for li, layer in enumerate(rig.layers):
+        k, v = backend_kv(rig.case, layer)
+        for p in range(kv.shape[2]):
+            kb, off = token_slot(rig.case, block_ids, p)
+            k[kb, off], v[kb, off] = kv[li, 0, p], kv[li, 1, p]
+
+
+def _run(rig: Rig, meta: KVaaSConnectorMetadata) -> set[int]:
+    rig.connector.bind_connector_metadata(meta)
+    try:
+        rig.connector.start_load_kv(None)  # type: ignore[arg-type]
+        rig.connector.wait_for_save()
+    finally:
+        rig.connector.clear_connector_metadata()
+    return rig.connector.get_block_ids_with_load_errors()
+
+
+def _kernel_blocks(case: Case, block_ids: tuple[int, ...]) -> set[int]:
+    ratio = BLOCK // (case.kernel_block or BLOCK)
+    return {b * ratio + i for b in block_ids for i in range(ratio)}
+
+
+def test_save_then_load_is_bit_exact_and_touches_only_its_blocks(rig: Rig) -> None:
+    n = len(SRC_BLOCKS) * BLOCK
+    kv = torch.randn(LAYERS, 2, n, HEADS, DIM).to(rig.case.dtype)
+    _write(rig, SRC_BLOCKS, kv)
+    assert torch.equal(_truth(rig, SRC_BLOCKS, n), kv)
+    keys = tuple(ChunkKey(os.urandom(32)) for _ in range(n // CHUNK))
+    save = SaveTask("s", keys, 0, CHUNK, "none", "standard", SRC_BLOCKS, rig.sealing)
+    assert _run(rig, KVaaSConnectorMetadata(saves=[save])) == set()
+
+    # the stored chunks are the canonical token-major KV, whatever the layout
+    blobs = rig.store.get_prefix(list(keys), rig.sealing.sealer())
+    assert len(blobs) == len(keys)
+    for i, blob in enumerate(blobs):
+        assert torch.equal(codec.decode(blob), kv[:, :, i * CHUNK : (i + 1) * CHUNK])
+
+    before = [t.clone() for t in rig.layers]
+    raw_before = rig.raw.clone()
+    load = LoadTask("l", keys, CHUNK, 0, n, DST_BLOCKS, rig.sealing)
+    assert _run(rig, KVaaSConnectorMetadata(loads=[load])) == set()
+    assert torch.equal(_truth(rig, DST_BLOCKS, n), kv)
+    written = _kernel_blocks(rig.case, DST_BLOCKS)
+    for layer, old in zip(rig.layers, before, strict=True):
+        for b in range(layer.shape[0]):
+            if b not in written:
+                assert torch.equal(layer[b], old[b]), f"kernel block {b} was written"
+    # no byte of the buffer outside the written blocks moved (other layers' pages included)
+    expected = raw_before.clone()
+    _, exp_views = make_layers(rig.case, NAMES, expected)
+    for exp, layer in zip(exp_views, rig.layers, strict=True):
+        for b in written:
+            exp[b] = layer[b]
+    assert torch.equal(expected, rig.raw)
+
+
+def test_partial_load_from_a_block_boundary(rig: Rig) -> None:
+    """A load that starts after the engine's own cached tokens (block 1 onwards) writes only
+    the blocks from there."""
+    n = len(SRC_BLOCKS) * BLOCK
+    kv = torch.randn(LAYERS, 2, n, HEADS, DIM).to(rig.case.dtype)
+    keys = tuple(ChunkKey(os.urandom(32)) for _ in range(n // CHUNK))
+    rig.store.put_chunks(
+        [(k, codec.encode(kv[:, :, i * CHUNK : (i + 1) * CHUNK].contiguous(), "none"))
+         for i, k in enumerate(keys)],
+        "standard",
+        rig.sealing.sealer(),
+    )  # fmt: skip
+    before = [t.clone() for t in rig.layers]
+    load = LoadTask("l", keys, CHUNK, BLOCK, n - BLOCK // 2, DST_BLOCKS, rig.sealing)
+    assert _run(rig, KVaaSConnectorMetadata(loads=[load])) == set()
+    got = _truth(rig, DST_BLOCKS, n)
+    lo, hi = BLOCK, n - BLOCK // 2
+    assert torch.equal(got[:, :, lo:hi], kv[:, :, lo:hi])
+    old = torch.stack([before[i] for i in range(LAYERS)])
+    for li, layer in enumerate(rig.layers):  # block DST_BLOCKS[0] and the tail are untouched
+        for b in _kernel_blocks(rig.case, DST_BLOCKS[:1]):
+            assert torch.equal(layer[b], old[li][b])
+    tail = _truth(rig, DST_BLOCKS, n)[:, :, hi:]
+    assert torch.all(tail == SENTINEL)
+
+
+# ------------------------------------------------------------------ refused at start-up
+def test_unknown_backend_is_refused_at_start_up(tmp_path: Path) -> None:
+    c = _connector(tmp_path, "ROCM_AITER_FA")
+    _, views = make_layers(Case("FLASH_ATTN", KVCacheLayout.LBNHC), NAMES)
+    with pytest.raises(LayoutError, match="ROCM_AITER_FA attention backend"):
+        c.register_kv_caches(dict(zip(NAMES, views, strict=True)))
+
+
+def test_missing_backend_is_refused(tmp_path: Path) -> None:
+    c = _connector(tmp_path, "FLASH_ATTN")
+    _, views = make_layers(Case("FLASH_ATTN", KVCacheLayout.LBNHC), NAMES)
+    other = [f"other.{i}.attn" for i in range(LAYERS)]
+    with pytest.raises(LayoutError, match="cannot tell the attention backend"):
+        c.register_kv_caches(dict(zip(other, views, strict=True)))
+
+
+def test_fp8_cache_is_refused_at_start_up(tmp_path: Path) -> None:
+    c = _connector(tmp_path, "FLASH_ATTN")
+    _, views = make_layers(Case("FLASH_ATTN", KVCacheLayout.LBNHC), NAMES)
+    as_bytes = [v.view(torch.uint8) for v in views]  # what an fp8 cache's views look like
+    with pytest.raises(LayoutError, match="fp8"):
+        c.register_kv_caches(dict(zip(NAMES, as_bytes, strict=True)))
+    c._vllm_config.cache_config.cache_dtype = "fp8_e4m3"  # type: ignore[attr-defined]
+    with pytest.raises(LayoutError, match="kv_cache_dtype='fp8_e4m3'"):
+        c.register_kv_caches(dict(zip(NAMES, views, strict=True)))
+
+
+def test_mla_is_refused_at_start_up(tmp_path: Path) -> None:
+    c = _connector(tmp_path, "FLASH_ATTN")
+    c._vllm_config.model_config.use_mla = True  # type: ignore[attr-defined]
+    latent = {n: torch.zeros(NUM_BLOCKS, BLOCK, 576) for n in NAMES}  # MLA: one latent tensor
+    with pytest.raises(LayoutError, match="MLA"):
+        c.register_kv_caches(latent)
+
+
+def test_mla_shaped_cache_is_refused_even_unflagged(tmp_path: Path) -> None:
+    c = _connector(tmp_path, "FLASH_ATTN")
+    latent = {n: torch.zeros(NUM_BLOCKS, BLOCK, 576) for n in NAMES}
+    with pytest.raises(LayoutError, match="unsupported paged KV tensor"):
+        c.register_kv_caches(latent)
+
+
+def test_rows_placement_needs_a_dense_interior(tmp_path: Path) -> None:
+    c = _connector(tmp_path, "CPU_ATTN")
+    _, views = make_layers(Case("FLASH_ATTN", KVCacheLayout.LBNHC), NAMES)  # NHD strides
+    with pytest.raises(LayoutError, match="dense"):
+        c.register_kv_caches(dict(zip(NAMES, views, strict=True)))
