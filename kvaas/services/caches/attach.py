@@ -75,6 +75,13 @@ class AttachOps(CacheCore):
         except StoreError:
             available = 0
         available_tokens = min(available * cache.chunk_tokens, cap)
+        if (
+            version == cache.version
+            and available_tokens < expected
+            and await self._lost(session, tenant, cache)
+        ):
+            # gone for good, not just out of reach: say so, and stop billing its storage
+            await self._mark_lost(session, tenant, cache)
         if require_hit and (expected == 0 or available_tokens < expected):
             reason = "too_short" if expected == 0 else "evicted"
             raise CacheMiss(

@@ -414,6 +414,52 @@ class CacheCore:
         await self._settle(session, rows)
         return True
 
+    async def _lost(self, session: AsyncSession, tenant: Tenant, cache: Cache) -> bool:
+        """Whether the chunks of the cache's current version are gone from every tier (a Redis
+        restart that lost recent writes, a disk replaced): the store holds no manifest for it,
+        or some chunk is in no tier while every tier answered. A tier that cannot answer never
+        makes a cache lost."""
+        try:
+            manifest = await self.store.get_manifest(self._slot(tenant), cache.id, cache.version)
+            if manifest is None:
+                return True
+            return (await self.store.lost_chunks(manifest)).lost
+        except StoreError:
+            return False
+
+    async def _mark_lost(self, session: AsyncSession, tenant: Tenant, cache: Cache) -> bool:
+        """Transition: the cache's stored KV is lost (:meth:`_lost`). It becomes ``failed``
+        with :data:`LOST_REASON`, its storage stops being billed now (the ``ended`` event,
+        once), and what the tiers still hold of it is released through the outbox.
+        Conditional: only a cache still ``ready`` at that version (``False`` otherwise)."""
+        now = utcnow()
+        res = await session.execute(
+            update(Cache)
+            .where(Cache.id == cache.id, Cache.status == "ready", Cache.version == cache.version)
+            .values(
+                status="failed",
+                failure_reason=LOST_REASON,
+                reserved_tokens=0,
+                reserved_bytes=0,
+                updated_at=now,
+            )
+        )
+        if not _rows(res):
+            await session.commit()
+            return False
+        await session.refresh(cache)
+        await session.execute(
+            update(CacheVersion)
+            .where(CacheVersion.cache_id == cache.id, CacheVersion.status == "ready")
+            .values(status="failed", failure_reason=LOST_REASON)
+        )
+        await metering.on_cache_ended(session, cache, "lost", now)
+        rows = outbox.queue_release(session, self._slot(tenant), cache.id, None, "lost")
+        log.warning("cache %s: its stored chunks are gone from every tier; marked failed", cache.id)
+        await session.commit()
+        await self._settle(session, rows)
+        return True
+
     async def _retire(
         self, session: AsyncSession, tenant: Tenant, cache: Cache, status: str, now: datetime
     ) -> list[StoreRelease] | None:
@@ -447,6 +493,10 @@ class CacheCore:
         # storage is metered until the deletion, or until ``expires_at`` for an expiry
         await metering.on_cache_ended(session, cache, status, now if status == "deleted" else None)
         return outbox.queue_release(session, self._slot(tenant), cache.id, None, status)
+
+
+#: ``failure_reason`` of a cache whose stored KV was lost from every tier.
+LOST_REASON = "its stored KV was lost from every storage tier (evicted); create it again"
 
 
 def _rows(result: object) -> int:
