@@ -31,14 +31,13 @@ from kvaas.api.tags import router as tags_router
 from kvaas.api.usage import router as usage_router
 from kvaas.billing.pricebook import pricebook_for
 from kvaas.config import Settings, get_settings
-from kvaas.db import migrate
 from kvaas.db.session import Database
 from kvaas.engine import build_engine
 from kvaas.metering.tiers import TierBilling
 from kvaas.services import outbox
 from kvaas.services.caches import CacheService
 from kvaas.services.fairness import FairGate
-from kvaas.services.leader import MaintenanceLocks
+from kvaas.services.leader import MaintenanceLocks, upgrade_exclusively
 from kvaas.services.prompts import prompt_body_limit
 from kvaas.services.reconcile import Reconciler
 from kvaas.store.factory import StoreConfig, build_store
@@ -210,7 +209,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db = db
         if settings.auto_migrate:
             try:
-                await asyncio.to_thread(migrate.upgrade, settings.resolved_database_url)
+                await asyncio.to_thread(upgrade_exclusively, settings.resolved_database_url)
             except Exception as e:  # keep serving; /readyz reports the database
                 log.error("database migration failed at start-up: %s", e)
 

@@ -24,6 +24,9 @@ Contract of :meth:`MaintenanceLocks.exclusive`:
   the per-tier billing journal of this process's store moves, housekeeping of its own
   connections) take no lock.
 
+Start-up migrations take the same kind of lock, blocking (:func:`upgrade_exclusively`): gateways
+started together migrate one after the other, and the later ones find the schema current.
+
 ``kvaas_maintenance_steps_total{step,result}`` counts each process's rounds: ``ran`` (this
 process held the lock and the step finished), ``skipped`` (another process held it), ``failed``.
 """
@@ -40,10 +43,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from prometheus_client import Counter
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from kvaas.db.session import Database
+from kvaas.db import migrate
+from kvaas.db.session import Database, sync_url
 
 log = logging.getLogger("kvaas.maintenance")
 
@@ -117,3 +121,36 @@ class MaintenanceLocks:
                 raise
         STEPS.labels(name, "ran").inc()
         return True
+
+
+def upgrade_exclusively(url: str) -> None:
+    """:func:`kvaas.db.migrate.upgrade` under a lock every process migrating the same database
+    takes (blocking; PostgreSQL: a session advisory lock, released with its connection; SQLite:
+    a ``flock`` next to the database file). Synchronous: run it in a thread."""
+    u = make_url(url)
+    if u.get_backend_name() == "postgresql":
+        engine = create_engine(sync_url(url))
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": lock_key("migrate")})
+                conn.commit()
+                try:
+                    migrate.upgrade(url)
+                finally:
+                    conn.execute(
+                        text("SELECT pg_advisory_unlock(:key)"), {"key": lock_key("migrate")}
+                    )
+                    conn.commit()
+        finally:
+            engine.dispose()
+    elif u.database and u.database != ":memory:":
+        path = Path(u.database)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent / f"{path.name}.migrate.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            migrate.upgrade(url)
+        finally:
+            os.close(fd)
+    else:
+        migrate.upgrade(url)

@@ -189,3 +189,14 @@ def test_outbox_drained_once_by_two_gateways(schema: PgSchema, tmp_path: Path) -
         counts = released()
         assert sum(counts) == RELEASES, f"outbox rows released (per gateway): {counts}"
         assert sorted(counts) == [0, RELEASES]
+
+
+def test_gateways_started_together_migrate_once(schema: PgSchema, tmp_path: Path) -> None:
+    """Two gateways started at once on an empty schema: both migrate it at start-up; neither
+    fails (the second waits for the first's migration, then finds the schema current)."""
+    env = _env(schema, tmp_path / "data", f"kvaas-t{os.getpid()}m")
+    with _gateways(env, tmp_path, 2):
+        pass
+    for i in range(2):
+        log = (tmp_path / f"gateway{i}.log").read_text()
+        assert "migration failed" not in log, log[-4000:]
