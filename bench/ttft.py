@@ -49,6 +49,8 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 CHUNK = 256
 FINGERPRINT = "bench"
+ENGINE_CORE = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0")
+TIMES, DASH = "\u00d7", "\u2013"  # for the markdown tables
 
 
 # --------------------------------------------------------------------------- statistics
@@ -78,6 +80,9 @@ def _engine(model_dir: str, kv: dict[str, Any]) -> Any:
     # the engine core runs in this process: a TTFT is the engine's own work, without the
     # hand-off between two processes that a busy 2-core machine makes noisy
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # one OpenMP thread bound to core 0: on a shared 2-core machine an OpenMP pool over both
+    # cores stalls at every barrier whenever another process holds one of them
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ENGINE_CORE)
     # the engine process imports the routed connectors from bench/
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH", "")) if p
@@ -161,10 +166,15 @@ def _store_cfg(
 
 
 class Burner:
-    """A busy-looping process, paused unless a loaded round runs."""
+    """A busy-looping process on the other core (not the engine's), paused unless a loaded
+    round runs: it competes with everything of an attach that is not the engine's own thread
+    (the store's I/O threads, Redis, the page cache)."""
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        cores = os.sched_getaffinity(0) - {int(ENGINE_CORE)}
+        if cores:
+            os.sched_setaffinity(self.proc.pid, cores)
         self.pause()
 
     def pause(self) -> None:
@@ -484,14 +494,63 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     Console(width=170).print(table)
 
 
+def _label(config: str) -> str:
+    if config == "cold":
+        return "cold prefill"
+    if config == "vllm-prefix-hit":
+        return "vLLM prefix-cache hit (no transfer)"
+    if config == "example-connector":
+        return "vLLM `ExampleConnector` (disk, uncompressed)"
+    _, tier, scheme, *plain = config.split("-")
+    return f"KVaaS {tier}, {scheme}" + (", plain" if plain else ", encrypted")
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The tables of docs/benchmarks.md, from a ``--json`` file: per model, length and load,
+    p50 with p25 to p75, the ratio to the prefix hit with its 95 % interval, the encrypted/plain
+    ratio and the AES-GCM open time per attach."""
+    rows = doc["rows"]
+    out: list[str] = []
+    keys = dict.fromkeys((r["model"], r["tokens"], r["load"]) for r in rows)
+    for model, tokens, load in keys:
+        out.append(f"**{model}, {tokens} tokens, {load}**\n")
+        out.append(
+            f"| config | TTFT p50 ms (p25{DASH}p75) | {TIMES} prefix hit [95 % CI] "
+            f"| {TIMES} faster than cold "
+            "| encrypted / plain [95 % CI] | AES-GCM open ms |"
+        )
+        out.append("|---|---:|---:|---:|---:|---:|")
+        sel = [r for r in rows if (r["model"], r["tokens"], r["load"]) == (model, tokens, load)]
+        sel.sort(key=lambda r: (r["config"] != "vllm-prefix-hit", r["vs_prefix_hit"]))
+        for r in sel:
+            ci = r["vs_prefix_hit_ci95"]
+            enc = ""
+            if "vs_unencrypted" in r:
+                e = r["vs_unencrypted_ci95"]
+                enc = f"{r['vs_unencrypted']:.3f} [{e[0]:.3f}, {e[1]:.3f}]"
+            cold = "" if r["speedup_vs_cold"] is None else f"{r['speedup_vs_cold']:.1f}"
+            opened = f"{r['open_ms_per_attach']:.3f}" if "open_ms_per_attach" in r else ""
+            out.append(
+                f"| {_label(r['config'])} | {r['ttft_ms']:.1f} ({r['p25_ms']:.1f}{DASH}"
+                f"{r['p75_ms']:.1f}) | {r['vs_prefix_hit']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] "
+                f"| {cold} | {enc} | {opened} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, 1k tokens, int4 only")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--rounds", type=int, help="rounds per length (half idle, half loaded)")
     ap.add_argument("--redis-url", help="Redis for the chunks (default: a throw-away server)")
+    ap.add_argument("--markdown", type=Path, help="print the docs tables of a --json file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     if args.worker:
         spec = json.loads(args.worker)
         Path(spec["result"]).write_text(json.dumps(worker(spec)))
