@@ -15,7 +15,9 @@ Contract of :meth:`MaintenanceLocks.exclusive`:
   (they never wait) and skip the step this round. The lock is released when the block ends,
   and by the server if the process dies (it never outlives its holder: no lease to expire).
 - PostgreSQL: a transaction-scoped advisory lock (``pg_try_advisory_xact_lock``) on a
-  connection of its own, held for the block; the key is derived from ``name``.
+  connection of its own, held for the block. Advisory locks are per database, so the key is
+  derived from ``name`` and the connection's ``current_schema()``: deployments in separate
+  schemas of one database never hold each other's locks.
 - SQLite: an exclusive ``flock`` on a file next to the database file, so several processes on
   one host (``--workers``) take turns too. A SQLite database shared by several hosts is not a
   supported deployment (one gateway host only: see docs/operations.md). An in-memory database
@@ -36,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -59,11 +60,9 @@ STEPS = Counter(
 )
 
 
-def lock_key(name: str) -> int:
-    """The advisory lock key of step ``name``: a signed 64-bit integer, stable across
-    processes and versions (PostgreSQL's ``bigint``)."""
-    digest = hashlib.sha256(f"kvaas.maintenance:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+#: The advisory lock key of a step (``:name``) in the connection's schema: a ``bigint``, the
+#: same in every process and version.
+_KEY = "hashtextextended('kvaas.maintenance:' || coalesce(current_schema(), '') || ':' || :name, 0)"
 
 
 class MaintenanceLocks:
@@ -85,7 +84,7 @@ class MaintenanceLocks:
             async with self.db.engine.connect() as conn:
                 got = (
                     await conn.execute(
-                        text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": lock_key(name)}
+                        text(f"SELECT pg_try_advisory_xact_lock({_KEY})"), {"name": name}
                     )
                 ).scalar()
                 try:
@@ -132,14 +131,12 @@ def upgrade_exclusively(url: str) -> None:
         engine = create_engine(sync_url(url))
         try:
             with engine.connect() as conn:
-                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": lock_key("migrate")})
+                conn.execute(text(f"SELECT pg_advisory_lock({_KEY})"), {"name": "migrate"})
                 conn.commit()
                 try:
                     migrate.upgrade(url)
                 finally:
-                    conn.execute(
-                        text("SELECT pg_advisory_unlock(:key)"), {"key": lock_key("migrate")}
-                    )
+                    conn.execute(text(f"SELECT pg_advisory_unlock({_KEY})"), {"name": "migrate"})
                     conn.commit()
         finally:
             engine.dispose()
