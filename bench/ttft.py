@@ -165,6 +165,19 @@ def _store_cfg(
     ).to_dict()
 
 
+def _cores(spec: str) -> set[int]:
+    """The cores of a ``VLLM_CPU_OMP_THREADS_BIND`` value (``0``, ``0-1``, ``0,1``); every core
+    for anything else (``auto``, ``all``)."""
+    try:
+        out: set[int] = set()
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+        return out
+    except ValueError:
+        return set(os.sched_getaffinity(0))
+
+
 class Burner:
     """A busy-looping process on the other core (not the engine's), paused unless a loaded
     round runs: it competes with everything of an attach that is not the engine's own thread
@@ -172,7 +185,7 @@ class Burner:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        cores = os.sched_getaffinity(0) - {int(ENGINE_CORE)}
+        cores = os.sched_getaffinity(0) - _cores(ENGINE_CORE)
         if cores:
             os.sched_setaffinity(self.proc.pid, cores)
         self.pause()
