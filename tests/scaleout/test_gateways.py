@@ -200,3 +200,37 @@ def test_gateways_started_together_migrate_once(schema: PgSchema, tmp_path: Path
     for i in range(2):
         log = (tmp_path / f"gateway{i}.log").read_text()
         assert "migration failed" not in log, log[-4000:]
+
+
+def test_rate_limit_and_idempotency_span_gateways(schema: PgSchema, tmp_path: Path) -> None:
+    """A key's rate limit is one budget across both gateways (Redis), and an
+    ``Idempotency-Key`` used on one gateway replays on the other (the database)."""
+    migrate.upgrade(schema.url)
+    env = _env(schema, tmp_path / "data", f"kvaas-t{os.getpid()}r")
+    env |= {"KVAAS_RATE_LIMIT_PER_SECOND": "0.001", "KVAAS_RATE_LIMIT_BURST": "4"}
+    with _gateways(env, tmp_path, 2) as (g1, g2):
+        r = httpx.post(
+            f"{g1}/admin/api/tenants",
+            json={"name": "acme"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
+        auth = {"Authorization": f"Bearer {r.json()['api_key']['secret']}"}
+        # without an engine every POST that runs answers 503 (never stored); a request the
+        # API refuses (422) is an answer, stored like any other
+        path = "/v1/cache/estimate"
+        body = {"prompt": "a prefix", "ttl_seconds": "a while"}
+        keyed = {**auth, "Idempotency-Key": "estimate-1"}
+        first = httpx.post(f"{g1}{path}", json=body, headers=keyed, timeout=60)
+        assert first.status_code == 422, first.text
+        again = httpx.post(f"{g2}{path}", json=body, headers=keyed, timeout=60)
+        assert again.status_code == 422, again.text
+        assert again.headers.get("Idempotent-Replayed") == "true"
+        assert again.json() == first.json()
+        other = httpx.post(f"{g2}{path}", json={"prompt": "another"}, headers=keyed, timeout=60)
+        assert other.status_code == 409, other.text
+        # 3 of the burst of 4 are spent (a replay and a conflict count too: each was a
+        # request); the 4th passes on either gateway, the 5th is refused on the other
+        statuses = [httpx.get(f"{g}/v1/me", headers=auth, timeout=30).status_code for g in (g1, g2)]
+        assert statuses == [200, 429], statuses
