@@ -22,10 +22,19 @@ scheme and writes it under fresh keys into exactly the tier a sample reads from 
 only; ``redis``: Redis only; ``memory``: Redis, then one untimed attach promotes it into the
 worker's memory tier). Every attach sample checks that the engine reports the tokens loaded.
 
-Rounds alternate ``idle`` and ``loaded``: in loaded rounds a busy-looping process competes for
-the CPU (resumed with SIGCONT, paused with SIGSTOP between rounds), so contention is sampled
-side by side too. Reported per row: p25/p50/p75 TTFT, the ratio of medians to the prefix hit
-(and to the same row unencrypted) with a bootstrap 95 % interval. The cost of opening a sealed
+The engine core runs in the bench's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no
+hand-off between processes in a TTFT) with one OpenMP thread bound to core 0
+(``VLLM_CPU_OMP_THREADS_BIND=0``; set it to e.g. ``0-1`` to use more): on a shared 2-core
+machine an OpenMP pool over both cores stalls at every barrier whenever another process holds
+one of them, which swamps the differences this bench is after. Run it with ``nice -n -10``.
+
+Rounds alternate ``idle`` and ``loaded``: in loaded rounds a busy-looping process runs on the
+other core (resumed with SIGCONT, paused with SIGSTOP between rounds), where everything of an
+attach that is not the engine's thread runs (the store's I/O threads, Redis, the page cache),
+so the ratio under contention is sampled side by side too.
+
+Reported per row: p25/p50/p75 TTFT, the ratio of medians to the prefix hit (and to the same
+row unencrypted) with a bootstrap 95 % interval. The cost of opening a sealed
 chunk (AES-GCM) is timed per chunk in the bench process and set against the attach time.
 
     python bench/ttft.py [--quick] [--json PATH] [--rounds N]
