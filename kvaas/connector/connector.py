@@ -57,11 +57,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvaas import codec
 from kvaas.connector import store_config
 from kvaas.connector.chunks import ChunkShape, decode_fitting
-from kvaas.connector.paged import LayoutError, PagedLayout, gather, scatter, slots
+from kvaas.connector.engine_layout import resolve_layout, shard_rank
+from kvaas.connector.paged import PagedLayout, gather, scatter, slots
 from kvaas.connector.params import TransferPlan
 from kvaas.store.crypto import ChunkSealer, TenantKeys
 from kvaas.store.factory import StoreConfig, build_store
-from kvaas.store.keys import ChunkKey
+from kvaas.store.keys import ChunkKey, shard_key, shard_keys
 from kvaas.store.sync import SyncTieredStore
 
 if TYPE_CHECKING:
@@ -151,17 +152,6 @@ class _SaveState:
     saved: int = 0  # chunks already handed to the worker (or stored before: the plan's skip)
 
 
-def _attn_backend_name(vllm_config: VllmConfig, layer_name: str) -> str:
-    """The attention backend (``AttentionBackend.get_name()``) of layer ``layer_name``; raises
-    :class:`LayoutError` when the engine does not say (the K/V placement depends on it)."""
-    ctx = getattr(vllm_config.compilation_config, "static_forward_context", None) or {}
-    layer = ctx.get(layer_name)
-    get_backend = getattr(layer, "get_attn_backend", None)
-    if get_backend is None:
-        raise LayoutError(f"cannot tell the attention backend of KV cache layer {layer_name}")
-    return str(get_backend().get_name())
-
-
 def _store_config(vllm_config: VllmConfig) -> StoreConfig:
     transfer = vllm_config.kv_transfer_config
     return store_config(transfer.kv_connector_extra_config if transfer is not None else None)
@@ -178,6 +168,7 @@ class KVaaSConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._block_size = vllm_config.cache_config.block_size
+        self._rank = shard_rank(vllm_config)  # the scheduler's is rank 0: only sizes count
         cfg = _store_config(vllm_config)
         self._store: SyncTieredStore | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -231,8 +222,10 @@ class KVaaSConnector(KVConnectorBase_V1):
         try:
             if self._store is None:
                 n_chunks = len(load_keys)
-            else:
+            elif self._rank.world == 1:
                 n_chunks = self._store.longest_prefix(list(load_keys))
+            else:
+                n_chunks = self._all_ranks_prefix(load_keys)
         except Exception as e:  # a store outage is a miss, never a failed request
             log.warning("request %s: store lookup failed: %s", request.request_id, e)
             n_chunks = 0
@@ -240,6 +233,16 @@ class KVaaSConnector(KVConnectorBase_V1):
         matched = (min(n_chunks * plan.chunk_tokens, n_prompt - 1) // bs) * bs
         self._lookups[request.request_id] = (num_computed_tokens, matched)
         return max(0, matched - num_computed_tokens), False
+
+    def _all_ranks_prefix(self, keys: tuple[ChunkKey, ...]) -> int:
+        """Leading chunks of ``keys`` whose piece every rank of this engine's world holds."""
+        assert self._store is not None
+        world = self._rank.world
+        found = self._store.exists_many(shard_keys(keys, self._rank.tp_size, self._rank.pp_size))
+        for i in range(len(keys)):
+            if not all(found[i * world : (i + 1) * world]):
+                return i
+        return len(keys)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -338,38 +341,16 @@ class KVaaSConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Take the engine's per-layer KV tensors; raises :class:`LayoutError` (the engine does
-        not start) on a layout the connector cannot copy correctly: MLA, an fp8 or quantized
-        cache, several KV cache groups, an unknown attention backend or an unexpected shape."""
+        """Take the engine's per-layer KV tensors; raises
+        :class:`~kvaas.connector.paged.LayoutError` (the engine does not start) on a layout
+        the connector cannot copy correctly (see
+        :func:`~kvaas.connector.engine_layout.resolve_layout`)."""
         from vllm.model_executor.models.utils import extract_layer_index
 
-        if getattr(self._vllm_config.model_config, "use_mla", False):
-            raise LayoutError("the KVaaS connector does not support MLA models")
-        cache_dtype = getattr(self._vllm_config.cache_config, "cache_dtype", "auto")
-        if str(cache_dtype) != "auto":
-            raise LayoutError(
-                f"the KVaaS connector does not support kv_cache_dtype={cache_dtype!r} "
-                "(use 'auto': the model's dtype)"
-            )
-        groups = getattr(self._kv_cache_config, "kv_cache_groups", None)
-        if groups is not None and len(groups) > 1:
-            raise LayoutError(
-                f"the KVaaS connector supports one KV cache group, the engine has {len(groups)}"
-            )
         self._layers = sorted(kv_caches.items(), key=lambda kv: extract_layer_index(kv[0]))
-        layouts = {
-            PagedLayout.for_backend(
-                _attn_backend_name(self._vllm_config, name),
-                t,
-                self._block_size,
-                self._kv_heads,
-                self._head_dim,
-            )
-            for name, t in self._layers
-        }
-        if len(layouts) != 1:
-            raise LayoutError(f"the KV cache layers differ in layout: {sorted(map(str, layouts))}")
-        self._layout = layouts.pop()
+        self._layout = resolve_layout(
+            self._vllm_config, self._kv_cache_config, self._layers, self._kv_heads, self._head_dim
+        )
         self._kv_views = [self._layout.keys_values(t) for _, t in self._layers]
         log.info(
             "KVaaS connector: %d layers, K/V placement %s, block size %d (kernel blocks of %d)",
@@ -398,7 +379,8 @@ class KVaaSConnector(KVConnectorBase_V1):
         t0 = time.perf_counter()
         assert self._store is not None
         try:
-            blobs = self._store.get_prefix(list(task.keys[first:last]), task.sealing.sealer())
+            keys = [shard_key(k, self._rank) for k in task.keys[first:last]]
+            blobs = self._store.get_prefix(keys, task.sealing.sealer())
         except Exception as e:
             log.warning("request %s: chunk fetch failed: %s", task.req_id, e)
             blobs = []
@@ -473,7 +455,8 @@ class KVaaSConnector(KVConnectorBase_V1):
             start = (task.first + i) * c
             blk, off = slots(task.block_ids, start, start + c, self._layout)
             kv = torch.stack([gather(views, blk, off) for views in self._kv_views])
-            items.append((task.keys[i], codec.encode(kv.cpu().contiguous(), task.scheme)))
+            key = shard_key(task.keys[i], self._rank)
+            items.append((key, codec.encode(kv.cpu().contiguous(), task.scheme)))
         self._store.put_chunks(items, task.storage_class, task.sealing.sealer())
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:

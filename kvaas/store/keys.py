@@ -17,12 +17,20 @@ produce the same keys and one tenant cannot compute (probe for) another's. The f
 count and manifest of a tenant shares one Redis Cluster hash slot (``kvaas:{<slot>}:...``), so a
 prefix lookup or a manifest update touches a single slot. The slot prefix reveals nothing about
 the namespace (it is a hash of it).
+
+Sharded engines: with tensor or pipeline parallelism each worker holds only its share of a
+chunk's KV (its KV heads, its layers), so each rank stores its own piece under its own *shard
+key* (:func:`shard_key`): the chunk key with the rank and world size folded in, keeping the slot
+prefix. Rank 0 of a world of one (no parallelism) uses the chunk key itself, so unsharded data
+stays readable. A chunk is stored for a world only when every rank's piece is
+(:func:`shard_keys` lists them).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NewType, Protocol
 
 import blake3
@@ -38,6 +46,7 @@ DEFAULT_CHUNK_TOKENS = 256
 
 _NAMESPACE_CONTEXT = "kvaas 2025-01 tenant chunk namespace v1"
 _SLOT_CONTEXT = "kvaas 2025-01 namespace slot tag v1"  # fixed: keys derive from it
+_SHARD_CONTEXT = "kvaas 2026-11 chunk shard key v1"  # fixed: shard keys derive from it
 _INT32 = np.dtype("<i4")
 
 
@@ -173,3 +182,45 @@ async def longest_stored_prefix(store: SupportsExistsMany, keys: Sequence[ChunkK
             break
         n += 1
     return n
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRank:
+    """One worker's place in a sharded engine: tensor- and pipeline-parallel rank and size."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.tp_rank < self.tp_size and 0 <= self.pp_rank < self.pp_size):
+            raise ValueError(f"invalid shard rank {self}")
+
+    @property
+    def world(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @classmethod
+    def all(cls, tp_size: int = 1, pp_size: int = 1) -> list[ShardRank]:
+        """Every rank of a ``tp_size`` by ``pp_size`` world, pipeline stage major."""
+        return [cls(t, tp_size, p, pp_size) for p in range(pp_size) for t in range(tp_size)]
+
+
+def shard_key(key: ChunkKey, rank: ShardRank) -> ChunkKey:
+    """The key ``rank``'s piece of chunk ``key`` is stored under: ``key`` itself in a world of
+    one, else ``key``'s slot prefix then 28 bytes of a blake3 hash of ``key``, the rank and the
+    world size (distinct for every rank and world size, in the key's Redis slot)."""
+    if rank.world == 1:
+        return key
+    h = blake3.blake3(derive_key_context=_SHARD_CONTEXT)
+    h.update(bytes(key))
+    h.update(struct.pack("<4I", rank.tp_rank, rank.tp_size, rank.pp_rank, rank.pp_size))
+    return ChunkKey(bytes(key[:SLOT_BYTES]) + h.digest(KEY_BYTES - SLOT_BYTES))
+
+
+def shard_keys(keys: Sequence[ChunkKey], tp_size: int = 1, pp_size: int = 1) -> list[ChunkKey]:
+    """Every rank's shard key of each of ``keys``, chunk major (``len(keys) * world`` keys;
+    ``keys`` themselves in a world of one)."""
+    ranks = ShardRank.all(tp_size, pp_size)
+    return [shard_key(k, r) for k in keys for r in ranks]
