@@ -23,10 +23,10 @@ only; ``redis``: Redis only; ``memory``: Redis, then one untimed attach promotes
 worker's memory tier). Every attach sample checks that the engine reports the tokens loaded.
 
 The engine core runs in the bench's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no
-hand-off between processes in a TTFT) with one OpenMP thread bound to core 0
-(``VLLM_CPU_OMP_THREADS_BIND=0``; set it to e.g. ``0-1`` to use more): on a shared 2-core
-machine an OpenMP pool over both cores stalls at every barrier whenever another process holds
-one of them, which swamps the differences this bench is after. Run it with ``nice -n -10``.
+hand-off between processes in a TTFT) on one thread (``OMP_NUM_THREADS=1``) bound to core 0
+(``KVAAS_BENCH_ENGINE_CORE``): on a shared 2-core machine an OpenMP pool over both cores stalls
+at every barrier whenever another process holds one of them, which swamps the differences this
+bench is after. Run it with ``nice -n -10``.
 
 Rounds alternate ``idle`` and ``loaded``: in loaded rounds a busy-looping process runs on the
 other core (resumed with SIGCONT, paused with SIGSTOP between rounds), where everything of an
@@ -58,7 +58,8 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 CHUNK = 256
 FINGERPRINT = "bench"
-ENGINE_CORE = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0")
+#: The core the engine's thread is bound to (the background load runs on the others).
+ENGINE_CORE = int(os.environ.get("KVAAS_BENCH_ENGINE_CORE", "0"))
 TIMES, DASH = "\u00d7", "\u2013"  # for the markdown tables
 
 
@@ -89,9 +90,6 @@ def _engine(model_dir: str, kv: dict[str, Any]) -> Any:
     # the engine core runs in this process: a TTFT is the engine's own work, without the
     # hand-off between two processes that a busy 2-core machine makes noisy
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # one OpenMP thread bound to core 0: on a shared 2-core machine an OpenMP pool over both
-    # cores stalls at every barrier whenever another process holds one of them
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ENGINE_CORE)
     # the engine process imports the routed connectors from bench/
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH", "")) if p
@@ -174,27 +172,15 @@ def _store_cfg(
     ).to_dict()
 
 
-def _cores(spec: str) -> set[int]:
-    """The cores of a ``VLLM_CPU_OMP_THREADS_BIND`` value (``0``, ``0-1``, ``0,1``); every core
-    for anything else (``auto``, ``all``)."""
-    try:
-        out: set[int] = set()
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-        return out
-    except ValueError:
-        return set(os.sched_getaffinity(0))
-
-
 class Burner:
     """A busy-looping process on the other core (not the engine's), paused unless a loaded
     round runs: it competes with everything of an attach that is not the engine's own thread
     (the store's I/O threads, Redis, the page cache)."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        cores = os.sched_getaffinity(0) - _cores(ENGINE_CORE)
+        spin = "import os\np = os.getppid()\nwhile os.getppid() == p: pass"  # ends with us
+        self.proc = subprocess.Popen([sys.executable, "-c", spin])
+        cores = os.sched_getaffinity(0) - {ENGINE_CORE}
         if cores:
             os.sched_setaffinity(self.proc.pid, cores)
         self.pause()
@@ -213,6 +199,9 @@ class Burner:
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run every configuration of one model in one engine; return raw samples."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its pool
+    import torch
+
     from kvaas import codec
     from kvaas.connector import TransferPlan
     from kvaas.store.crypto import ChunkSealer, MasterKeys
@@ -226,6 +215,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="kvaas-bench-ttft-"))
     roots = {r: base / r for r in ("enc", "plain", "example")}
     t_start = time.perf_counter()
+    torch.set_num_threads(1)
     llm = _engine(model_dir, _multi_config(roots, redis_url, spec["memory_bytes"]))
     engine_s = time.perf_counter() - t_start
     # the bench's own handles on the shared tiers (no memory tier), one per store
@@ -237,6 +227,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
     for s in stores.values():
         s.open()
+    # the engine computes on this thread: bind it (threads started before, the stores' I/O,
+    # stay free to run on any core)
+    os.sched_setaffinity(0, {ENGINE_CORE})
     master = MasterKeys("k1", {"k1": os.urandom(32)})
     rng = random.Random(1234)
 
@@ -617,11 +610,11 @@ def main() -> int:
     else:
         tiny = resolve_model("tiny", data)
         plan.append(
-            ("tiny", tiny, [1024, 2048], ["none", "int8", "int4"], args.rounds or 16, 2, True)
+            ("tiny", tiny, [1024, 2048], ["none", "int8", "int4"], args.rounds or 30, 3, True)
         )
         shape = build_model("qwen2.5-0.5b-shape", data / "qwen2.5-0.5b-shape")
         plan.append(
-            ("qwen2.5-0.5b-shape", shape, [1024, 2048, 4000], ["int4"], args.rounds or 6, 1, False)
+            ("qwen2.5-0.5b-shape", shape, [1024, 2048, 4000], ["int4"], args.rounds or 8, 2, False)
         )
     redis_proc = None
     redis_url = args.redis_url
