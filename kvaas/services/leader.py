@@ -11,13 +11,15 @@ each orphan found twice and queued twice, and the work is done twice.
 Contract of :meth:`MaintenanceLocks.exclusive`:
 
 - ``async with locks.exclusive(name) as mine``: ``mine`` is True in exactly one process at a
-  time per ``name`` (among all processes on the same database); the others get False at once
+  time per ``name`` (among all processes on the same database schema); the others get False at once
   (they never wait) and skip the step this round. The lock is released when the block ends,
   and by the server if the process dies (it never outlives its holder: no lease to expire).
 - PostgreSQL: a transaction-scoped advisory lock (``pg_try_advisory_xact_lock``) on a
   connection of its own, held for the block. Advisory locks are per database, so the key is
   derived from ``name`` and the connection's ``current_schema()``: deployments in separate
-  schemas of one database never hold each other's locks.
+  schemas of one database never hold each other's locks. The transaction stays open (idle,
+  without a snapshot) while the step runs: a server ``idle_in_transaction_session_timeout``
+  shorter than a step ends it early and lets a second runner in (harmless, as above).
 - SQLite: an exclusive ``flock`` on a file next to the database file, so several processes on
   one host (``--workers``) take turns too. A SQLite database shared by several hosts is not a
   supported deployment (one gateway host only: see docs/operations.md). An in-memory database
