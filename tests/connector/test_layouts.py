@@ -318,3 +318,50 @@ def test_rows_placement_needs_a_dense_interior(tmp_path: Path) -> None:
     _, views = make_layers(Case("FLASH_ATTN", KVCacheLayout.LBNHC), NAMES)  # NHD strides
     with pytest.raises(LayoutError, match="dense"):
         c.register_kv_caches(dict(zip(NAMES, views, strict=True)))
+
+
+# ------------------------------------------------------------------ failed loads, never a crash
+def _store_chunks(rig: Rig, kvs: list[torch.Tensor]) -> tuple[ChunkKey, ...]:
+    keys = tuple(ChunkKey(os.urandom(32)) for _ in kvs)
+    rig.store.put_chunks(
+        [(k, codec.encode(kv.contiguous(), "none")) for k, kv in zip(keys, kvs, strict=True)],
+        "standard",
+        rig.sealing.sealer(),
+    )
+    return keys
+
+
+@pytest.mark.parametrize(
+    "what", ["heads", "dim", "layers", "tokens", "dtype"], ids=lambda w: f"other-{w}"
+)
+def test_chunk_not_fitting_the_destination_is_a_failed_load(rig: Rig, what: str) -> None:
+    """Chunk 1 was made for another shape or dtype (another model, TP size or KV dtype): chunk
+    0 loads, chunk 1's blocks are reported failed for vLLM to recompute, none is written."""
+    good = torch.randn(LAYERS, 2, CHUNK, HEADS, DIM).to(rig.case.dtype)
+    shape = {
+        "heads": (LAYERS, 2, CHUNK, HEADS - 1, DIM),
+        "dim": (LAYERS, 2, CHUNK, HEADS, DIM // 2),
+        "layers": (LAYERS + 1, 2, CHUNK, HEADS, DIM),
+        "tokens": (LAYERS, 2, CHUNK // 2, HEADS, DIM),
+    }.get(what, (LAYERS, 2, CHUNK, HEADS, DIM))
+    other = rig.case.dtype
+    if what == "dtype":  # e.g. a float32 chunk for a bfloat16 cache: refused, never cast
+        other = torch.bfloat16 if rig.case.dtype == torch.float32 else torch.float32
+    keys = _store_chunks(rig, [good, torch.randn(shape).to(other)])
+    before = [t.clone() for t in rig.layers]
+    load = LoadTask("l", keys, CHUNK, 0, 2 * CHUNK, DST_BLOCKS, rig.sealing)
+    assert _run(rig, KVaaSConnectorMetadata(loads=[load])) == set(DST_BLOCKS[2:])
+    assert torch.equal(_truth(rig, DST_BLOCKS, CHUNK), good)
+    second = _kernel_blocks(rig.case, DST_BLOCKS[2:])
+    for layer, old in zip(rig.layers, before, strict=True):
+        for b in second:
+            assert torch.equal(layer[b], old[b])
+
+
+def test_a_copy_that_raises_is_a_failed_load(rig: Rig) -> None:
+    """A load whose blocks the copy cannot address (a block id past the cache) fails the whole
+    task's blocks instead of raising out of the worker."""
+    keys = _store_chunks(rig, [torch.randn(LAYERS, 2, CHUNK, HEADS, DIM).to(rig.case.dtype)])
+    blocks = (3, NUM_BLOCKS + 5)
+    load = LoadTask("l", keys, CHUNK, 0, CHUNK, blocks, rig.sealing)
+    assert _run(rig, KVaaSConnectorMetadata(loads=[load])) == set(blocks)
