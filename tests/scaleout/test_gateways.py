@@ -67,28 +67,41 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
+def _spawn(env: dict[str, str], log: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    port = _free_port()
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(KVAAS), "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return f"http://127.0.0.1:{port}", proc
+
+
 @contextlib.contextmanager
 def _gateways(env: dict[str, str], logs: Path, n: int) -> Iterator[list[str]]:
-    """``n`` ``kvaas serve`` processes started at once, until each answers ``/readyz``."""
+    """``n`` ``kvaas serve`` processes started at once, until each answers ``/readyz`` (one
+    whose port was taken between the pick and the bind starts again on another, twice at
+    most)."""
     procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     try:
         for i in range(n):
-            port = _free_port()
             log = logs / f"gateway{i}.log"
-            with log.open("wb") as out:
-                proc = subprocess.Popen(
-                    [str(KVAAS), "serve", "--port", str(port)],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            procs.append((f"http://127.0.0.1:{port}", proc, log))
+            procs.append((*_spawn(env, log), log))
         deadline = time.monotonic() + READY_TIMEOUT_S
-        for url, proc, log in procs:
+        for i in range(n):
+            retries = 2
             while True:
+                url, proc, log = procs[i]
                 if proc.poll() is not None:
-                    pytest.fail(f"kvaas serve exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+                    text = log.read_text()
+                    if retries and "address already in use" in text:
+                        retries -= 1
+                        procs[i] = (*_spawn(env, log), log)
+                        continue
+                    pytest.fail(f"kvaas serve exited {proc.returncode}:\n{text[-4000:]}")
                 with contextlib.suppress(httpx.HTTPError):
                     r = httpx.get(f"{url}/readyz", timeout=5)
                     if r.status_code == 200:
