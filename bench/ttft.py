@@ -610,12 +610,13 @@ def main() -> int:
     else:
         tiny = resolve_model("tiny", data)
         plan.append(
-            ("tiny", tiny, [1024, 2048], ["none", "int8", "int4"], args.rounds or 30, 3, True)
+            ("tiny", tiny, [1024, 2048], ["none", "int8", "int4"], args.rounds or 20, 2, True)
         )
         shape = build_model("qwen2.5-0.5b-shape", data / "qwen2.5-0.5b-shape")
         plan.append(
-            ("qwen2.5-0.5b-shape", shape, [1024, 2048, 4000], ["int4"], args.rounds or 8, 2, False)
+            ("qwen2.5-0.5b-shape", shape, [1024, 2048, 4000], ["int4"], args.rounds or 6, 1, False)
         )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the servers below
     redis_proc = None
     redis_url = args.redis_url
     if redis_url is None:
@@ -650,6 +651,10 @@ def main() -> int:
                 "schemes": schemes,
                 "loaded_rounds": loaded,
             }
+            if args.json:  # after each model: a run cut short keeps what it measured
+                meta["wall_s"] = round(time.perf_counter() - t0, 1)
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     finally:
         if redis_proc is not None:
             redis_proc.kill()
