@@ -365,3 +365,45 @@ def test_a_copy_that_raises_is_a_failed_load(rig: Rig) -> None:
     blocks = (3, NUM_BLOCKS + 5)
     load = LoadTask("l", keys, CHUNK, 0, CHUNK, blocks, rig.sealing)
     assert _run(rig, KVaaSConnectorMetadata(loads=[load])) == set(blocks)
+
+
+def _rig(case: Case, tmp: Path) -> Rig:
+    connector = _connector(tmp, case.backend)
+    raw, views = make_layers(case, NAMES)
+    for v in views:
+        v.fill_(SENTINEL)
+    connector.register_kv_caches(dict(zip(NAMES, views, strict=True)))
+    cfg = StoreConfig(memory_bytes=0, disk_dir=tmp, disk_bytes=64 * 1024**2, redis_url=None)
+    store = SyncTieredStore(build_store(cfg))
+    store.open()
+    keys = TenantKeys("k1", {"k1": b"k" * 32})
+    return Rig(case, connector, store, raw, views, Sealing(keys, "fp", "none"))
+
+
+@pytest.mark.parametrize(
+    ("saver", "loader"),
+    [
+        # FlashAttention NHD with kernel blocks -> CPU rows
+        (Case("FLASH_ATTN", KVCacheLayout.LBNHC, kernel_block=16), CASES[0]),
+        (CASES[0], CASES[8]),  # CPU rows -> FlashInfer HND, block-outermost
+    ],
+    ids=["nhd-split-to-cpu", "cpu-to-hnd"],
+)
+def test_chunks_saved_on_one_layout_load_on_another(
+    tmp_path: Path, saver: Case, loader: Case
+) -> None:
+    """The same engine model on another backend (a GPU node and a CPU node sharing a store)
+    reads exactly the KV the other saved."""
+    a, b = _rig(saver, tmp_path), _rig(loader, tmp_path)
+    n = len(SRC_BLOCKS) * BLOCK
+    kv = torch.randn(LAYERS, 2, n, HEADS, DIM)
+    _write(a, SRC_BLOCKS, kv)
+    keys = tuple(ChunkKey(os.urandom(32)) for _ in range(n // CHUNK))
+    save = SaveTask("s", keys, 0, CHUNK, "none", "standard", SRC_BLOCKS, a.sealing)
+    assert _run(a, KVaaSConnectorMetadata(saves=[save])) == set()
+    load = LoadTask("l", keys, CHUNK, 0, n, DST_BLOCKS, b.sealing)
+    assert _run(b, KVaaSConnectorMetadata(loads=[load])) == set()
+    assert torch.equal(_truth(b, DST_BLOCKS, n), kv)
+    for r in (a, b):
+        r.store.close()
+        r.connector.shutdown()
