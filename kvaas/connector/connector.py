@@ -35,6 +35,13 @@ encodes each chunk with the plan's scheme, seals it and writes the chunks the st
 hold yet, in one batch. The worker never sees a master key: the
 plan carries the tenant's derived keys (see :mod:`kvaas.store.crypto`).
 
+Layouts and sharding: at start-up the worker takes each layer's K/V placement from its
+attention backend and refuses layouts it cannot copy (:mod:`kvaas.connector.engine_layout`,
+:mod:`kvaas.connector.paged`). In a tensor- or pipeline-parallel engine each worker reads and
+writes its share of a chunk under its shard key (:func:`kvaas.store.keys.shard_key`; the plan's
+key itself in a world of one), and the scheduler counts a chunk only when every rank's piece is
+stored.
+
 Partial trailing chunk: only full chunks are stored; the last ``len(prompt) % chunk_tokens``
 tokens of a cached prompt are recomputed on attach together with the request's new tokens.
 """
