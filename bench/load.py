@@ -282,7 +282,7 @@ def _load_process(url: str, tenants: list[dict[str, Any]], args: tuple[Any, ...]
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kvaas-load-") as tmp:
-        log = Path(tmp) / "gateway.log"
+        log = args.log or Path(tmp) / "gateway.log"
         with gateway(Path(tmp) / "data", args.database_url, args.redis_url, log) as (url, proc):
             tenants = _setup(url, args.tenants)
             ctx = mp.get_context("spawn")
@@ -348,6 +348,7 @@ def main() -> None:
     ap.add_argument("--max-requests", type=int, default=1_000_000, help="request budget")
     ap.add_argument("--database-url", help="KVAAS_DATABASE_URL for the gateway")
     ap.add_argument("--redis-url", help="KVAAS_REDIS_URL for the gateway")
+    ap.add_argument("--log", type=Path, help="keep the gateway's log here")
     args = ap.parse_args()
     args.duration = args.duration or (30.0 if args.quick else 300.0)
     args.tenants = args.tenants or (4 if args.quick else 16)

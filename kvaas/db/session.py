@@ -37,13 +37,20 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: SQLite's answers when the database's lock was not had within the busy timeout.
+_SQLITE_BUSY = ("database is locked", "database table is locked", "database is busy")
+
+
 def is_connection_error(error: BaseException) -> bool:
     """True when ``error`` means the database is unreachable rather than a query problem."""
     if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return True
     if isinstance(error, exc.OperationalError):
-        # SQLite raises OperationalError for real query problems too ("no such table").
-        return "sqlite" not in type(error.orig).__module__ if error.orig is not None else True
+        # SQLite raises OperationalError for real query problems too ("no such table"); a
+        # write lock not had within the busy timeout is the database being unavailable.
+        if error.orig is None or "sqlite" not in type(error.orig).__module__:
+            return True
+        return any(m in str(error.orig) for m in _SQLITE_BUSY)
     return isinstance(error, CONNECTION_ERRORS)
 
 
