@@ -124,6 +124,8 @@ async def test_corrupt_chunk_is_recomputed_and_reported(gateway) -> None:  # typ
 
 
 async def test_evicted_chunks_miss_and_require_hit(gateway) -> None:  # type: ignore[no-untyped-def]
+    """Chunks gone from their only tier: a ``require_hit`` attach is refused (``evicted``) and
+    the cache, whose KV is lost, fails (see test_lost_chunks); later attaches are refused."""
     ids = corpus_ids(gateway)[4000:4600]
     cache = await create(gateway, ids, compression="int8", storage_class="cold")
     keys = await _keys(gateway, ids, "int8")
@@ -133,7 +135,18 @@ async def test_evicted_chunks_miss_and_require_hit(gateway) -> None:  # type: ig
     err = r.json()["error"]
     assert err["type"] == "cache_miss" and err["miss_reason"] == "evicted"
     r = await attach(gateway, cache["id"], [5])
-    assert r.status_code == 200
+    assert r.status_code == 409, r.text  # failed: its stored KV was lost
+
+
+async def test_partly_evicted_cache_attaches_what_is_left(gateway) -> None:  # type: ignore[no-untyped-def]
+    """The first attach of a cache short of chunks answers as a miss (``evicted``) and still
+    loads the chunks that are left."""
+    ids = corpus_ids(gateway)[5000:5600]
+    cache = await create(gateway, ids, compression="int8", storage_class="cold")
+    keys = await _keys(gateway, ids, "int8")
+    await gateway.app.state.cache_service.store.tier("disk").delete_many(keys[1:])
+    r = await attach(gateway, cache["id"], [5])
+    assert r.status_code == 200, r.text
     body = r.json()
     assert body["cache"]["miss_reason"] == "evicted"
     assert body["usage"]["cached_tokens"] == 256  # the first chunk is still there
