@@ -59,7 +59,10 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
 
 def test_readme_links_into_docs_reach_nav_pages() -> None:
     readme = (ROOT / "README.md").read_text()
-    targets = {t.split("#", 1)[0] for t in re.findall(r"\]\((docs/[^)\s]+)\)", readme)}
+    links = {t.split("#", 1)[0] for t in re.findall(r"\]\((docs/[^)\s]+)\)", readme)}
+    targets = {t for t in links if t.endswith(".md")}
     assert targets, "README links to no docs page"
     pages = {f"docs/{p}" for p in _nav_pages(_config()["nav"])}
     assert targets <= pages, f"README links to pages outside the site: {sorted(targets - pages)}"
+    missing = sorted(t for t in links - targets if not (ROOT / t).is_file())
+    assert not missing, f"README links to files that do not exist: {missing}"
