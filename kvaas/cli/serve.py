@@ -42,6 +42,14 @@ def serve(
 
     s = load_settings()
     host, port, workers = host or s.host, port or s.port, workers or s.workers
+    if workers > 1 and s.engine == "inprocess":
+        out.print(
+            f"[red]error:[/] {workers} workers would each start their own in-process engine on "
+            "the same device (memory for one, each loading the model). Run one worker, or run "
+            "the engine as nodes (KVAAS_ENGINE=remote, `kvaas engine command`) behind several "
+            "workers."
+        )
+        raise typer.Exit(2)
     base = f"http://{host}:{port}"
     out.print(
         f"[bold]KVaaS {__version__}[/] on {base}  (database: "

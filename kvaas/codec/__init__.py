@@ -30,6 +30,7 @@ __all__ = [
     "UnknownSchemeError",
     "UnsupportedVersionError",
     "decode",
+    "decode_into",
     "encode",
     "inspect",
     "scheme_id",
@@ -62,6 +63,43 @@ def encode(kv: torch.Tensor, scheme: str = "int4", **params: Any) -> bytes:
 def inspect(blob: bytes | bytearray | memoryview) -> BlobHeader:
     """The blob's header (structure checked, checksum not), without decoding the payload."""
     return read_header(blob)
+
+
+def decode_into(
+    blob: bytes | bytearray | memoryview,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    verified: bool = False,
+) -> BlobHeader:
+    """Decode a blob straight into ``keys`` and ``values``: each a ``[num_layers,
+    num_kv_heads, num_tokens, head_dim]`` tensor (any strides, e.g. a slice of a staging
+    buffer; any device) of the blob's dtype. Writes exactly the values :func:`decode` returns
+    (bit-exact), without allocating the canonical chunk. Returns the header.
+
+    ``verified=True`` skips the checksum (the caller got the blob from a store that verified
+    it); the header's structure is checked either way. Raises only
+    :class:`~kvaas.codec.errors.CodecError` subclasses
+    (:class:`~kvaas.codec.errors.InvalidInputError` when the destination does not match the
+    header; nothing is written then)."""
+    header = read_header(blob) if verified else verify_blob(blob)
+    s = SCHEMES_BY_ID.get(header.scheme_id)
+    if s is None:
+        raise UnknownSchemeError(f"unknown scheme id {header.scheme_id}")
+    L, _, T, H, D = header.shape
+    for name, t in (("keys", keys), ("values", values)):
+        if tuple(t.shape) != (L, H, T, D) or t.dtype != header.dtype:
+            raise InvalidInputError(
+                f"{name} destination is {list(t.shape)} {t.dtype}, the blob holds "
+                f"{[L, H, T, D]} {header.dtype}"
+            )
+    try:
+        s.decode_into(header, payload_view(blob, header), keys, values)
+    except CodecError:
+        raise
+    except (ValueError, RuntimeError, TypeError, IndexError, OverflowError, MemoryError) as e:
+        raise CorruptBlobError(f"undecodable payload: {e}") from e
+    return header
 
 
 def decode(blob: bytes | bytearray | memoryview) -> torch.Tensor:

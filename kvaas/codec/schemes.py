@@ -11,7 +11,9 @@ All work is vectorised with torch; nothing loops over tokens or channels.
 
 from __future__ import annotations
 
+import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,7 +22,9 @@ import torch
 import zstandard
 
 from kvaas.codec.container import MAX_ELEMENTS_PER_BYTE, BlobHeader
+from kvaas.codec.cpu_paths import CpuDequantizer, CpuQuantizer
 from kvaas.codec.errors import CorruptBlobError
+from kvaas.codec.payload import Sections, pack_nibbles, readonly_u8, unpack_nibbles
 
 _NP_INT = {1: np.uint8, 2: np.int16, 4: np.int32}
 _TORCH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -56,6 +60,16 @@ class Scheme:
     def decode(self, header: BlobHeader, payload: memoryview) -> torch.Tensor:
         raise NotImplementedError
 
+    def decode_into(
+        self, header: BlobHeader, payload: memoryview, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Decode into ``keys`` and ``values``, each ``[layers, kv_heads, tokens, head_dim]``
+        of the header's dtype, any strides, any device (checked by the caller), with exactly
+        the values :meth:`decode` returns. This default decodes then copies."""
+        kv = self.decode(header, payload).to(keys.device, non_blocking=True)
+        keys.copy_(kv[:, 0].transpose(1, 2))
+        values.copy_(kv[:, 1].transpose(1, 2))
+
 
 class RawScheme(Scheme):
     name, id, lossless = "none", 0, True
@@ -67,6 +81,21 @@ class RawScheme(Scheme):
         if len(payload) != header.num_elements * torch.empty((), dtype=header.dtype).element_size():
             raise CorruptBlobError("raw payload size does not match the header")
         return _from_bytes(payload, header.dtype, header.shape)
+
+    def decode_into(
+        self, header: BlobHeader, payload: memoryview, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        item = torch.empty((), dtype=header.dtype).element_size()
+        if len(payload) != header.num_elements * item:
+            raise CorruptBlobError("raw payload size does not match the header")
+        # a read-only view of the payload: copied once, straight into the destination
+        arr = np.frombuffer(payload, dtype=_NP_INT[item])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # not writable: only read here
+            kv = torch.from_numpy(arr).view(header.dtype).reshape(header.shape)
+        kv = kv.to(keys.device, non_blocking=True)
+        keys.copy_(kv[:, 0].transpose(1, 2))
+        values.copy_(kv[:, 1].transpose(1, 2))
 
 
 def _zstd_c(level: int) -> zstandard.ZstdCompressor:
@@ -230,19 +259,28 @@ def _dequantize(
     return torch.addcmul(minimum.float().unsqueeze(-1), codes.float(), s)
 
 
-def _pack_nibbles(codes: torch.Tensor) -> bytes:
-    flat = codes.reshape(-1)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return (flat[0::2] | (flat[1::2] << 4)).numpy().tobytes()
-
-
-def _unpack_nibbles(buf: memoryview, count: int) -> torch.Tensor:
-    packed = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).copy())
-    out = torch.empty(packed.numel() * 2, dtype=torch.uint8)
-    out[0::2] = packed & 0x0F
-    out[1::2] = packed >> 4
-    return out[:count]
+def _dequantize_into(
+    dest: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None,
+    bits: int,
+    dim: int = -1,
+) -> None:
+    """``dest`` (float32, any strides with a dense last axis) = :func:`_dequantize` of the
+    same codes, bit for bit, a group being the elements along ``dim`` of ``codes`` (the
+    scales have ``codes``' shape without ``dim``): the same ``addcmul`` (one rounding of
+    ``base + codes * scale``, whatever the memory layout) with ``base`` broadcast into
+    ``dest`` first, so that at most one operand is broadcast along the last axis, which keeps
+    the kernel vectorised (two such operands make it scalar)."""
+    s = scale.float().unsqueeze(dim)
+    if minimum is None:
+        half = (1 << (bits - 1)) - 1
+        base = s * -(half + 1)
+    else:
+        base = minimum.float().unsqueeze(dim)
+    dest.copy_(base.expand(dest.shape))
+    dest.addcmul_(codes.float(), s)
 
 
 class _Reader:
@@ -278,13 +316,35 @@ class QuantScheme(Scheme):
     def encode(
         self, kv: torch.Tensor, gk: int | None = None, gv: int | None = None, **_: Any
     ) -> tuple[dict[str, Any], bytes]:
+        """The format's quantization: per group, the extremes set the scale (stored in
+        float16 unless the chunk holds a magnitude of 30000 or more, or a non-finite value:
+        then float32) and each element's code is ``round(x * (1 / scale))`` (int8, offset by
+        128) or ``round((x - minimum) * (1 / scale))`` (int4), clamped to the code range.
+
+        On the CPU with float16 scales :class:`CpuQuantizer` writes the payload; any other
+        chunk takes :meth:`_encode_general`. Both write the same bytes."""
         gk = int(gk or self.gk)
-        L, _two, T, H, D = kv.shape
-        gv = self._value_group(D, int(gv or self.gv))
+        gv = self._value_group(kv.shape[-1], int(gv or self.gv))
+        if (
+            kv.device.type == "cpu"
+            and sys.byteorder == "little"
+            and ((self.bits == 8 and self.sym) or (self.bits == 4 and not self.sym))
+        ):
+            payload = CpuQuantizer(kv, self.bits, gk, gv).payload()
+            if payload is not None:
+                return {"gk": gk, "gv": gv, "sd": "f16"}, payload  # type: ignore[return-value]
         lo, hi = torch.aminmax(kv) if kv.numel() else (kv.new_zeros(()), kv.new_zeros(()))
         big = max(-float(lo), float(hi))
-        x = kv.float()
         scale_dtype = torch.float16 if big < 30000.0 else torch.float32
+        params = {"gk": gk, "gv": gv, "sd": "f16" if scale_dtype == torch.float16 else "f32"}
+        return params, self._encode_general(kv, gk, gv, scale_dtype)
+
+    def _encode_general(
+        self, kv: torch.Tensor, gk: int, gv: int, scale_dtype: torch.dtype
+    ) -> bytes:
+        """The format's reference encoder (any scale dtype)."""
+        L, _two, T, H, D = kv.shape
+        x = kv.float()
         # keys: grouped along T, quantized in their natural [L, T, H, D] layout and stored
         # channel-major ([L, H, D, T] codes, [L, H, D, ngroups] scales)
         k = x[:, 0]
@@ -305,20 +365,104 @@ class QuantScheme(Scheme):
         parts += [self._codes_bytes(vg.codes), vg.scale.numpy().tobytes()]
         if vg.minimum is not None:
             parts.append(vg.minimum.numpy().tobytes())
-        params = {"gk": gk, "gv": gv, "sd": "f16" if scale_dtype == torch.float16 else "f32"}
-        return params, b"".join(parts)
+        return b"".join(parts)
 
     def _codes_bytes(self, codes: torch.Tensor) -> bytes:
         if self.bits == 4:
-            return _pack_nibbles(codes.contiguous())
+            return pack_nibbles(codes.contiguous())
         return codes.contiguous().numpy().tobytes()
 
-    def _codes_from(self, r: _Reader, count: int) -> torch.Tensor:
-        if self.bits == 4:
-            return _unpack_nibbles(r.take((count + 1) // 2), count)
-        return torch.from_numpy(np.frombuffer(r.take(count), dtype=np.uint8).copy())
-
     def decode(self, header: BlobHeader, payload: memoryview) -> torch.Tensor:
+        out = torch.empty(header.shape, dtype=header.dtype)
+        self.decode_into(header, payload, out[:, 0].transpose(1, 2), out[:, 1].transpose(1, 2))
+        return out
+
+    def decode_into(
+        self, header: BlobHeader, payload: memoryview, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Exactly the values of the format's reference decoding (one float32 ``addcmul`` per
+        element, ``base + codes * scale``, then one conversion to the destination's dtype).
+
+        On the CPU, with float16 scales, the fast path of :class:`CpuDequantizer` runs; any
+        other blob or device takes :meth:`_decode_into_general`."""
+        sec = self._sections(header, payload)
+        if (
+            keys.device.type == "cpu"
+            and values.device.type == "cpu"
+            and sec.sd == "f16"
+            and sys.byteorder == "little"
+            and ((self.bits == 8 and self.sym) or (self.bits == 4 and not self.sym))
+            and CpuDequantizer(sec, header.shape, self.bits).run(keys, values)
+        ):
+            return
+        self._decode_into_general(header, sec, keys, values)
+
+    def _decode_into_general(
+        self, header: BlobHeader, sec: Sections, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Codes and scales go to the destination's device as bytes; dequantization runs
+        there, in float32 (one ``addcmul`` per element, as :func:`_dequantize`: bit-exact with
+        the format's reference decoding), straight into a float32 destination with dense rows,
+        else into float32 scratch converted to the destination's dtype as it is copied."""
+        parts = self._tensors(sec, header.shape, keys.device)
+        kcodes, kscale, kmin, vcodes, vscale, vmin, g = parts
+        L, _, T, H, D = header.shape
+        ngk = kscale.shape[-1]
+        vd = values.transpose(1, 2)  # [L, T, H, D]: the stored order of the value codes
+        if ngk * g != T:  # a padded last key group: the reference path
+            k, v = self._dequantize(parts, header.shape)
+            keys.copy_(k.transpose(2, 3))
+            vd.copy_(v)
+            return
+
+        def f32(dest: torch.Tensor) -> torch.Tensor:
+            if dest.dtype == torch.float32 and dest.stride(-1) == 1:
+                return dest
+            return torch.empty(dest.shape, dtype=torch.float32, device=dest.device)
+
+        kdst, vdst = f32(keys), f32(vd)
+        # keys: the codes are transposed to token-major as bytes (a quarter of the float
+        # traffic), the scales and minima (one per channel and group) alongside
+        kt = kcodes.transpose(2, 3).contiguous().view(L, H, ngk, g, D)
+
+        def per_group(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.transpose(2, 3).contiguous()  # [L, H, groups, D]
+
+        _dequantize_into(
+            kdst.unflatten(2, (ngk, g)),
+            kt,
+            per_group(kscale),  # type: ignore[arg-type]
+            per_group(kmin),
+            self.bits,
+            dim=-2,
+        )
+        _dequantize_into(vdst.unflatten(3, vcodes.shape[-2:]), vcodes, vscale, vmin, self.bits)
+        if kdst is not keys:
+            keys.copy_(kdst)  # converts to the destination's dtype
+        if vdst is not vd:
+            vd.copy_(vdst)
+
+    def _dequantized(
+        self, header: BlobHeader, payload: memoryview, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``[L, H, D, T]`` and values ``[L, T, H, D]``, float32, on ``device``."""
+        parts = self._tensors(self._sections(header, payload), header.shape, device)
+        return self._dequantize(parts, header.shape)
+
+    def _dequantize(
+        self, parts: tuple[Any, ...], shape: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kcodes, kscale, kmin, vcodes, vscale, vmin, g = parts
+        L, _, T, H, D = shape
+        ngk = kscale.shape[-1]
+        kc = _pad_last(kcodes, g).reshape(L, H, D, ngk, g)
+        k = _dequantize(kc, kscale, kmin, self.bits).reshape(L, H, D, -1)[..., :T]
+        v = _dequantize(vcodes, vscale, vmin, self.bits).reshape(L, T, H, D)
+        return k, v
+
+    def _sections(self, header: BlobHeader, payload: memoryview) -> Sections:
+        """The payload cut into its sections, each checked against the header's dimensions
+        (nothing is allocated: the sections are views of ``payload``)."""
         p = header.params
         gk, gv, sd = p.get("gk"), p.get("gv"), p.get("sd")
         L, _, T, H, D = header.shape
@@ -331,32 +475,58 @@ class QuantScheme(Scheme):
             and sd in ("f16", "f32")
         ):
             raise CorruptBlobError("bad quantization parameters")
-        sdt, snp = (torch.float16, np.float16) if sd == "f16" else (torch.float32, np.float32)
         ssize = 2 if sd == "f16" else 4
         ngk = -(-T // gk)
+        n = L * H * D * T
+        cbytes = (n + 1) // 2 if self.bits == 4 else n
         r = _Reader(payload)
-
-        def scales(n: int, shape: tuple[int, ...]) -> torch.Tensor:
-            arr = np.frombuffer(r.take(n * ssize), dtype=snp).copy()
-            return torch.from_numpy(arr).view(sdt).reshape(shape)
-
-        kcodes = self._codes_from(r, L * H * D * T).reshape(L, H, D, T)
-        kscale = scales(L * H * D * ngk, (L, H, D, ngk))
-        kmin = None if self.sym else scales(L * H * D * ngk, (L, H, D, ngk))
-        vcodes = self._codes_from(r, L * T * H * D).reshape(L, T, H, D // gv, gv)
-        vscale = scales(L * T * H * (D // gv), (L, T, H, D // gv))
-        vmin = None if self.sym else scales(L * T * H * (D // gv), (L, T, H, D // gv))
+        kcodes = r.take(cbytes)
+        kscale = r.take(L * H * D * ngk * ssize)
+        kmin = None if self.sym else r.take(L * H * D * ngk * ssize)
+        vcodes = r.take(cbytes)
+        vscale = r.take(L * T * H * (D // gv) * ssize)
+        vmin = None if self.sym else r.take(L * T * H * (D // gv) * ssize)
         r.done()
         # a group longer than the chunk (ngk == 1) is the chunk's tokens: padding codes to
         # the group size would allocate from a parameter, not from the payload
-        g = min(gk, T)
-        kc = _pad_last(kcodes, g).reshape(L, H, D, ngk, g)
-        k = _dequantize(kc, kscale, kmin, self.bits).reshape(L, H, D, -1)[..., :T]
-        v = _dequantize(vcodes, vscale, vmin, self.bits).reshape(L, T, H, D)
-        out = torch.empty((L, 2, T, H, D), dtype=header.dtype)
-        out[:, 0].copy_(k.permute(0, 3, 1, 2))  # converts to the output dtype as it copies
-        out[:, 1].copy_(v)
-        return out
+        return Sections(kcodes, kscale, kmin, vcodes, vscale, vmin, min(gk, T), ngk, gv, sd)
+
+    def _tensors(
+        self, sec: Sections, shape: tuple[int, ...], device: torch.device
+    ) -> tuple[Any, ...]:
+        """The payload's codes and scales on ``device``: key codes ``[L, H, D, T]``, their
+        scales and minima ``[L, H, D, groups]``, value codes ``[L, T, H, D / gv, gv]``, their
+        scales and minima, and the key group length."""
+        L, _, T, H, D = shape
+        ngk, gv = sec.ngk, sec.gv
+        sdt, snp = (torch.float16, np.float16) if sec.sd == "f16" else (torch.float32, np.float32)
+        dev = device if device.type != "cpu" else None
+
+        def on_device(t: torch.Tensor) -> torch.Tensor:
+            return t if dev is None else t.to(dev, non_blocking=True)
+
+        def scales(buf: memoryview | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+            if buf is None:
+                return None
+            arr = np.frombuffer(buf, dtype=snp).copy()
+            return on_device(torch.from_numpy(arr).view(sdt).reshape(shape))
+
+        kcodes = on_device(self._codes(sec.kcodes, L * H * D * T)).reshape(L, H, D, T)
+        vcodes = on_device(self._codes(sec.vcodes, L * T * H * D)).reshape(L, T, H, D // gv, gv)
+        return (
+            kcodes,
+            scales(sec.kscale, (L, H, D, ngk)),
+            scales(sec.kmin, (L, H, D, ngk)),
+            vcodes,
+            scales(sec.vscale, (L, T, H, D // gv)),
+            scales(sec.vmin, (L, T, H, D // gv)),
+            sec.g,
+        )
+
+    def _codes(self, buf: memoryview, count: int) -> torch.Tensor:
+        if self.bits == 4:
+            return unpack_nibbles(buf, count)
+        return readonly_u8(buf)
 
 
 SCHEMES: dict[str, Scheme] = {

@@ -24,16 +24,36 @@ only channel to the worker side.
 **Worker side**: ``start_load_kv`` fetches a request's chunks concurrently from the tiers,
 opens them with the plan's tenant keys (:class:`~kvaas.store.crypto.ChunkSealer`: AES-GCM,
 bound to each chunk's key, the model fingerprint and the scheme), checks each chunk's header
-against this engine's layers, KV heads, head size, dtype and the plan's chunk size, decodes them
-and scatters them into the request's paged blocks (one indexed copy per layer) before the
-forward pass. A chunk that is missing, corrupt, fails authentication, does not fit or does not
-decode ends the load: it and every chunk after it are reported through
-``get_block_ids_with_load_errors`` and vLLM recomputes them (``kv_load_failure_policy =
-"recompute"``); nothing a stored chunk holds raises out of the worker. ``wait_for_save``
-runs after the step's forward pass: it gathers the completed chunks' KV from the paged blocks,
-encodes each chunk with the plan's scheme, seals it and writes the chunks the store does not
-hold yet, in one batch. The worker never sees a master key: the
+against this engine's layers, KV heads, head size, dtype and the plan's chunk size, and decodes
+them straight into the request's paged blocks before the forward pass
+(:class:`~kvaas.connector.attach.PagedLoader`: reused staging buffers, one block copy per
+layer; each chunk's checksum is verified once, by the store). Before the store, the worker asks
+its pre-decoded tier (:mod:`kvaas.connector.decoded`: chunks kept in the engine's dtype and
+staging layout, ``decoded_bytes`` in ``kv_connector_extra_config``, 0: off): the leading
+chunks it holds are copied, not fetched and decoded, and the store is asked for the rest only.
+Chunks that came from the store are promoted into it afterwards on a background thread, never
+on the request's path. With ``layerwise_loads`` (in ``kv_connector_extra_config``; off by
+default) ``start_load_kv`` returns at once: the step's loads run on a background thread that
+copies each layer into the blocks in turn, ``wait_for_layer_load`` waits for its layer only,
+and the step's loads are all done (failed blocks included) before ``wait_for_save``,
+``get_block_ids_with_load_errors`` or ``build_connector_worker_meta`` return
+(:mod:`kvaas.connector.layerwise`). Each load's per-stage times
+(store fetch per tier, verify, decode, copy, and the scheduler's lookup) reach the request's
+``kvaas`` report as ``load_ms`` (:mod:`kvaas.connector.timings`). A chunk that is missing,
+corrupt, fails authentication, does not fit or does not decode ends the load: it and every
+chunk after it are reported through ``get_block_ids_with_load_errors`` and vLLM recomputes
+them (``kv_load_failure_policy = "recompute"``); nothing a stored chunk holds raises out of
+the worker. ``wait_for_save`` runs after the step's forward pass: it copies the completed
+chunks' KV out of the paged blocks and hands them to the saver (:mod:`kvaas.connector.saver`),
+which encodes each chunk with the plan's scheme, seals it and writes it: on a background
+thread when ``save_queue_bytes`` (in ``kv_connector_extra_config``, or
+``$KVAAS_SAVE_QUEUE_BYTES`` for a connector configured without it; the gateway passes
+``KVAAS_CONNECTOR_SAVE_QUEUE_BYTES``) is above 0, the step waiting only while that bounded queue is
+full; on the step thread otherwise (the default). The worker never sees a master key: the
 plan carries the tenant's derived keys (see :mod:`kvaas.store.crypto`).
+
+A request may finish before its queued chunks are stored: its report claims only the chunks
+known stored (see :class:`~kvaas.connector.saver.SaveState`).
 
 Layouts and sharding: at start-up the worker takes each layer's K/V placement from its
 attention backend and refuses layouts it cannot copy (:mod:`kvaas.connector.engine_layout`,
@@ -41,6 +61,13 @@ attention backend and refuses layouts it cannot copy (:mod:`kvaas.connector.engi
 writes its share of a chunk under its shard key (:func:`kvaas.store.keys.shard_key`; the plan's
 key itself in a world of one), and the scheduler counts a chunk only when every rank's piece is
 stored.
+
+Why this module passes 500 lines (about 710): vLLM's connector API is one class with a
+scheduler half and a worker half that share their metadata types; the machinery each half uses
+lives in its own module (:mod:`~kvaas.connector.attach`, :mod:`~kvaas.connector.saver`,
+:mod:`~kvaas.connector.decoded`, :mod:`~kvaas.connector.layerwise`,
+:mod:`~kvaas.connector.presence`, :mod:`~kvaas.connector.timings`,
+:mod:`~kvaas.connector.paged`), and what stays here is the bookkeeping between the two.
 
 Partial trailing chunk: only full chunks are stored; the last ``len(prompt) % chunk_tokens``
 tokens of a cached prompt are recomputed on attach together with the request's new tokens.
@@ -50,6 +77,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,12 +89,25 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvaas import codec
 from kvaas.connector import store_config
-from kvaas.connector.chunks import ChunkShape, decode_fitting
+from kvaas.connector.attach import PagedLoader
+from kvaas.connector.chunks import ChunkShape
+from kvaas.connector.decoded import DecodedChunks, Promoter, decoded_bytes
 from kvaas.connector.engine_layout import resolve_layout, shard_rank
-from kvaas.connector.paged import PagedLayout, gather, scatter, slots
+from kvaas.connector.layerwise import LayerwiseLoads
+from kvaas.connector.paged import PagedLayout, gather, slots
 from kvaas.connector.params import TransferPlan
+from kvaas.connector.presence import DEFAULT_TTL_S, PresenceCache
+from kvaas.connector.saver import (
+    SaveJob,
+    Saver,
+    SaveState,
+    Stager,
+    merge_saved,
+    queue_bytes,
+    stage_job,
+)
+from kvaas.connector.timings import REPORT_KEY, StageClock, merge_ms
 from kvaas.store.crypto import ChunkSealer, TenantKeys
 from kvaas.store.factory import StoreConfig, build_store
 from kvaas.store.keys import ChunkKey, shard_key, shard_keys
@@ -140,23 +181,57 @@ class KVaaSConnectorMetadata(KVConnectorMetadata):
 @dataclass
 class KVaaSWorkerMetadata(KVConnectorWorkerMetadata):
     """Worker → scheduler: requests whose load fell short, with the tokens actually loaded
-    (counted from the request's first token)."""
+    (counted from the request's first token); each load's per-stage times in ms
+    (:mod:`kvaas.connector.timings`); per request and worker rank (``pp_rank * tp_size +
+    tp_rank``), the plan's chunk index below which that rank's chunks are stored; requests a
+    save failed for."""
 
     short_loads: dict[str, int] = field(default_factory=dict)
+    load_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    saved: dict[str, dict[int, int]] = field(default_factory=dict)
+    save_failed: set[str] = field(default_factory=set)
+    #: per request, the tokens of its load that the worker's in-process tiers served (its
+    #: memory tier of stored blobs and its pre-decoded tier)
+    memory_tokens: dict[str, int] = field(default_factory=dict)
+    #: per request, the tokens of its load that the worker's pre-decoded tier served
+    decoded_tokens: dict[str, int] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, KVaaSWorkerMetadata)
         merged = dict(self.short_loads)
         for rid, n in other.short_loads.items():
             merged[rid] = min(n, merged.get(rid, n))
-        return KVaaSWorkerMetadata(merged)
+        times = dict(self.load_ms)
+        for rid, ms in other.load_ms.items():
+            times[rid] = merge_ms(times[rid], ms) if rid in times else dict(ms)
+        saved = merge_saved(self.saved, other.saved)
+        memory = _least(self.memory_tokens, other.memory_tokens)  # only if by every rank
+        decoded = _least(self.decoded_tokens, other.decoded_tokens)
+        return KVaaSWorkerMetadata(
+            merged, times, saved, self.save_failed | other.save_failed, memory, decoded
+        )
 
 
-@dataclass
-class _SaveState:
-    plan: TransferPlan
-    block_ids: list[int]
-    saved: int = 0  # chunks already handed to the worker (or stored before: the plan's skip)
+def _least(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Per request, the smaller count of two ranks' (a request missing from one: the other's)."""
+    out = dict(a)
+    for rid, n in b.items():
+        out[rid] = min(n, out.get(rid, n))
+    return out
+
+
+class _TierHits:
+    """Chunks of one load served per tier (the store's ``found`` callback; ``decoded`` for
+    the worker's pre-decoded tier)."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[str, int] = {}
+
+    def add(self, tier: str, n: int) -> None:
+        self.chunks[tier] = self.chunks.get(tier, 0) + n
+
+    def tokens(self, tier: str, chunk_tokens: int) -> int:
+        return self.chunks.get(tier, 0) * chunk_tokens
 
 
 def _store_config(vllm_config: VllmConfig) -> StoreConfig:
@@ -177,6 +252,11 @@ class KVaaSConnector(KVConnectorBase_V1):
         self._block_size = vllm_config.cache_config.block_size
         self._rank = shard_rank(vllm_config)  # the scheduler's is rank 0: only sizes count
         cfg = _store_config(vllm_config)
+        transfer = vllm_config.kv_transfer_config
+        extra_config = (transfer.kv_connector_extra_config if transfer is not None else None) or {}
+        self._queue_bytes = queue_bytes(extra_config)
+        self._decoded_bytes = decoded_bytes(extra_config)
+        self._layerwise = bool(extra_config.get("layerwise_loads", False))
         self._store: SyncTieredStore | None = None
         if role == KVConnectorRole.SCHEDULER:
             # the lookup only needs the shared tiers: every write lands in one of them. A
@@ -191,15 +271,40 @@ class KVaaSConnector(KVConnectorBase_V1):
             self._store.open()
         # scheduler state
         self._lookups: dict[str, tuple[int, int]] = {}  # req -> (local computed, matched)
+        self._lookup_keys: dict[str, tuple[ChunkKey, ...]] = {}  # req -> keys it looked up
+        extra = getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config", None) or {}
+        self._presence = PresenceCache(float(extra.get("presence_ttl_s", DEFAULT_TTL_S)))
+        self._lookup_s: dict[str, float] = {}  # req -> seconds its store lookups took
+        self._load_ms: dict[str, dict[str, float]] = {}  # req -> the worker's stage times
+        self._memory_tokens: dict[str, int] = {}  # req -> tokens its worker's memory served
+        self._decoded_tokens: dict[str, int] = {}  # req -> of which from the decoded tier
+        # reports returned by request_finished since the last step's worker output: the
+        # worker's times of a load finished in the same step arrive after request_finished
+        # (update_connector_output runs after it) and are added to the report then
+        self._open_reports: dict[str, dict[str, Any]] = {}
         self._pending_loads: dict[str, tuple[Request, int, int]] = {}
-        self._saves: dict[str, _SaveState] = {}
+        self._saves: dict[str, SaveState] = {}
         # worker state
         self._layers: list[tuple[str, torch.Tensor]] = []
         self._kv_views: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (K, V)
         self._layout: PagedLayout | None = None
+        self._loader: PagedLoader | None = None
         self._failed_blocks: set[int] = set()
         self._short_loads: dict[str, int] = {}  # worker: this step's; scheduler: all seen
+        self._load_times: dict[str, dict[str, float]] = {}  # worker: this step's loads
+        self._load_memory: dict[str, int] = {}  # worker: this step's in-process tier tokens
+        self._load_decoded: dict[str, int] = {}  # worker: this step's decoded-tier tokens
+        self._decoded: DecodedChunks | None = None  # worker: the pre-decoded tier, if on
+        self._promoter: Promoter | None = None
+        self._layerwise_loads: LayerwiseLoads | None = None  # worker: when layer-wise loads
+        self._layer_index: dict[str, int] = {}  # worker: layer name -> index in _layers
+        self._saver: Saver | None = None
+        self._save_failures: set[str] = set()  # staging failures of this step
+        self._stager = Stager()
         if role == KVConnectorRole.WORKER:
+            assert self._store is not None
+            warm = bool(extra_config.get("warm_on_save", True))
+            self._saver = Saver(self._store, self._queue_bytes, warm=warm)
             mc = vllm_config.model_config
             self._kv_heads = mc.get_num_kv_heads(vllm_config.parallel_config)
             self._head_dim = mc.get_head_size()
@@ -221,21 +326,32 @@ class KVaaSConnector(KVConnectorBase_V1):
             return 0, False
         load_keys = plan.keys
         if plan.op == "save":
-            self._saves.setdefault(request.request_id, _SaveState(plan, [], saved=plan.skip))
+            self._saves.setdefault(request.request_id, SaveState(plan, [], saved=plan.skip))
             if not plan.skip:
                 return 0, False
             load_keys = plan.keys[: plan.skip]  # stored already: load them, save the rest
         n_prompt = len(request.prompt_token_ids or ())
+        t0 = time.perf_counter()
         try:
             if self._store is None:
                 n_chunks = len(load_keys)
-            elif self._rank.world == 1:
-                n_chunks = self._store.longest_prefix(list(load_keys))
-            else:
-                n_chunks = self._all_ranks_prefix(load_keys)
+            else:  # only keys after those recently found present cost a store lookup
+                known = self._presence.leading(load_keys)
+                rest = load_keys[known:]
+                if not rest:
+                    n = 0
+                elif self._rank.world == 1:
+                    n = self._store.longest_prefix(list(rest))
+                else:
+                    n = self._all_ranks_prefix(rest)
+                self._presence.remember(rest[:n])
+                n_chunks = known + n
+                self._lookup_keys[request.request_id] = load_keys
         except Exception as e:  # a store outage is a miss, never a failed request
             log.warning("request %s: store lookup failed: %s", request.request_id, e)
             n_chunks = 0
+        rid = request.request_id
+        self._lookup_s[rid] = self._lookup_s.get(rid, 0.0) + time.perf_counter() - t0
         bs = self._block_size
         matched = (min(n_chunks * plan.chunk_tokens, n_prompt - 1) // bs) * bs
         self._lookups[request.request_id] = (num_computed_tokens, matched)
@@ -291,6 +407,7 @@ class KVaaSConnector(KVConnectorBase_V1):
         return task
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        self._open_reports.clear()  # the step that finished them has reported
         meta = KVaaSConnectorMetadata()
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
@@ -332,18 +449,33 @@ class KVaaSConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         _, matched = self._lookups.pop(rid, (0, 0))
+        self._lookup_keys.pop(rid, None)
         st = self._saves.pop(rid, None)
         self._pending_loads.pop(rid, None)
         short = self._short_loads.pop(rid, None)
+        lookup_s = self._lookup_s.pop(rid, None)
+        load_ms = self._load_ms.pop(rid, None)
+        memory_tokens = self._memory_tokens.pop(rid, None)
+        decoded_tokens = self._decoded_tokens.pop(rid, None)
         if st is None and matched == 0:
             return False, None
-        report: dict[str, Any] = {
-            "matched_tokens": matched,
-            "saved_chunks": st.saved - st.plan.skip if st is not None else 0,
-        }
+        report: dict[str, Any] = {"matched_tokens": matched, "saved_chunks": 0}
+        if st is not None:  # claim only what is stored: background saves may still be queued
+            report.update(st.report(asynchronous=self._queue_bytes > 0, world=self._rank.world))
+        if memory_tokens is not None:
+            report["memory_tokens"] = memory_tokens
+        if decoded_tokens is not None:
+            report["decoded_tokens"] = decoded_tokens
         if short is not None:
             report["load_failed"] = True
             report["loaded_tokens"] = short
+        times: dict[str, float] = dict(load_ms or {})
+        if lookup_s is not None:
+            times["lookup"] = round(lookup_s * 1e3, 3)
+        if times:
+            report[REPORT_KEY] = times
+        if matched > 0 and load_ms is None:
+            self._open_reports[rid] = report  # the worker's times may come with this step
         return False, {"kvaas": report}
 
     # ------------------------------------------------------------------ worker side
@@ -355,10 +487,17 @@ class KVaaSConnector(KVConnectorBase_V1):
         from vllm.model_executor.models.utils import extract_layer_index
 
         self._layers = sorted(kv_caches.items(), key=lambda kv: extract_layer_index(kv[0]))
+        self._layer_index = {name: i for i, (name, _) in enumerate(self._layers)}
         self._layout = resolve_layout(
             self._vllm_config, self._kv_cache_config, self._layers, self._kv_heads, self._head_dim
         )
         self._kv_views = [self._layout.keys_values(t) for _, t in self._layers]
+        self._loader = PagedLoader(self._layout, self._kv_views)
+        if self._decoded_bytes > 0:
+            self._decoded = DecodedChunks(self._decoded_bytes)
+            self._promoter = Promoter(self._decoded, self._loader.device)
+        if self._layerwise:
+            self._layerwise_loads = LayerwiseLoads(len(self._layers))
         log.info(
             "KVaaS connector: %d layers, K/V placement %s, block size %d (kernel blocks of %d)",
             len(self._layers),
@@ -370,55 +509,84 @@ class KVaaSConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVaaSConnectorMetadata)
-        for task in meta.loads:
+        if self._layerwise_loads is not None:
+            if meta.loads:
+                loads = list(meta.loads)
+                self._layerwise_loads.start(lambda mark: self._load_all(loads, mark))
+            return
+        self._load_all(meta.loads)
+
+    def _load_all(
+        self, tasks: list[LoadTask], on_layer: Callable[[int], None] | None = None
+    ) -> None:
+        """Run ``tasks`` in order; ``on_layer(i)`` once layer ``i`` of every task is in the
+        blocks (the last task's copy reports its layers: the tasks before it are done)."""
+        for n, task in enumerate(tasks):
             try:
-                self._load(task)
+                self._load(task, on_layer if n == len(tasks) - 1 else None)
             except Exception as e:  # never out of the worker: the whole load is recomputed
                 log.error("request %s: loading chunks failed: %s", task.req_id, e)
                 self._fail(task, task.start)
 
-    def _load(self, task: LoadTask) -> None:
+    def _finish_loads(self) -> None:
+        """Wait until the step's layer-wise loads are done (no-op when none are in flight)."""
+        if self._layerwise_loads is not None:
+            self._layerwise_loads.finish()
+
+    def _load(self, task: LoadTask, on_layer: Callable[[int], None] | None = None) -> None:
         """Load ``task``'s chunks into its blocks; chunks missing, unreadable or not of this
-        engine's shape end the load there, and the rest is reported failed (recomputed)."""
-        assert self._layout is not None
+        engine's shape end the load there, and the rest is reported failed (recomputed).
+        Stage times go to the scheduler with the step's worker metadata."""
+        assert self._loader is not None and self._store is not None
         c = task.chunk_tokens
         first, last = task.start // c, -(-task.end // c)
+        clock = StageClock()
+        hits = _TierHits()
         t0 = time.perf_counter()
-        assert self._store is not None
+        expected = ChunkShape(
+            len(self._layers), c, self._kv_heads, self._head_dim, self._loader.dtype
+        )
+        keys = [shard_key(k, self._rank) for k in task.keys[first:last]]
+        decoded = self._decoded.prefix(keys, expected) if self._decoded is not None else []
+        hits.add("decoded", len(decoded))
+        rest = keys[len(decoded) :]
+        blobs: list[bytes] = []
         try:
-            keys = [shard_key(k, self._rank) for k in task.keys[first:last]]
-            blobs = self._store.get_prefix(keys, task.sealing.sealer())
+            if rest:
+                with clock.time("store"):
+                    blobs = self._store.get_prefix(rest, task.sealing.sealer(), clock.add, hits.add)
         except Exception as e:
             log.warning("request %s: chunk fetch failed: %s", task.req_id, e)
-            blobs = []
-        expected = ChunkShape(
-            len(self._layers), c, self._kv_heads, self._head_dim, self._layers[0][1].dtype
-        )
-        chunks, refused = decode_fitting(blobs, expected)
-        if refused is not None:
-            log.warning("request %s: refused a stored chunk: %s", task.req_id, refused)
-        loaded_end = min(task.end, (first + len(chunks)) * c)
-        if loaded_end > task.start:
-            kv = torch.cat(chunks, dim=2)  # [L, 2, n, H, D]
-            kv = kv[:, :, task.start - first * c : loaded_end - first * c]
-            blk, off = slots(task.block_ids, task.start, loaded_end, self._layout)
-            for i, views in enumerate(self._kv_views):
-                scatter(views, blk, off, kv[i])
-        if loaded_end < task.end:
-            self._fail(task, loaded_end)
+        try:
+            done = self._loader.load(
+                blobs,
+                expected,
+                first * c,
+                task.start,
+                task.end,
+                task.block_ids,
+                clock,
+                decoded,
+                on_layer,
+            )
+        finally:
+            clock.add("load", time.perf_counter() - t0)
+            self._load_times[task.req_id] = clock.as_ms()
+            in_process = hits.tokens("memory", c) + hits.tokens("decoded", c)
+            self._load_memory[task.req_id] = in_process
+            self._load_decoded[task.req_id] = hits.tokens("decoded", c)
+        if self._promoter is not None and (n := done.blobs_decoded):  # in the background
+            self._promoter.submit(list(zip(rest[:n], blobs[:n], strict=True)), expected)
+        if done.refused is not None:
+            log.warning("request %s: refused a stored chunk: %s", task.req_id, done.refused)
+        if done.end < task.end:
+            self._fail(task, done.end)
             log.warning(
                 "request %s: loaded %d of %d tokens; the rest is recomputed",
                 task.req_id,
-                max(0, loaded_end - task.start),
+                done.end - task.start,
                 task.end - task.start,
             )
-        log.debug(
-            "request %s: loaded tokens %d..%d in %.1f ms",
-            task.req_id,
-            task.start,
-            loaded_end,
-            (time.perf_counter() - t0) * 1e3,
-        )
 
     def _fail(self, task: LoadTask, loaded_end: int) -> None:
         """Report tokens ``loaded_end .. task.end`` of ``task`` as not loaded: their blocks to
@@ -429,7 +597,12 @@ class KVaaSConnector(KVConnectorBase_V1):
         self._short_loads[task.req_id] = max(task.start, loaded_end)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return
+        """With layer-wise loads: return once this step's loads have written ``layer_name``'s
+        blocks (at once otherwise, and for a layer the connector does not hold)."""
+        if self._layerwise_loads is not None and self._layerwise_loads.in_flight:
+            i = self._layer_index.get(layer_name)
+            if i is not None:
+                self._layerwise_loads.wait_layer(i)
 
     def save_kv_layer(
         self,
@@ -441,35 +614,52 @@ class KVaaSConnector(KVConnectorBase_V1):
         return  # chunks are saved whole, after the forward pass, in wait_for_save
 
     def wait_for_save(self) -> None:
+        """Copy this step's completed chunks out of the paged blocks and hand them to the
+        saver; returns once they are staged (waits only while the saver's queue is full, or
+        for the whole save when saves are synchronous). Layer-wise loads of the step are
+        finished first."""
+        self._finish_loads()
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVaaSConnectorMetadata)
+        assert self._saver is not None
         for task in meta.saves:
             try:
-                self._save(task)
+                job = self._save(task)
             except Exception as e:  # the gateway sees the missing chunks and fails the create
                 log.error("request %s: saving chunks failed: %s", task.req_id, e)
+                self._save_failures.add(task.req_id)
+                continue
+            self._saver.submit(job)
 
-    def _save(self, task: SaveTask) -> None:
+    def _save(self, task: SaveTask) -> SaveJob:
+        """Stage ``task``'s chunks (a copy: the blocks may be reused once this returns)."""
         assert self._layout is not None
-        # No existence pre-check: a chunk another cache already stored may sit in a lower
-        # tier than this cache's storage class asks for; tiers skip keys they hold.
-        assert self._store is not None
-        c = task.chunk_tokens
-        items: list[tuple[ChunkKey, bytes]] = []
-        for i in range(len(task.keys)):
-            start = (task.first + i) * c
-            blk, off = slots(task.block_ids, start, start + c, self._layout)
+        c, first, gathered = task.chunk_tokens, task.first, []
+        for i, key in enumerate(task.keys):
+            blk, off = slots(task.block_ids, (first + i) * c, (first + i + 1) * c, self._layout)
             kv = torch.stack([gather(views, blk, off) for views in self._kv_views])
-            key = shard_key(task.keys[i], self._rank)
-            items.append((key, codec.encode(kv.cpu().contiguous(), task.scheme)))
-        self._store.put_chunks(items, task.storage_class, task.sealing.sealer())
+            gathered.append((shard_key(key, self._rank), kv))
+        end = first + len(task.keys)
+        sealer = task.sealing.sealer()
+        return stage_job(self._stager, task.req_id, end, gathered, task, sealer)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        if not self._short_loads:
+        self._finish_loads()
+        durable, failed = self._saver.take_results() if self._saver is not None else ({}, set())
+        failed |= self._save_failures
+        self._save_failures = set()
+        if not (self._short_loads or self._load_times or durable or failed):
             return None
-        meta, self._short_loads = KVaaSWorkerMetadata(self._short_loads), {}
+        memory, self._load_memory = self._load_memory, {}
+        decoded, self._load_decoded = self._load_decoded, {}
+        rank = self._rank.pp_rank * self._rank.tp_size + self._rank.tp_rank
+        saved = {rid: {rank: end} for rid, end in durable.items()}
+        meta = KVaaSWorkerMetadata(
+            self._short_loads, self._load_times, saved, failed, memory, decoded
+        )
+        self._short_loads, self._load_times = {}, {}
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
@@ -477,11 +667,49 @@ class KVaaSConnector(KVConnectorBase_V1):
         if isinstance(meta, KVaaSWorkerMetadata):
             # a short load makes vLLM recompute, so the request is still running here
             self._short_loads.update(meta.short_loads)
+            for rid in meta.short_loads:  # what it promised may be gone: ask the store again
+                self._presence.forget(self._lookup_keys.get(rid, ()))
+            for name, counts, pending in (
+                ("memory_tokens", meta.memory_tokens, self._memory_tokens),
+                ("decoded_tokens", meta.decoded_tokens, self._decoded_tokens),
+            ):
+                for rid, n in counts.items():
+                    if (open_report := self._open_reports.get(rid)) is not None:
+                        open_report[name] = n  # finished this step
+                    elif rid in self._lookups:  # still running: for request_finished
+                        pending[rid] = n
+            for rid, ms in meta.load_ms.items():
+                report = self._open_reports.pop(rid, None)
+                if report is not None:  # finished this step: complete its report
+                    report[REPORT_KEY] = {**ms, **report.get(REPORT_KEY, {})}
+                elif rid in self._lookups:  # still running: for request_finished
+                    self._load_ms[rid] = ms
+            for rid, st in self._saves.items():  # requests finished meanwhile: ignored
+                st.record(meta.saved.get(rid), rid in meta.save_failed)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """No delayed frees (saves copy the KV out of the blocks): only forget finished
+        requests' save failures."""
+        if self._saver is not None and finished_req_ids:
+            self._saver.forget(finished_req_ids)
+        return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_loads()  # a layer-wise load's failures are known once it is done
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
     def shutdown(self) -> None:
+        """Finish the layer-wise loads in flight and stop their thread; store every queued
+        save (drain the saver), then close the store; stop promotion and clear the
+        pre-decoded tier."""
+        if self._layerwise_loads is not None:
+            self._layerwise_loads.close()
+        if self._promoter is not None:
+            self._promoter.close()
+        if self._decoded is not None:
+            self._decoded.clear()
+        if self._saver is not None:
+            self._saver.close()
         if self._store is not None:
             self._store.close()

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from kvaas.codec.sizing import kv_dtype
 from kvaas.engine.base import Degraded, Engine, EngineError, Generation, Liveness, Sampling
+from kvaas.engine.device import engine_dtype, on_gpu
 from kvaas.engine.model_info import ModelInfo
 
 if TYPE_CHECKING:
@@ -33,7 +34,10 @@ def build_engine(settings: Settings) -> Engine | None:
 
     model_dir = resolve_model(settings.model, settings.data_dir)
     name = settings.model if "/" not in settings.model else model_dir.name
-    dtype = kv_dtype(model_dir, settings.engine_dtype)
+    # in process, ``auto`` runs a float32 checkpoint as bfloat16 on a GPU; remote nodes run the
+    # dtype the settings name (the node command prints it: the gateway cannot see their GPUs)
+    gpu = settings.engine == "inprocess" and on_gpu()
+    dtype = engine_dtype(model_dir, settings.engine_dtype, gpu)
     info = ModelInfo.load(model_dir, name, dtype)
     if settings.engine == "remote":
         from kvaas.engine.remote import RemoteEngine
@@ -47,6 +51,15 @@ def build_engine(settings: Settings) -> Engine | None:
             max_failures=settings.engine_node_max_failures,
             cooldown_s=settings.engine_node_cooldown_seconds,
             probe_every_s=settings.engine_node_probe_seconds,
+            routing=settings.engine_routing,
+            node_max_inflight=settings.engine_node_max_inflight,
+            node_weights=settings.engine_node_weights,
+            route_capacity=settings.engine_route_capacity,
+            route_imbalance=settings.engine_route_imbalance,
+            route_prefix_imbalance=settings.engine_route_prefix_imbalance,
+            hot_rate_per_s=settings.engine_hot_cache_rate,
+            hot_replicas=settings.engine_hot_cache_nodes,
+            world=(settings.engine_tensor_parallel_size, settings.engine_pipeline_parallel_size),
         )
     from kvaas.engine.inprocess import InProcessEngine
 
@@ -57,8 +70,19 @@ def build_engine(settings: Settings) -> Engine | None:
         max_model_len=settings.engine_max_model_len,
         max_num_batched_tokens=settings.engine_max_batched_tokens,
         prefill_chunk_tokens=settings.engine_prefill_chunk_tokens,
+        bulk_step_tokens=settings.engine_bulk_step_tokens,
+        bulk_max_hold_s=settings.engine_bulk_max_hold_seconds,
+        presence_ttl_s=settings.connector_presence_ttl_seconds,
+        save_queue_bytes=settings.connector_save_queue_bytes,
+        decoded_bytes=settings.connector_decoded_bytes,
+        layerwise_loads=settings.connector_layerwise_loads,
+        warm_on_save=settings.connector_warm_on_save,
         prefix_caching=settings.engine_prefix_caching,
         kv_cache_gib=settings.engine_kv_cache_gib,
+        tensor_parallel_size=settings.engine_tensor_parallel_size,
+        pipeline_parallel_size=settings.engine_pipeline_parallel_size,
+        eager=settings.engine_eager,
+        gpu_memory_fraction=settings.engine_gpu_memory_fraction,
         timeout_s=settings.engine_request_timeout_seconds,
         restart_attempts=settings.engine_restart_attempts,
     )

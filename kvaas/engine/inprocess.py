@@ -16,18 +16,25 @@ longer than ``timeout_s`` is aborted in the engine and fails the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
 from kvaas.codec.sizing import KVDtype
 from kvaas.connector import transfer_config
 from kvaas.connector.params import TransferPlan
+from kvaas.connector.timings import observe_load_report
+from kvaas.engine import priorities
 from kvaas.engine.base import Engine, EngineError, Generation, Liveness, Sampling
+from kvaas.engine.device import Eager, eager, memory_args, on_gpu
 from kvaas.engine.model_info import ModelInfo
+
+#: vLLM's CPU worker binding: which CPUs each worker's OpenMP threads run on.
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 log = logging.getLogger("kvaas.engine")
 
@@ -53,6 +60,34 @@ def sampling_params(sampling: Sampling, plan: TransferPlan | None, *, delta: boo
     )
 
 
+@contextlib.contextmanager
+def cpu_worker_binding(world: int) -> Iterator[None]:
+    """While starting an engine of ``world`` > 1 workers on a CPU (no CUDA device): each
+    worker its own share of the CPUs this process may use (``VLLM_CPU_OMP_THREADS_BIND``,
+    ranks separated by ``|``; the variable is restored afterwards, so a later engine of one
+    worker starts as before), unless the operator set one. vLLM's automatic binding wants a
+    NUMA node per worker, which one socket does not have. Raises :class:`EngineError` when
+    there are fewer CPUs than workers."""
+    import torch
+
+    if world <= 1 or torch.cuda.is_available() or os.environ.get(CPU_BIND_ENV):
+        yield
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < world:
+        raise EngineError(
+            f"a CPU engine of {world} workers needs {world} CPUs; this process may use "
+            f"{len(cpus)} (set {CPU_BIND_ENV} to bind them by hand)"
+        )
+    per = len(cpus) // world
+    groups = [cpus[r * per : (r + 1) * per] for r in range(world)]
+    os.environ[CPU_BIND_ENV] = "|".join(",".join(map(str, g)) for g in groups)
+    try:
+        yield
+    finally:
+        del os.environ[CPU_BIND_ENV]
+
+
 class InProcessEngine(Engine):
     """``AsyncLLM`` on ``model`` with the connector on the store ``store`` (a
     ``StoreConfig.to_dict()``). ``timeout_s``: the longest one request may run (``None``: no
@@ -68,8 +103,19 @@ class InProcessEngine(Engine):
         max_model_len: int = 4096,
         max_num_batched_tokens: int = 2048,
         prefill_chunk_tokens: int = 0,
+        bulk_step_tokens: int = priorities.DEFAULT_BULK_STEP_TOKENS,
+        bulk_max_hold_s: float = priorities.DEFAULT_MAX_HOLD_S,
+        presence_ttl_s: float | None = None,
+        save_queue_bytes: int | None = None,
+        decoded_bytes: int | None = None,
+        layerwise_loads: bool | None = None,
+        warm_on_save: bool | None = None,
         prefix_caching: bool = True,
         kv_cache_gib: float = 1.0,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        eager: Eager = "auto",
+        gpu_memory_fraction: float | None = None,
         seed: int = 0,
         timeout_s: float | None = None,
         restart_attempts: int = 3,
@@ -81,8 +127,18 @@ class InProcessEngine(Engine):
         self._max_model_len = max_model_len
         self._batched = max_num_batched_tokens
         self._prefill_chunk = prefill_chunk_tokens
+        self._presence_ttl_s = presence_ttl_s
+        self._save_queue_bytes = save_queue_bytes
+        self._decoded_bytes = decoded_bytes
+        self._layerwise_loads = layerwise_loads
+        self._warm_on_save = warm_on_save
+        self._scheduler_options = priorities.options(bulk_step_tokens, bulk_max_hold_s)
         self._prefix_caching = prefix_caching
         self._kv_cache_gib = kv_cache_gib
+        self._world = (tensor_parallel_size, pipeline_parallel_size)
+        self._gpu = on_gpu()
+        self._eager = eager
+        self._gpu_memory_fraction = gpu_memory_fraction
         self._seed = seed
         self._timeout_s = timeout_s
         self._restart_attempts = restart_attempts
@@ -114,19 +170,45 @@ class InProcessEngine(Engine):
             max_model_len=self._max_model_len,
             max_num_batched_tokens=self._batched,
             long_prefill_token_threshold=self._prefill_chunk,
+            scheduling_policy="priority",
+            scheduler_cls=priorities.SCHEDULER_CLS,
+            additional_config=self._scheduler_options,
             enable_prefix_caching=self._prefix_caching,
-            enforce_eager=True,
+            tensor_parallel_size=self._world[0],
+            pipeline_parallel_size=self._world[1],
+            enforce_eager=eager(self._eager, self._gpu),
+            # on a CPU the KV cache is sized by VLLM_CPU_KVCACHE_SPACE (set in start)
+            **(
+                memory_args(self._kv_cache_gib, self._gpu_memory_fraction, True)
+                if self._gpu
+                else {}
+            ),
             seed=self._seed,
-            kv_transfer_config=KVTransferConfig(**transfer_config(self._store)),
+            kv_transfer_config=KVTransferConfig(
+                **transfer_config(
+                    self._store,
+                    presence_ttl_s=self._presence_ttl_s,
+                    save_queue_bytes=self._save_queue_bytes,
+                    decoded_bytes=self._decoded_bytes,
+                    layerwise_loads=self._layerwise_loads,
+                    warm_on_save=self._warm_on_save,
+                )
+            ),
             disable_log_stats=True,
         )
+
+    def _new_llm(self) -> Any:
+        """A started vLLM engine (blocking: its processes are up when this returns)."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        with cpu_worker_binding(self._world[0] * self._world[1]):
+            return AsyncLLM.from_engine_args(self._args())
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self._kv_cache_gib))))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._llm = AsyncLLM.from_engine_args(self._args())
+        self._llm = self._new_llm()
         self._block_size = self._llm.vllm_config.cache_config.block_size
         self._state = "ok"
         self._watcher = asyncio.create_task(self._watch(), name="engine watcher")
@@ -174,7 +256,6 @@ class InProcessEngine(Engine):
         self._restarter = asyncio.create_task(self._restart(), name="engine restart")
 
     async def _restart(self) -> None:
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         old, self._llm = self._llm, None
         if old is not None:
@@ -185,7 +266,7 @@ class InProcessEngine(Engine):
         for attempt in range(1, self._restart_attempts + 1):
             await asyncio.sleep(self._restart_backoff_s * 2 ** (attempt - 1))
             try:
-                llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args())
+                llm = await asyncio.to_thread(self._new_llm)
             except Exception as e:
                 log.error("engine restart %d/%d failed: %s", attempt, self._restart_attempts, e)
                 continue
@@ -224,7 +305,7 @@ class InProcessEngine(Engine):
         prompt = TokensPrompt(prompt_token_ids=list(token_ids))
         if sampling.cache_salt is not None:
             prompt["cache_salt"] = sampling.cache_salt
-        outputs = llm.generate(prompt, params, rid)
+        outputs = llm.generate(prompt, params, rid, priority=priorities.ENGINE_PRIORITY.get())
         try:
             while True:
                 try:
@@ -263,6 +344,7 @@ class InProcessEngine(Engine):
                     first = False
                 if out.kv_transfer_params:
                     g.connector = dict(out.kv_transfer_params.get("kvaas") or {})
+                    observe_load_report(g.connector)  # once: only the last output has it
                 yield g
         finally:
             await outputs.aclose()  # a request left unfinished is aborted in the engine

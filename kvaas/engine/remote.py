@@ -22,13 +22,27 @@ cache size is explicit (``--kv-cache-memory-bytes``, which vLLM honours on CPU a
 it vLLM's CPU backend asks for most of the machine's memory and a node sharing a machine dies
 at start-up.
 
-The nodes must share the store's Redis and/or disk directory with the gateway. Requests go to
-the usable node with the fewest requests in flight; the plan travels as ``kv_transfer_params``.
-A remote request's completion arrives as one delta when it is done.
+The nodes must share the store's Redis and/or disk directory with the gateway. The plan travels
+as ``kv_transfer_params``. A remote request's completion arrives as one delta when it is done.
 
-Node health: a node is *ejected* (gets no requests) for ``cooldown_s`` after ``max_failures``
-consecutive failures (a refused or failed connection, a 5xx or 401 answer, a failed probe);
-probes every ``probe_every_s`` check each node's ``/health`` and model fingerprint. A node whose
+Routing (:mod:`kvaas.engine.routing`): by default *cache-aware*: a request whose plan names
+chunk keys goes to the node that served that cache before (its connector's memory tier holds
+the chunks), else, or when that node is ejected, at its in-flight limit or much busier, to the
+least-loaded node; a hot cache is pinned to several nodes. ``routing="least_loaded"`` or
+``"round_robin"`` ignore caches. Each node has a weight (its share of the load) and an in-flight
+limit (``max_inflight``; 0: none): when every usable node is at its limit a request waits for a
+slot. ``/metrics``: ``kvaas_engine_route_total{node,reason}`` counts the decisions,
+``kvaas_engine_node_attach_tokens_total{node,source}`` the prompt tokens of attaches
+(``prompt``), those the connector found stored (``stored``), those vLLM reports cached
+(``cached``: its prefix cache plus loaded chunks) and, when the node's connector reports it,
+those served from the node's memory tier (``memory``): ``memory / stored`` is the node's
+memory-tier hit rate as the gateway sees it.
+
+Node health: a node is *ejected* (gets no requests) after ``max_failures`` consecutive failures
+(a refused or failed connection, a 5xx or 401 answer, a failed probe) until a probe, no sooner
+than ``cooldown_s`` after its last failure, finds it healthy (requests never test a node that
+may still be down); probes every ``probe_every_s`` check each node's ``/health`` and model
+fingerprint. A node whose
 fingerprint is not the gateway's is *refused* until a probe finds it matching: its KV would
 not be the gateway's model's. A request whose connection failed (nothing reached the node) is
 retried on another node; one that may have run is not. :meth:`RemoteEngine.health` reports
@@ -42,20 +56,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shlex
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from prometheus_client import Counter, Gauge
 
 from kvaas.connector.params import TransferPlan
+from kvaas.connector.timings import observe_load_report
 from kvaas.engine.base import Degraded, Engine, EngineError, Generation, Liveness, Sampling
 from kvaas.engine.model_info import ModelInfo
 from kvaas.engine.node import FINGERPRINT_PATH
+from kvaas.engine.priorities import (
+    ENGINE_PRIORITY,
+)
+from kvaas.engine.routing import POLICIES, Policy, Router
 
 log = logging.getLogger("kvaas.engine")
+
+ROUTES = Counter(
+    "kvaas_engine_route_total",
+    "Requests routed to a remote engine node, by node and reason: affinity (the node served "
+    "the cache before), hot_spread (a hot cache pinned to one more node), fallback (the "
+    "cache's node ejected, at its limit or much busier), least_loaded, round_robin, last_try.",
+    ["node", "reason"],
+)
+ATTACH_TOKENS = Counter(
+    "kvaas_engine_node_attach_tokens_total",
+    "Prompt tokens of attaches (load plans) answered by a remote engine node, by source: "
+    "prompt (all), stored (found in the store by the connector), cached (reported cached by "
+    "vLLM), memory (served from the node's memory tier, when its connector reports it).",
+    ["node", "source"],
+)
+INFLIGHT = Gauge(
+    "kvaas_engine_node_inflight", "Requests in flight to a remote engine node.", ["node"]
+)
 
 #: time limit of one probe request, in seconds
 PROBE_TIMEOUT_S = 3.0
@@ -67,21 +104,28 @@ class Node:
 
     url: str
     inflight: int = 0
+    #: share of the load (weighted least-connections)
+    weight: float = 1.0
+    #: most requests in flight at once (0: no limit)
+    max_inflight: int = 0
     #: consecutive failures (requests and probes); a success resets it
     failures: int = 0
-    #: ``time.monotonic()`` until which the node gets no requests
+    #: ``time.monotonic()`` until which even a successful probe does not take it back
     ejected_until: float = 0.0
+    #: ejected after ``max_failures``: no requests until a probe (after the cool-down) finds
+    #: it healthy again
+    ejected: bool = False
     #: why the node is never used (its model fingerprint differs), until a probe clears it
     refused: str | None = None
     last_error: str | None = None
 
     def usable(self, now: float) -> bool:
-        return self.refused is None and now >= self.ejected_until
+        return self.refused is None and not self.ejected and now >= self.ejected_until
 
 
 class RemoteEngine(Engine):
-    """Routing by load over the usable ones of ``urls`` (base URLs of ``vllm serve`` nodes),
-    with passive ejection and active probes (see the module)."""
+    """Cache-aware routing over the usable ones of ``urls`` (base URLs of ``vllm serve``
+    nodes), with passive ejection and active probes (see the module)."""
 
     def __init__(
         self,
@@ -93,14 +137,50 @@ class RemoteEngine(Engine):
         max_failures: int = 3,
         cooldown_s: float = 10.0,
         probe_every_s: float = 5.0,
+        routing: str = "cache_aware",
+        node_max_inflight: int = 0,
+        node_weights: Sequence[float] = (),
+        route_capacity: int = 100_000,
+        route_imbalance: float = 4.0,
+        route_prefix_imbalance: float = 1.0,
+        hot_rate_per_s: float = 2.0,
+        hot_replicas: int = 2,
+        world: tuple[int, int] = (1, 1),
     ) -> None:
         """``api_key``: the nodes' ``VLLM_API_KEY``, sent as a bearer token on every request
         (``None``: nodes that accept anyone). ``timeout_s``: the longest one request may
-        take."""
+        take. ``routing``: ``cache_aware``, ``least_loaded`` or ``round_robin``;
+        ``node_max_inflight``: each node's in-flight limit (0: none); ``node_weights``: one
+        positive weight per URL (empty: all 1); ``route_capacity``, ``route_imbalance``,
+        ``route_prefix_imbalance``, ``hot_rate_per_s``, ``hot_replicas``: see
+        :class:`~kvaas.engine.routing.Router`. ``world``: the tensor- and pipeline-parallel
+        sizes every node must report (a node of another world is refused like one of another
+        model: its ranks store chunks under other shard keys)."""
         if not urls:
             raise ValueError("a remote engine needs at least one URL")
+        if routing not in POLICIES:
+            raise ValueError(f"unknown routing policy {routing!r}; choose one of {POLICIES}")
+        weights = list(node_weights) or [1.0] * len(urls)
+        if len(weights) != len(urls) or any(w <= 0 for w in weights):
+            raise ValueError("node_weights needs one positive weight per node URL")
+        if node_max_inflight < 0:
+            raise ValueError("node_max_inflight must be >= 0 (0: no limit)")
         self.model = model
-        self.nodes = [Node(u.rstrip("/")) for u in urls]
+        self.world = world
+        self.nodes = [
+            Node(u.rstrip("/"), weight=float(w), max_inflight=node_max_inflight)
+            for u, w in zip(urls, weights, strict=True)
+        ]
+        policy: Policy = routing
+        self.router = Router(
+            policy,
+            capacity=route_capacity,
+            imbalance=route_imbalance,
+            prefix_imbalance=route_prefix_imbalance,
+            hot_rate_per_s=hot_rate_per_s,
+            hot_replicas=hot_replicas,
+        )
+        self._slot_freed = asyncio.Event()
         self._max_failures = max_failures
         self._cooldown_s = cooldown_s
         self._probe_every_s = probe_every_s
@@ -137,15 +217,18 @@ class RemoteEngine(Engine):
         node.failures += 1
         node.last_error = reason
         if node.failures >= self._max_failures:
+            node.ejected = True
             if time.monotonic() >= node.ejected_until:
                 log.warning(
                     "engine node %s ejected for %g s: %s", node.url, self._cooldown_s, reason
                 )
+                self.router.forget(node.url)  # it may come back restarted, its memory empty
             node.ejected_until = time.monotonic() + self._cooldown_s
 
     @staticmethod
     def _succeeded(node: Node) -> None:
         node.failures = 0
+        node.ejected = False
         node.ejected_until = 0.0
         node.last_error = None
 
@@ -157,13 +240,22 @@ class RemoteEngine(Engine):
                 self._failed(node, f"/health answered {r.status_code}")
                 return
             r = await self._client.get(f"{node.url}{FINGERPRINT_PATH}", timeout=PROBE_TIMEOUT_S)
-            theirs = r.json().get("fingerprint") if r.status_code == 200 else None
+            doc = r.json() if r.status_code == 200 else {}
+            theirs = doc.get("fingerprint")
+            world = tuple(doc.get("world") or (1, 1))
             if theirs != self.model.fingerprint:
                 node.refused = (
                     "it reports no model fingerprint (start it with `kvaas engine command`)"
                     if theirs is None
                     else f"its model fingerprint {theirs} is not the gateway's "
                     f"{self.model.fingerprint} (other weights or dtype)"
+                )
+                return
+            if world != self.world:
+                node.refused = (
+                    f"it runs {world[0]} x {world[1]} workers (tensor x pipeline parallel), "
+                    f"the gateway {self.world[0]} x {self.world[1]}: set "
+                    "KVAAS_ENGINE_TENSOR_PARALLEL_SIZE / KVAAS_ENGINE_PIPELINE_PARALLEL_SIZE alike"
                 )
                 return
             if not self._max_model_len:
@@ -183,6 +275,7 @@ class RemoteEngine(Engine):
     async def probe(self) -> None:
         """Probe every node now (what the background probes do every ``probe_every_s``)."""
         await asyncio.gather(*(self._probe_node(n) for n in self.nodes))
+        self._slot_freed.set()  # health changed maybe: waiting requests choose again
 
     async def _probe_forever(self) -> None:
         while True:
@@ -222,18 +315,26 @@ class RemoteEngine(Engine):
         line = f"{len(up)}/{total} vllm serve nodes up"
         if len(up) == total:
             return line
-        why = f"{refused} refused: model fingerprint differs" if refused else "others failing"
+        why = (
+            f"{refused} refused: model fingerprint or world differs"
+            if refused
+            else "others failing"
+        )
         return Degraded(f"{line} ({why})")
 
-    def _pick(self, tried: set[str]) -> Node | None:
-        """The usable node not yet ``tried`` with the fewest requests in flight; when none is
-        usable, the unrefused untried one whose ejection ends first (a last try)."""
-        now = time.monotonic()
-        fresh = [n for n in self.nodes if n.url not in tried and n.refused is None]
-        usable = [n for n in fresh if n.usable(now)]
-        if usable:
-            return min(usable, key=lambda n: n.inflight)
-        return min(fresh, key=lambda n: n.ejected_until) if fresh else None
+    async def _pick(self, tried: set[str], keys: Sequence[bytes]) -> Node | None:
+        """The node the router chooses among those not yet ``tried`` (see
+        :mod:`kvaas.engine.routing`), waiting for a slot while every usable node is at its
+        in-flight limit; ``None`` when no node is left. Counts the decision."""
+        while True:
+            d = self.router.choose(self.nodes, time.monotonic(), keys=keys, tried=tried)
+            if d is None:
+                return None
+            if d.url is not None:
+                ROUTES.labels(d.url, d.reason).inc()
+                return next(n for n in self.nodes if n.url == d.url)
+            self._slot_freed.clear()
+            await self._slot_freed.wait()  # a request finished somewhere: choose again
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -257,19 +358,26 @@ class RemoteEngine(Engine):
             body["return_tokens_as_token_ids"] = True  # "token_id:<id>" keys, no decoding
         if sampling.cache_salt is not None:
             body["cache_salt"] = sampling.cache_salt
+        if priority := ENGINE_PRIORITY.get():  # nodes run the fair step scheduler
+            body["priority"] = priority
         if plan is not None:
             body["kv_transfer_params"] = plan.to_params()
         return body
 
-    async def _post(self, body: dict[str, Any]) -> httpx.Response:
-        """POST the completion to a node; on a failed connection (nothing was sent) to the next
-        one. The answer, whatever its status; :class:`EngineError` when no node could take it
-        or the one that took it failed."""
+    async def _post(
+        self, body: dict[str, Any], plan: TransferPlan | None = None
+    ) -> tuple[Node, httpx.Response]:
+        """POST the completion to the node the router picks; on a failed connection (nothing
+        was sent) to the next one. The node and its answer, whatever its status;
+        :class:`EngineError` when no node could take it or the one that took it failed. A
+        request with ``plan`` that succeeded teaches the router where the plan's chunks are."""
         tried: set[str] = set()
         errors: list[str] = []
-        while (node := self._pick(tried)) is not None:
+        keys: Sequence[bytes] = plan.keys if plan is not None else ()
+        while (node := await self._pick(tried, keys)) is not None:
             tried.add(node.url)
             node.inflight += 1
+            INFLIGHT.labels(node.url).set(node.inflight)
             try:
                 r = await self._client.post(f"{node.url}/v1/completions", json=body)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
@@ -286,11 +394,15 @@ class RemoteEngine(Engine):
                 ) from e
             finally:
                 node.inflight -= 1
+                INFLIGHT.labels(node.url).set(node.inflight)
+                self._slot_freed.set()
             if r.status_code >= 500 or r.status_code in (401, 403):
                 self._failed(node, f"answered {r.status_code}")
             elif r.status_code == 200:
                 self._succeeded(node)
-            return r
+                if keys:
+                    self.router.record(keys, node.url, time.monotonic())
+            return node, r
         raise EngineError(
             "no engine node is available",
             detail="; ".join(errors) or "every node is refused or ejected",
@@ -300,7 +412,7 @@ class RemoteEngine(Engine):
         self, token_ids: Sequence[int], sampling: Sampling, plan: TransferPlan | None = None
     ) -> AsyncIterator[Generation]:
         t0 = time.perf_counter()
-        r = await self._post(self._body(token_ids, sampling, plan))
+        node, r = await self._post(self._body(token_ids, sampling, plan), plan)
         if r.status_code != 200:
             raise EngineError(
                 f"an engine node refused the request (HTTP {r.status_code})",
@@ -327,81 +439,20 @@ class RemoteEngine(Engine):
             ]
         kvp = doc.get("kv_transfer_params") or {}
         g.connector = dict(kvp.get("kvaas") or {})
+        observe_load_report(g.connector)
+        if plan is not None and plan.op == "load":
+            _count_attach(node.url, g)
         yield g
 
 
-@dataclass(frozen=True)
-class NodeCommand:
-    """How to start one remote engine node: its argument list, which holds no secret (every
-    local user can read a process's command line), and the environment variables that carry
-    the secrets (``KVAAS_REDIS_URL``, ``VLLM_API_KEY``; a process's environment is readable by
-    its own user only)."""
-
-    argv: list[str]
-    env: dict[str, str]
-
-    def shell(self) -> str:
-        """One shell line that starts the node: ``NAME=value ... python -m ...``."""
-        assigns = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
-        return " ".join([*assigns, shlex.join(self.argv)])
-
-
-def serve_command(
-    model_dir: str,
-    name: str,
-    store: dict[str, Any],
-    *,
-    port: int,
-    api_key: str | None = None,
-    dtype: str = "auto",
-    max_model_len: int = 4096,
-    max_num_batched_tokens: int = 2048,
-    prefill_chunk_tokens: int = 0,
-    prefix_caching: bool = True,
-    kv_cache_gib: float = 1.0,
-) -> NodeCommand:
-    """The command of one remote engine node on the store ``store``
-    (``StoreConfig.to_dict()``), requiring ``api_key`` (``None``: none) of its clients:
-    :mod:`kvaas.engine.node`, which runs vLLM's OpenAI server module (``vllm serve`` under
-    another name, which also works with the CPU package, whose ``vllm`` launcher looks for a
-    distribution named ``vllm``) and reports the model's fingerprint. Its paged KV gets
-    ``kv_cache_gib`` GiB (``--kv-cache-memory-bytes``, honoured on CPU and GPU), so it starts on
-    a machine where other processes run. The store's Redis URL and the key go in
-    :attr:`NodeCommand.env`, never in its argv."""
-    import json
-
-    from kvaas.connector import REDIS_URL_ENV, transfer_config
-
-    env: dict[str, str] = {}
-    if store.get("redis_url"):
-        env[REDIS_URL_ENV] = str(store["redis_url"])
-    if api_key:
-        env["VLLM_API_KEY"] = api_key
-    cmd = [
-        "python",
-        "-m",
-        "kvaas.engine.node",
-        "--model",
-        model_dir,
-        "--served-model-name",
-        name,
-        "--port",
-        str(port),
-        "--dtype",
-        dtype,
-        "--max-model-len",
-        str(max_model_len),
-        "--max-num-batched-tokens",
-        str(max_num_batched_tokens),
-        "--long-prefill-token-threshold",
-        str(prefill_chunk_tokens),
-        "--kv-cache-memory-bytes",
-        str(int(kv_cache_gib * 1024**3)),
-        "--enforce-eager",
-        "--enable-prompt-tokens-details",
-        "--kv-transfer-config",
-        json.dumps(transfer_config(store, redis_url_env=REDIS_URL_ENV)),
-    ]
-    if not prefix_caching:
-        cmd.append("--no-enable-prefix-caching")
-    return NodeCommand(cmd, env)
+def _count_attach(url: str, g: Generation) -> None:
+    """Count an attach's tokens by source for ``url`` (see :data:`ATTACH_TOKENS`)."""
+    report = g.connector
+    ATTACH_TOKENS.labels(url, "prompt").inc(g.prompt_tokens)
+    ATTACH_TOKENS.labels(url, "cached").inc(g.cached_tokens)
+    stored = report.get("matched_tokens")
+    if isinstance(stored, int) and stored > 0:
+        ATTACH_TOKENS.labels(url, "stored").inc(stored)
+    memory = report.get("memory_tokens")
+    if isinstance(memory, int) and memory > 0:
+        ATTACH_TOKENS.labels(url, "memory").inc(memory)

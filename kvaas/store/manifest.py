@@ -29,10 +29,13 @@ FORMAT = 1
 class Manifest:
     """One immutable cache version.
 
-    ``chunk_keys`` cover the first ``len(chunk_keys) * chunk_tokens`` tokens; ``token_count`` is
-    the version's full token count (a trailing partial chunk is not stored). Every key must carry
-    ``namespace_slot`` (all chunks of a manifest belong to one tenant). ``bytes_per_tier`` is
-    informational, as measured by the writer (see ``TieredStore.usage`` for current numbers).
+    ``chunk_keys`` cover the first ``len(chunk_keys) // shards * chunk_tokens`` tokens;
+    ``token_count`` is the version's full token count (a trailing partial chunk is not stored).
+    ``shards``: the pieces each chunk is stored as, one per rank of a parallel engine (each
+    chunk's shard keys in a row, :func:`~kvaas.store.keys.shard_keys`); 1 without parallelism.
+    Every key must carry ``namespace_slot`` (all chunks of a manifest belong to one tenant).
+    ``bytes_per_tier`` is informational, as measured by the writer (see ``TieredStore.usage``
+    for current numbers).
     """
 
     cache_id: str
@@ -46,6 +49,7 @@ class Manifest:
     storage_class: StorageClass = "standard"
     bytes_per_tier: Mapping[str, int] = field(default_factory=dict)
     created_at: float = field(default_factory=lambda: round(time.time(), 3))
+    shards: int = 1
 
     def __post_init__(self) -> None:
         if not _CACHE_ID.match(self.cache_id):
@@ -57,10 +61,14 @@ class Manifest:
         check_storage_class(self.storage_class)
         if self.chunk_tokens <= 0:
             raise ValueError("chunk_tokens must be positive")
-        if self.token_count < len(self.chunk_keys) * self.chunk_tokens:
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
+            raise ValueError(f"shards must be a positive int, got {self.shards!r}")
+        if len(self.chunk_keys) % self.shards:
+            raise ValueError(f"{len(self.chunk_keys)} keys are not {self.shards} per chunk")
+        if self.token_count < self.stored_tokens:
             raise ValueError(
-                f"token_count {self.token_count} is below the {len(self.chunk_keys)} chunks' "
-                f"{len(self.chunk_keys) * self.chunk_tokens} tokens"
+                f"token_count {self.token_count} is below the {self.chunks} chunks' "
+                f"{self.stored_tokens} tokens"
             )
         slot = bytes.fromhex(self.namespace_slot)
         object.__setattr__(self, "chunk_keys", tuple(self.chunk_keys))
@@ -85,6 +93,8 @@ class Manifest:
             "bytes_per_tier": dict(sorted(self.bytes_per_tier.items())),
             "created_at": self.created_at,
         }
+        if self.shards != 1:  # absent for one: manifests written before it read the same
+            doc["shards"] = self.shards
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -106,6 +116,7 @@ class Manifest:
                 storage_class=doc["storage_class"],
                 bytes_per_tier=doc["bytes_per_tier"],
                 created_at=doc["created_at"],
+                shards=doc.get("shards", 1),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed manifest: {e}") from e
@@ -114,6 +125,11 @@ class Manifest:
         return replace(self, storage_class=check_storage_class(storage_class))
 
     @property
+    def chunks(self) -> int:
+        """Chunks stored (each as :attr:`shards` pieces)."""
+        return len(self.chunk_keys) // self.shards
+
+    @property
     def stored_tokens(self) -> int:
         """Tokens covered by the stored chunks."""
-        return len(self.chunk_keys) * self.chunk_tokens
+        return self.chunks * self.chunk_tokens

@@ -4,7 +4,8 @@ Reads are zero-copy: ``get_many`` returns the very ``bytes`` objects stored (a b
 as ``bytes`` is stored as is; a ``bytearray``/``memoryview`` is copied once, on put, so later
 writes by the caller cannot change stored data). Recency and eviction are decided by the
 tiered store's policy, not here; this tier only enforces its budget as a hard limit. All methods
-run on the event loop without awaiting, so each call is atomic with respect to other tasks.
+run on the event loop without awaiting, so each call is atomic with respect to other tasks;
+:meth:`MemoryTier.peek_many` may also be called from other threads.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ class MemoryTier(Tier):
         self._used = 0
 
     async def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:
+        return list(self.peek_many(keys))
+
+    def peek_many(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        """What :meth:`get_many` returns, callable from any thread: each lookup is one
+        ``dict.get`` (atomic under the GIL), and stored blobs are immutable ``bytes``, so a
+        concurrent put or delete on the loop makes a key present or absent, never torn."""
         get = self._data.get
         return [get(k) for k in keys]
 

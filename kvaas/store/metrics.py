@@ -36,28 +36,33 @@ FOREIGN_SEALS = Counter(
 ERRORS = Counter(
     "kvaas_store_errors_total", "Tier operations that failed, by operation.", ["tier", "op"]
 )
+#: Histogram buckets of the data path's latencies (seconds): tens of microseconds (a memory
+#: hit, one decrypt) to seconds (a slow tier), for the store's operations and the connector's
+#: load stages alike.
+LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 LATENCY = Histogram(
     "kvaas_store_op_seconds",
     "Latency of one (batched) tier operation.",
     ["tier", "op"],
-    buckets=(
-        0.0001,
-        0.00025,
-        0.0005,
-        0.001,
-        0.0025,
-        0.005,
-        0.01,
-        0.025,
-        0.05,
-        0.1,
-        0.25,
-        0.5,
-        1,
-        2.5,
-        5,
-        10,
-    ),
+    buckets=LATENCY_BUCKETS,
 )
 GC_DELETED = Counter(
     "kvaas_store_gc_chunks_deleted_total", "Unreferenced chunks deleted by garbage collection."

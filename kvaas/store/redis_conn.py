@@ -4,7 +4,8 @@ reference index: client construction, key naming, timeouts, error mapping and th
 Every call goes through :meth:`RedisConnection.run`, which
 
 - refuses at once with :class:`~kvaas.store.errors.TierUnavailable` while the circuit breaker is
-  open (Redis was found down less than the back-off delay ago);
+  open (Redis was found down less than the back-off delay ago); calls that were in flight when
+  it opened do not lengthen its delay (one dead node is one outage, however many calls it cut);
 - bounds the call by an overall deadline (socket timeouts cover each read; the deadline covers
   the whole batch, scaled by the bytes moved), so an unreachable Redis never hangs a caller;
 - maps connection errors and timeouts to ``TierUnavailable`` (opening the breaker), Redis' OOM
@@ -64,6 +65,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
 )
 MIN_RATE_BYTES_PER_S = 50e6
+#: Readiness probes that go out while the breaker refuses calls: at most one per this period.
+PROBE_INTERVAL_S = 1.0
 """Slowest transfer rate a healthy Redis is expected to sustain (sets per-batch deadlines)."""
 
 
@@ -150,6 +153,8 @@ class RedisConnection:
         self.socket_timeout = socket_timeout
         self.breaker = breaker or CircuitBreaker()
         self._closed = False
+        self._probing = False
+        self._last_probe = float("-inf")
         self._initialized = not cluster
         self._init_lock = asyncio.Lock()
         common: dict[str, Any] = {
@@ -172,14 +177,23 @@ class RedisConnection:
         """Overall time allowed for one call moving ``nbytes`` bytes."""
         return 2 * self.socket_timeout + nbytes / MIN_RATE_BYTES_PER_S
 
-    async def run(self, op: Callable[[RedisClient], Awaitable[T]], *, nbytes: int = 0) -> T:
-        """Run ``op(client)`` under the breaker and a deadline; map errors to store errors."""
-        if not self.breaker.allow():
+    async def run(
+        self, op: Callable[[RedisClient], Awaitable[T]], *, nbytes: int = 0, probe: bool = False
+    ) -> T:
+        """Run ``op(client)`` under the breaker and a deadline; map errors to store errors.
+
+        ``probe``: go out even while the breaker refuses calls (a readiness probe): its success
+        closes the breaker at once, its failure is the outage already counted (the breaker's
+        delay is left as it is)."""
+        allowed = self.breaker.allow()
+        if not allowed and not probe:
             raise TierUnavailable(
                 self.name,
                 f"Redis tier {self.name!r} is down ({self.breaker.last_error}); next probe in "
                 f"{self.breaker.seconds_until_retry():.1f}s",
             )
+        # a failure after the breaker reopened is old news; a forced probe's failure too
+        generation = self.breaker.generation if allowed else -1
         try:
             async with asyncio.timeout(self.deadline(nbytes)):
                 if not self._initialized:
@@ -189,7 +203,7 @@ class RedisConnection:
             self.breaker.record_success()
             raise StorageFull(self.name, f"Redis tier {self.name!r}: {e}") from e
         except _UNAVAILABLE as e:
-            self.breaker.record_failure(e)
+            self.breaker.record_failure(e, generation)
             raise TierUnavailable(
                 self.name, f"Redis tier {self.name!r} is unreachable: {e or type(e).__name__}"
             ) from e
@@ -197,7 +211,7 @@ class RedisConnection:
             self.breaker.record_success()
             raise StoreError(f"Redis tier {self.name!r}: {e}") from e
         except RedisError as e:
-            self.breaker.record_failure(e)
+            self.breaker.record_failure(e, generation)
             raise TierUnavailable(self.name, f"Redis tier {self.name!r}: {e}") from e
         self.breaker.record_success()
         return result
@@ -249,13 +263,23 @@ class RedisConnection:
         return out
 
     async def ping(self) -> TierHealth:
-        """Probe Redis (even while the breaker is open, if its delay has passed)."""
+        """Probe Redis, even while the breaker is open: readiness reports Redis as it is now,
+        and a successful probe closes the breaker as soon as Redis answers again (after a
+        failover, not a doubled delay later)."""
+        # one forced probe at a time, at most one a second: a hung Redis costs each a deadline
+        now = self.breaker.now()
+        force = not self._probing and now - self._last_probe >= PROBE_INTERVAL_S
+        if force:
+            self._probing, self._last_probe = True, now
         try:
-            await self.run(lambda c: c.ping())
+            await self.run(lambda c: c.ping(), probe=force)
         except TierUnavailable as e:
             return TierHealth("down", e.message)
         except StoreError as e:
             return TierHealth("down", e.message)
+        finally:
+            if force:
+                self._probing = False
         kind = "cluster" if self.cluster else "standalone"
         return TierHealth("ok", f"{kind} Redis at {redact_url(self.url)}")
 

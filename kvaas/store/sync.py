@@ -4,7 +4,8 @@ vLLM worker processes call the store from their own (non-asyncio) threads. A
 :class:`SyncTieredStore` runs a private event loop on a daemon thread; each method submits the
 matching coroutine to that loop and blocks until it finishes. Every store operation therefore
 runs on the one loop thread, which keeps the store single-threaded while any number of caller
-threads use the facade at once.
+threads use the facade at once. One read is served on the caller's thread: a prefix held
+entirely by the memory tier (see :meth:`SyncTieredStore.get_prefix`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from kvaas.store.keys import ChunkKey
 from kvaas.store.manifest import Manifest
 from kvaas.store.refs import GCResult
 from kvaas.store.tier import TierHealth
-from kvaas.store.tiered import TieredStore
+from kvaas.store.tiered import StageTimes, TieredStore, TierHits
 
 T = TypeVar("T")
 
@@ -88,17 +89,36 @@ class SyncTieredStore:
         return self._call(self.store.longest_prefix, keys)
 
     def get_prefix(
-        self, keys: Sequence[ChunkKey], sealer: ChunkSealer | None = None
+        self,
+        keys: Sequence[ChunkKey],
+        sealer: ChunkSealer | None = None,
+        timed: StageTimes | None = None,
+        found: TierHits | None = None,
     ) -> list[bytes]:
-        return self._call(self.store.get_prefix, keys, sealer)
+        """See :meth:`TieredStore.get_prefix`; ``timed`` and ``found`` are called on the
+        store's loop thread (they must not block) or on the caller's.
+
+        When the memory tier holds every chunk (a worker's hot cache), the chunks are read
+        and verified on the caller's thread (:meth:`TieredStore.memory_prefix`), without a
+        round trip through the loop thread (whose wake-up is what a busy machine delays);
+        the eviction policy's bookkeeping is then queued to the loop, not waited for."""
+        if not self._closed and threading.current_thread() is not self._thread:
+            hit = self.store.memory_prefix(keys, sealer, timed, found)
+            if hit is not None:
+                chunks, touch = hit
+                self._loop.call_soon_threadsafe(touch)
+                return chunks
+        return self._call(self.store.get_prefix, keys, sealer, timed, found)
 
     def put_chunks(
         self,
         items: Sequence[tuple[ChunkKey, bytes]],
         storage_class: str,
         sealer: ChunkSealer | None = None,
+        *,
+        warm: bool = False,
     ) -> int:
-        return self._call(self.store.put_chunks, items, storage_class, sealer)
+        return self._call(self.store.put_chunks, items, storage_class, sealer, warm=warm)
 
     def put_manifest(self, manifest: Manifest) -> None:
         self._call(self.store.put_manifest, manifest)

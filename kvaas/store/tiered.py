@@ -1,6 +1,6 @@
 """The tiered store: ordered tiers (top = fastest, e.g. memory → Redis → disk), one API.
 
-(This module is longer than most, ~840 lines, on purpose: it is one class whose reads,
+(This module is longer than most, ~930 lines, on purpose: it is one class whose reads,
 promotion, writes, eviction, demotion, manifests and garbage collection share the per-tier
 locks, the eviction policy and the tier metrics; split apart, each piece would reach into the
 others' private state.)
@@ -39,7 +39,8 @@ Contracts:
   takes the references before the caller writes the chunks (so call ``put_manifest`` *first*,
   then ``put_chunks``), and waits (bounded) while a collector is deleting any of them.
 - The store is bound to one event loop and is not thread-safe; use
-  :class:`~kvaas.store.sync.SyncTieredStore` from plain threads.
+  :class:`~kvaas.store.sync.SyncTieredStore` from plain threads. The one exception is
+  :meth:`TieredStore.memory_prefix` (a read of the memory tier alone, from any thread).
 
 Eviction bookkeeping (the policy) is per process: chunks another process wrote into a shared
 disk directory are only known to this process's policy once it meets them.
@@ -65,6 +66,7 @@ from kvaas.store.errors import (
 )
 from kvaas.store.keys import ChunkKey, longest_stored_prefix
 from kvaas.store.manifest import Manifest
+from kvaas.store.memory import MemoryTier
 from kvaas.store.policy import (
     DEFAULT_PLACEMENT,
     EvictionPolicy,
@@ -79,6 +81,10 @@ from kvaas.store.refs import GCResult, RefCounts, RefIndex
 from kvaas.store.tier import Blob, Tier, TierHealth
 
 T = TypeVar("T")
+#: Told the seconds one read spent in a stage (``stage`` or ``stage:tier``).
+StageTimes = Callable[[str, float], None]
+#: told, per tier name, how many of a read's chunks that tier served
+TierHits = Callable[[str, int], None]
 
 MOVE_BATCH = 64
 """Chunks moved per batch by class changes and idle demotion (bounds memory use)."""
@@ -281,11 +287,15 @@ class TieredStore:
         return await longest_stored_prefix(self, keys)
 
     async def _fetch(
-        self, keys: Sequence[ChunkKey], sealer: ChunkSealer | None = None
+        self,
+        keys: Sequence[ChunkKey],
+        sealer: ChunkSealer | None = None,
+        timed: StageTimes | None = None,
     ) -> tuple[list[bytes | None], list[bytes | None], list[int]]:
         """The stored blobs of ``keys`` that verify (``None`` where no tier has a good copy),
         what each reads as (:meth:`_verify`) and the index of the tier each came from (-1 where
-        none). One batched get per tier, top-down."""
+        none). One batched get per tier, top-down. ``timed`` (optional) is told the seconds
+        spent per stage: ``fetch:<tier>`` per tier asked, ``verify`` (opening and checking)."""
         stored: list[bytes | None] = [None] * len(keys)
         opened: list[bytes | None] = [None] * len(keys)
         where = [-1] * len(keys)
@@ -293,10 +303,15 @@ class TieredStore:
         for ti, tier in enumerate(self.tiers):
             if not pending:
                 break
+            t0 = time.perf_counter()
             try:
                 got = await self._call(tier, "get", tier.get_many([keys[i] for i in pending]))
             except StoreError:
                 continue
+            finally:
+                if timed is not None:
+                    timed(f"fetch:{tier.name}", time.perf_counter() - t0)
+            t0 = time.perf_counter()
             still: list[int] = []
             corrupt: list[ChunkKey] = []
             foreign = 0
@@ -316,6 +331,8 @@ class TieredStore:
                     continue
                 stored[i] = blob if isinstance(blob, bytes) else bytes(blob)
                 where[i] = ti
+            if timed is not None:
+                timed("verify", time.perf_counter() - t0)
             hits = len(pending) - len(still)
             if hits:
                 m.HITS.labels(tier.name).inc(hits)
@@ -337,20 +354,26 @@ class TieredStore:
             self.policy.on_remove_many(tier.name, keys)
 
     async def get_prefix(
-        self, keys: Sequence[ChunkKey], sealer: ChunkSealer | None = None
+        self,
+        keys: Sequence[ChunkKey],
+        sealer: ChunkSealer | None = None,
+        timed: StageTimes | None = None,
+        found: TierHits | None = None,
     ) -> list[bytes]:
         """The verified chunks (codec containers) of the longest prefix of ``keys`` held by the
-        store, opened with ``sealer`` (required by an encrypted store).
+        store, opened with ``sealer`` (required by an encrypted store). ``found`` (optional)
+        is told how many of the chunks returned each tier served.
 
         All keys are fetched concurrently in one batched call per tier (top-down, each tier
         asked only for what the tiers above missed); a chunk absent, corrupt or unreadable in
         every tier ends the prefix. Hits below the top are promoted as stored (sealed), best
-        effort, see the module docstring.
+        effort, see the module docstring. ``timed`` (optional) is told the seconds spent per
+        stage: ``fetch:<tier>``, ``verify`` and ``promote``.
         """
         self._check_sealer(sealer)
         if not keys:
             return []
-        stored, opened, where = await self._fetch(keys, sealer)
+        stored, opened, where = await self._fetch(keys, sealer, timed)
         cut = next((i for i, b in enumerate(stored) if b is None), len(keys))
         blobs: list[bytes] = []
         out: list[bytes] = []
@@ -362,9 +385,64 @@ class TieredStore:
                 self.policy.on_store(tier.name, keys[i], len(blob))  # a touch, tracks adoptees
             blobs.append(blob)
             out.append(chunk)
+        if found is not None:
+            for ti in sorted(set(where[:cut])):
+                found(self.tiers[ti].name, where[:cut].count(ti))
         if any(where[i] > 0 for i in range(cut)):
+            t0 = time.perf_counter()
             await self._promote(keys[:cut], blobs, where[:cut])
+            if timed is not None:
+                timed("promote", time.perf_counter() - t0)
         return out
+
+    def memory_prefix(
+        self,
+        keys: Sequence[ChunkKey],
+        sealer: ChunkSealer | None = None,
+        timed: StageTimes | None = None,
+        found: TierHits | None = None,
+    ) -> tuple[list[bytes], Callable[[], None]] | None:
+        """:meth:`get_prefix` when the top tier is this process's memory tier and holds
+        every one of ``keys`` with a blob that verifies: the chunks, and the eviction
+        policy's bookkeeping for them, to be run on the store's loop. ``None`` otherwise
+        (the caller then calls :meth:`get_prefix`, which also deals with bad blobs).
+
+        The one method callable from any thread (see :class:`~kvaas.store.sync.SyncTieredStore`):
+        it only reads the memory tier (:meth:`MemoryTier.peek_many`), verifies on the caller's
+        thread and counts hits; nothing of the store's state is changed here."""
+        top = self.tiers[0] if self.tiers else None
+        if not isinstance(top, MemoryTier) or not keys:
+            return None
+        self._check_sealer(sealer)
+        t0 = time.perf_counter()
+        blobs = top.peek_many(keys)
+        if timed is not None:
+            timed(f"fetch:{top.name}", time.perf_counter() - t0)
+        if any(b is None for b in blobs):
+            return None
+        t0 = time.perf_counter()
+        out: list[bytes] = []
+        for key, blob in zip(keys, blobs, strict=True):
+            assert blob is not None
+            try:
+                out.append(self._verify(key, blob, sealer))
+            except (SealError, CodecError):  # incl. a foreign seal: the full path counts it
+                return None
+        if timed is not None:
+            timed("verify", time.perf_counter() - t0)
+        m.HITS.labels(top.name).inc(len(keys))
+        if found is not None:
+            found(top.name, len(keys))
+        sizes = [len(b) for b in blobs if b is not None]
+        name, capacity = top.name, top.capacity
+
+        def touch() -> None:  # what get_prefix does for a hit in a bounded tier
+            if capacity is not None:
+                for key, size in zip(keys, sizes, strict=True):
+                    if top.peek_many([key])[0] is not None:  # not deleted meanwhile
+                        self.policy.on_store(name, key, size)
+
+        return out, touch
 
     async def _promote(
         self, keys: Sequence[ChunkKey], blobs: Sequence[bytes], where: Sequence[int]
@@ -411,11 +489,18 @@ class TieredStore:
         items: Sequence[tuple[ChunkKey, bytes]],
         storage_class: str,
         sealer: ChunkSealer | None = None,
+        *,
+        warm: bool = False,
     ) -> int:
         """Write chunks (codec containers) to the tiers of ``storage_class``, sealed once with
         ``sealer`` (required by an encrypted store); return the bytes newly stored, summed over
         the tiers written (chunks already present count 0). Sizes, budgets and
         ``max_chunk_bytes`` apply to the sealed blobs.
+
+        ``warm``: also keep them in this process's memory tier when the class does not write
+        there (best effort, not counted: it is a cache of what the class's tiers hold). An
+        engine worker saving a cache warms its own memory tier, so the attaches that routing
+        sends back to the same node find the chunks there.
 
         Call :meth:`put_manifest` for the cache version first (references before writes, see
         :mod:`kvaas.store.refs`). Raises :class:`BlobTooLarge`, :class:`StorageFull` when no
@@ -450,6 +535,10 @@ class TieredStore:
             stored += 1
         if not stored and cache_error is not None:
             raise cache_error
+        top = self.tiers[0]
+        if warm and isinstance(top, MemoryTier) and top not in targets:
+            with contextlib.suppress(StoreError):  # a cache: the class's tiers hold the chunks
+                await self._store_in(top, items)
         return total
 
     async def _overflow(

@@ -16,7 +16,6 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,7 +23,7 @@ import torch
 import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+from kvtest.vllm_config import connector_config
 
 from kvaas import codec
 from kvaas.codec.container import CHECKSUM_SIZE, DTYPE_IDS, pack
@@ -63,21 +62,8 @@ class Worker:
 
 def _vllm_config(store: dict[str, Any]) -> Any:
     """The parts of ``VllmConfig`` the connector reads."""
-    transfer = SimpleNamespace(**transfer_config(store))
-    model = SimpleNamespace(get_num_kv_heads=lambda _p: HEADS, get_head_size=lambda: DIM)
-    return SimpleNamespace(
-        kv_transfer_config=transfer,
-        cache_config=SimpleNamespace(block_size=BLOCK),
-        model_config=model,
-        parallel_config=SimpleNamespace(),
-        compilation_config=SimpleNamespace(
-            static_forward_context={
-                f"model.layers.{i}.self_attn.attn": SimpleNamespace(
-                    get_attn_backend=lambda: CPUAttentionBackend
-                )
-                for i in range(LAYERS)
-            }
-        ),
+    return connector_config(
+        transfer_config(store), layers=LAYERS, heads=HEADS, dim=DIM, block=BLOCK
     )
 
 

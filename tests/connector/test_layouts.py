@@ -27,6 +27,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from kvaas import codec
 from kvaas.connector import transfer_config
+from kvaas.connector.chunks import ChunkShape
 from kvaas.connector.connector import (
     KVaaSConnector,
     KVaaSConnectorMetadata,
@@ -34,7 +35,7 @@ from kvaas.connector.connector import (
     SaveTask,
     Sealing,
 )
-from kvaas.connector.paged import LayoutError
+from kvaas.connector.paged import LayoutError, scatter, slots
 from kvaas.store.crypto import TenantKeys
 from kvaas.store.factory import StoreConfig, build_store
 from kvaas.store.keys import ChunkKey
@@ -407,3 +408,59 @@ def test_chunks_saved_on_one_layout_load_on_another(
     for r in (a, b):
         r.store.close()
         r.connector.shutdown()
+
+
+# ------------------------------------------------------------------ the paged loader
+def _old_path(rig: Rig, blobs: list[bytes], first: int, start: int, end: int) -> None:
+    """The connector's former load: ``codec.decode`` of each chunk, ``torch.cat``, then one
+    per-token indexed write per layer."""
+    views = [rig.connector._layout.keys_values(t) for t in rig.layers]  # type: ignore[union-attr]
+    kv = torch.cat([codec.decode(b) for b in blobs], dim=2)[:, :, start - first : end - first]
+    blk, off = slots(DST_BLOCKS, start, end, rig.connector._layout)  # type: ignore[arg-type]
+    for i, v in enumerate(views):
+        scatter(v, blk, off, kv[i])
+
+
+@pytest.mark.parametrize("scheme", ["none", "lossless", "int8", "int4"])
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [(0, 4 * BLOCK), (BLOCK, 4 * BLOCK - BLOCK // 2), (CHUNK + 8, 3 * BLOCK + 3)],
+    ids=["whole", "from-block-1", "ragged"],
+)
+def test_paged_loader_writes_what_the_former_path_wrote(
+    rig: Rig, scheme: str, start: int, end: int
+) -> None:
+    """Decoding into the staging buffers and copying whole kernel blocks writes exactly the
+    bytes the former decode + cat + per-token scatter wrote, on every layout and scheme, for
+    loads from the first token, from a later block, and not on block boundaries (the
+    per-token fallback); every other byte of the cache is left alone."""
+    n = len(DST_BLOCKS) * BLOCK
+    kv = torch.randn(LAYERS, 2, n, HEADS, DIM).to(rig.case.dtype)
+    blobs = [codec.encode(kv[:, :, i : i + CHUNK].contiguous(), scheme) for i in range(0, n, CHUNK)]
+    first = (start // CHUNK) * CHUNK
+    blobs = blobs[start // CHUNK : -(-end // CHUNK)]
+    _old_path(rig, blobs, first, start, end)
+    want = rig.raw.clone()
+    for t in rig.layers:
+        t.fill_(SENTINEL)
+    assert rig.connector._loader is not None
+    shape = ChunkShape(LAYERS, CHUNK, HEADS, DIM, rig.case.dtype)
+    done = rig.connector._loader.load(blobs, shape, first, start, end, DST_BLOCKS)
+    assert (done.end, done.refused) == (end, None)
+    assert torch.equal(rig.raw, want)
+
+
+def test_paged_loader_stops_at_a_chunk_that_does_not_decode(rig: Rig) -> None:
+    """A chunk whose payload does not decode (verified by the store, so its checksum is not
+    checked again) ends the load: the chunks before it are written, nothing after it."""
+    n = 2 * CHUNK
+    kv = torch.randn(LAYERS, 2, n, HEADS, DIM).to(rig.case.dtype)
+    good = codec.encode(kv[:, :, :CHUNK].contiguous(), "int4")
+    bad = bytearray(codec.encode(kv[:, :, CHUNK:].contiguous(), "int4"))
+    bad[28:30] = b"{]"  # not a JSON parameter block
+    assert rig.connector._loader is not None
+    shape = ChunkShape(LAYERS, CHUNK, HEADS, DIM, rig.case.dtype)
+    done = rig.connector._loader.load([good, bytes(bad)], shape, 0, 0, n, DST_BLOCKS)
+    assert done.end == CHUNK and done.refused is not None and "chunk 1" in done.refused
+    assert torch.equal(_truth(rig, DST_BLOCKS, CHUNK), codec.decode(good))
+    assert torch.all(_truth(rig, DST_BLOCKS, n)[:, :, CHUNK:] == SENTINEL)

@@ -59,6 +59,10 @@ def engine_settings(data_dir: Path, database_url: str, **overrides: Any) -> Sett
         "engine_max_model_len": 4096,
         "engine_max_batched_tokens": 1024,
         "engine_prefix_caching": False,
+        # attaches read the shared tiers (the paths these tests check: sealing, tampering,
+        # lost chunks), not a copy the worker kept when it saved; warming is tested in
+        # tests/store/test_tiered.py and tests/engine/test_routing_nodes.py
+        "connector_warm_on_save": False,
         "engine_kv_cache_gib": 1.0,
     }
     values.update(overrides)

@@ -19,11 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench._serve import Gateway, ServeError, clean_env
 from kvaas.engine.model_info import ModelInfo
 from kvaas.model_presets import resolve_model
 
@@ -45,66 +44,27 @@ MAX_TOKENS = 16
 
 def _env() -> dict[str, str]:
     """This environment without a single ``KVAAS_`` variable (the suite sets several)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("KVAAS_")}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return clean_env()
 
 
 def _log_tail(log: Path, chars: int = 6000) -> str:
     return log.read_text(errors="replace")[-chars:]
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL to the whole process group (vLLM's engine core and workers are
-    children) if it is still running after the grace period."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    with contextlib.suppress(ProcessLookupError):  # a child left behind by its parent
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 @contextlib.contextmanager
-def kvaas_serve(cwd: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def kvaas_serve(cwd: Path, log: Path) -> Iterator[Gateway]:
     """``kvaas serve --port <free>`` in ``cwd`` with no ``KVAAS_`` settings, once ``/readyz``
-    answers 200: (base URL, process). Fails the test with the log's tail when the process
-    exits or is not ready within ``READY_TIMEOUT_S``; stopped on exit."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(KVAAS), "serve", "--port", str(port)],
-            cwd=cwd,
-            env=_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    answers 200. Fails the test with the log's tail when the process exits or is not ready
+    within ``READY_TIMEOUT_S``; stopped on exit (SIGTERM, then SIGKILL to its group)."""
+    gw = Gateway({}, log, cwd=cwd, ready_timeout_s=READY_TIMEOUT_S, grace_s=STOP_GRACE_S)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"kvaas serve exited with {proc.returncode}:\n{_log_tail(log)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"kvaas serve not ready after {READY_TIMEOUT_S:.0f} s:\n{_log_tail(log)}"
-                )
-            time.sleep(1)
-        yield url, proc
+        try:
+            gw.launch().wait_ready()
+        except ServeError as e:
+            pytest.fail(str(e))
+        yield gw
     finally:
-        _stop(proc)
+        gw.stop()
 
 
 def _cli(cwd: Path, *args: str) -> str:
@@ -179,8 +139,8 @@ def test_readme_default_serves_caches_across_a_restart(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()
 
-    with kvaas_serve(work, logs / "serve-1.log") as (url, proc):
-        with httpx.Client(base_url=url, timeout=120) as c:
+    with kvaas_serve(work, logs / "serve-1.log") as gw:
+        with httpx.Client(base_url=gw.url, timeout=120) as c:
             ready = c.get("/readyz").json()["components"]
         assert ready["database"]["detail"] == "sqlite"
         assert "redis" not in ready["store"]["detail"]
@@ -196,7 +156,7 @@ def test_readme_default_serves_caches_across_a_restart(tmp_path: Path) -> None:
         q = model.encode("\n\ndef main():\n", add_special_tokens=False)
         auth = {"Authorization": f"Bearer {owner}"}
 
-        with httpx.Client(base_url=url, timeout=120) as c:
+        with httpx.Client(base_url=gw.url, timeout=120) as c:
             r = c.post(
                 "/v1/cache/create",
                 json={"token_ids": prefix, "compression": "lossless"},
@@ -231,14 +191,15 @@ def test_readme_default_serves_caches_across_a_restart(tmp_path: Path) -> None:
             _assert_hit(att2, v2, len(prefix) + len(appendix) + len(q))
             _assert_same_as_cold(att2, _cold(c, other, prefix + appendix + q))
 
-        _stop(proc)  # a graceful stop: uvicorn re-raises the SIGTERM it handled
-        assert proc.returncode == -signal.SIGTERM, _log_tail(logs / "serve-1.log")
+        gw.stop()  # a graceful stop: uvicorn re-raises the SIGTERM it handled
+        assert gw.proc is not None
+        assert gw.proc.returncode == -signal.SIGTERM, _log_tail(logs / "serve-1.log")
         assert "Application shutdown complete." in _log_tail(logs / "serve-1.log", 500)
 
     # A new process: vLLM's prefix cache and the worker's memory tier start empty, so each
     # attach loads its chunks from the disk tier.
-    with kvaas_serve(work, logs / "serve-2.log") as (url, _proc):
-        with httpx.Client(base_url=url, timeout=120) as c:
+    with kvaas_serve(work, logs / "serve-2.log") as gw:
+        with httpx.Client(base_url=gw.url, timeout=120) as c:
             again1 = _attach(c, owner, v1["id"], 1, q)
             _assert_hit(again1, v1, len(prefix) + len(q))
             assert again1["choices"][0]["token_ids"] == att1["choices"][0]["token_ids"]

@@ -52,6 +52,7 @@ async def test_listing_100k_caches(gateway) -> None:  # type: ignore[no-untyped-
         await s.commit()
     live = N - N // 20  # deleted ones are not listed
     try:
+
         async def page(**params: Any) -> dict[str, Any]:
             r = await cl.request("GET", "/v1/caches", params=params)
             assert r.status_code == 200, r.text

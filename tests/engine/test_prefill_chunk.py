@@ -3,12 +3,13 @@ in the in-process engine's arguments and on the printed remote node command."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from kvaas.config import Settings
 from kvaas.engine import build_engine
 from kvaas.engine.inprocess import InProcessEngine
-from kvaas.engine.remote import serve_command
+from kvaas.engine.node_command import serve_command
 from kvaas.store.factory import StoreConfig
 
 
@@ -36,3 +37,54 @@ def test_node_command_carries_the_cap() -> None:
     assert argv[i + 1] == "128"
     default = serve_command("/models/tiny", "tiny", store.to_dict(), port=8100).argv
     assert default[default.index("--long-prefill-token-threshold") + 1] == "0"  # vLLM's own
+
+
+def test_node_command_runs_the_fair_step_scheduler() -> None:
+    store = StoreConfig(memory_bytes=1 << 20, disk_dir=None, disk_bytes=0, redis_url=None)
+    argv = serve_command(
+        "/models/tiny",
+        "tiny",
+        store.to_dict(),
+        port=8100,
+        bulk_step_tokens=64,
+        bulk_max_hold_s=0.25,
+    ).argv
+    assert argv[argv.index("--scheduling-policy") + 1] == "priority"
+    assert argv[argv.index("--scheduler-cls") + 1] == "kvaas.engine.scheduler.fair_scheduler"
+    extra = json.loads(argv[argv.index("--additional-config") + 1])
+    assert extra == {"kvaas_scheduler": {"bulk_step_tokens": 64, "max_hold_s": 0.25}}
+
+
+def test_in_process_engine_runs_the_fair_step_scheduler(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=tmp_path,
+        engine="inprocess",
+        model="tiny",
+        engine_bulk_step_tokens=32,
+    )
+    engine = build_engine(settings)
+    assert isinstance(engine, InProcessEngine)
+    args = engine._args()
+    assert args.scheduling_policy == "priority"
+    assert args.scheduler_cls == "kvaas.engine.scheduler.fair_scheduler"
+    assert args.additional_config["kvaas_scheduler"]["bulk_step_tokens"] == 32
+
+
+def test_warming_on_save_reaches_the_connector(tmp_path: Path) -> None:
+    store = StoreConfig(memory_bytes=1 << 20, disk_dir=None, disk_bytes=0, redis_url=None)
+    argv = serve_command(
+        "/models/tiny", "tiny", store.to_dict(), port=8100, warm_on_save=False
+    ).argv
+    extra = json.loads(argv[argv.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
+    assert extra["warm_on_save"] is False
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=tmp_path,
+        engine="inprocess",
+        model="tiny",
+        connector_warm_on_save=False,
+    )
+    engine = build_engine(settings)
+    assert isinstance(engine, InProcessEngine)
+    assert engine._args().kv_transfer_config.kv_connector_extra_config["warm_on_save"] is False

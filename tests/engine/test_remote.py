@@ -17,7 +17,8 @@ from kvtest.gateway import admin_headers
 
 from kvaas.app import create_app
 from kvaas.engine import Sampling, kv_dtype
-from kvaas.engine.remote import serve_command
+from kvaas.engine.node_command import serve_command
+from kvaas.engine.priorities import ALONE, ENGINE_PRIORITY, SHARED
 from kvaas.model_presets import resolve_model
 from kvaas.store.factory import StoreConfig
 
@@ -160,3 +161,14 @@ async def test_node_answers_only_the_gateway_key(remote_gateway: Gateway, vllm_n
     assert "1/1" in await engine.health()
     g = await engine.generate([1, 2, 3, 4], Sampling(max_tokens=2, temperature=0.0))
     assert len(g.token_ids) == 2
+
+
+async def test_node_takes_the_gateways_request_priorities(remote_gateway: Gateway) -> None:
+    """The node runs the fair step scheduler: a request sent with the priority of another
+    tenant's bulk work is served (vLLM refuses any priority but 0 under its default policy)."""
+    engine = remote_gateway.app.state.engine
+    ids = engine.model.encode("def main():\n    return 0\n")
+    for priority in (ALONE, SHARED):
+        ENGINE_PRIORITY.set(priority)  # as the fair gate's slot sets it
+        gen = await engine.generate(ids, Sampling(max_tokens=2, temperature=0.0))
+        assert len(gen.token_ids) == 2

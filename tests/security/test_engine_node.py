@@ -20,7 +20,8 @@ from starlette.routing import Route
 
 from kvaas.connector import store_config
 from kvaas.engine import EngineError, Sampling
-from kvaas.engine.remote import RemoteEngine, serve_command
+from kvaas.engine.node_command import serve_command
+from kvaas.engine.remote import RemoteEngine
 from kvaas.store.factory import StoreConfig
 
 PASSWORD = "s3cret-redis-pw"

@@ -4,10 +4,8 @@ prefix, cleaned up afterwards."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from kvtest.prereq import require, require_program
+from kvtest.redis_cluster import free_cluster_port
+from kvtest.redis_cluster import redis_cluster as started_cluster
 from kvtest.services import REDIS_URL
 
 from kvaas.codec import scheme_id
@@ -187,78 +187,13 @@ async def make_store(
 
 
 # -- a Redis Cluster of three primaries on free ports ---------------------------------------------
-def _free_port() -> int:
-    # cluster bus ports are port + 10000: pick ports whose bus port is free too
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 >= 65536:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-
-
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A 3-primary Redis Cluster started once for the test session (on demand); yields its
     entry URL. Needs ``redis-server`` and ``redis-cli`` (see :func:`kvtest.prereq.require`)."""
-    server = require_program("redis-server")
-    cli = require_program("redis-cli")
     root = tmp_path_factory.mktemp("cluster")
-    ports = [_free_port() for _ in range(3)]
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for port in ports:
-            d = root / str(port)
-            d.mkdir()
-            procs.append(
-                subprocess.Popen(
-                    [
-                        server,
-                        "--port", str(port),
-                        "--bind", "127.0.0.1",
-                        "--cluster-enabled", "yes",
-                        "--cluster-config-file", "nodes.conf",
-                        "--cluster-node-timeout", "2000",
-                        "--appendonly", "no",
-                        "--save", "",
-                        "--dir", str(d),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )  # fmt: skip
-        for port in ports:
-            _wait_ping(cli, port)
-        subprocess.run(
-            [
-                cli,
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{p}" for p in ports),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        _wait_cluster_ok(cli, ports)
-        yield f"redis://127.0.0.1:{ports[0]}/0"
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=5)
-            if p.poll() is None:
-                p.kill()
+    with started_cluster(root, masters=3, replicas=0, node_timeout_ms=2000) as rc:
+        yield f"redis://127.0.0.1:{rc.ports[0]}/0"
 
 
 def _wait_ping(cli: str, port: int) -> None:
@@ -269,21 +204,6 @@ def _wait_ping(cli: str, port: int) -> None:
             return
         time.sleep(0.05)
     raise RuntimeError(f"redis-server on port {port} did not start")
-
-
-def _wait_cluster_ok(cli: str, ports: list[int]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        states = [
-            subprocess.run(
-                [cli, "-p", str(p), "cluster", "info"], capture_output=True, timeout=5
-            ).stdout
-            for p in ports
-        ]
-        if all(b"cluster_state:ok" in s for s in states):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
 
 
 @pytest.fixture
@@ -329,7 +249,7 @@ class PrivateRedis:
         self.cli = require_program("redis-cli")
         self.root = root
         self.args = args
-        self.port = _free_port()
+        self.port = free_cluster_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 

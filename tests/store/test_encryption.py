@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kvtest.damage import flip_redis_bytes
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
@@ -150,8 +151,7 @@ async def test_redis_copy_failing_authentication_falls_back_to_disk(
     assert isinstance(redis, RedisTier)
     good = await redis.get_many(keys)
     await store.tier("disk").put_many([(k, b) for k, b in zip(keys, good, strict=True) if b])
-    name = redis.keys.chunk(keys[1])
-    await redis.conn.run(lambda c: c.setrange(name, HEADER_BYTES + 5, b"\xff"))
+    await flip_redis_bytes(redis, keys[1], HEADER_BYTES + 5)
     before = corrupt_reads("redis")
     assert await store.get_prefix(keys, sealer) == [b for _, b in chunks]
     assert corrupt_reads("redis") - before == 1

@@ -64,7 +64,11 @@ async def test_gc_never_deletes_chunks_of_live_manifests(
     async def writer(w: int) -> None:
         rng = random.Random(w)
         mine: list[Manifest] = []
-        for version in range(1, ROUNDS + 1):
+        # at least ROUNDS versions, and on until the collectors have claimed something while
+        # the writes go on (a busy machine may not run them early): a hang guard caps it
+        version = 0
+        while version < ROUNDS or (stats["claimed"] == 0 and version < 50 * ROUNDS):
+            version += 1
             chain = chains[rng.randrange(len(chains))]
             keys = chain[: rng.randrange(1, len(chain) + 1)]
             m = tenant.manifest(
@@ -99,7 +103,7 @@ async def test_gc_never_deletes_chunks_of_live_manifests(
         await asyncio.gather(*collectors)
 
     assert stats["claimed"] > 0 and stats["passes"] > 10  # the collectors really collected
-    assert stats["checked"] == WRITERS * ROUNDS
+    assert stats["checked"] >= WRITERS * ROUNDS
     for (cache_id, version), m in live.items():
         assert await checker.get_manifest(tenant.slot, cache_id, version) == m
         got = await checker.get_prefix(list(m.chunk_keys))

@@ -178,8 +178,14 @@ async def test_hung_redis_times_out_with_a_typed_error(
         with pytest.raises(TierUnavailable) as e:
             await store.put_chunks(tenant.chunks(1, start=6), "hot")
         assert refused_by_breaker(e.value)
-        assert (await store.health())["redis"].status == "down"
         assert conn.breaker.failures == failures and len(held) == connections
+        # a readiness probe goes out (it may open one connection) and reports down; one
+        # right after it does not wait on the server again
+        assert (await store.health())["redis"].status == "down"
+        connections = len(held)
+        assert (await store.health())["redis"].status == "down"
+        assert len(held) == connections
+        assert conn.breaker.failures == failures
     finally:
         server.close()
         for w in held:
@@ -227,9 +233,12 @@ async def test_redis_out_of_memory_is_storage_full(
     server = private_redis("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
     store = make_store(memory=None, conn=make_conn(server.url))
     await store.open()
-    with pytest.raises(StorageFull):
-        for i in range(40):
-            await store.put_chunks(tenant.chunks(1, size=1 << 17, start=i), "hot")
+    # Redis refuses a write while its memory is over maxmemory, counting the request's own
+    # buffer: after a large write's refusal, small ones may still fit; fill with those too
+    for size, start, n in ((1 << 17, 0, 40), (1 << 10, 1000, 4000)):
+        with pytest.raises(StorageFull):
+            for i in range(n):
+                await store.put_chunks(tenant.chunks(1, size=size, start=start + i), "hot")
     spill = tenant.chunks(1, size=1 << 17, start=100)
     assert await store.put_chunks(spill, "standard") == 1 << 17
     assert await store.tier("disk").exists_many([spill[0][0]]) == [True]
@@ -262,3 +271,30 @@ async def test_gc_with_a_tier_down_retries_later(
     result = await store.collect_garbage()
     assert result.claimed == 2 and not result.skipped_tiers
     assert await store.exists_many(keys) == [False, False]
+
+
+async def test_a_readiness_probe_closes_the_breaker_as_soon_as_redis_answers(
+    private_redis: Callable[..., Any], make_conn: Callable[..., RedisConnection]
+) -> None:
+    """While the breaker refuses calls (a long delay), a readiness probe still goes out: while
+    Redis is down it reports down without lengthening the delay; the first probe after Redis
+    is back reports ok and closes the breaker, so calls pass again without waiting out the
+    delay. (Before, ``/readyz`` reported a Redis that had failed over as down until the
+    doubled delay ran out.)"""
+    server = private_redis()
+    clock = ManualClock()
+    breaker = CircuitBreaker(base_delay=60.0, max_delay=60.0, clock=clock)
+    conn = make_conn(server.url, socket_timeout=1.0, breaker=breaker)
+    await conn.run(lambda c: c.ping())
+    server.kill()
+    with pytest.raises(TierUnavailable):
+        await conn.run(lambda c: c.ping())
+    assert (breaker.state, breaker.failures) == ("open", 1)
+    retry_at = breaker.retry_at
+    assert (await conn.ping()).status == "down"
+    assert (breaker.state, breaker.failures, breaker.retry_at) == ("open", 1, retry_at)
+    server.start()
+    clock.advance(1.0)  # forced probes: at most one a second
+    assert (await conn.ping()).status == "ok"
+    assert breaker.state == "closed"
+    assert await conn.run(lambda c: c.ping()) is True

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from kvtest.damage import flip_redis_bytes
 from prometheus_client import REGISTRY
 
 from kvaas.store import (
@@ -140,15 +141,14 @@ async def test_corrupt_redis_blob_falls_back_to_a_good_copy_below(
     await store.put_chunks(chunks, "standard")
     redis = store.tier("redis")
     assert isinstance(redis, RedisTier)
-    name = redis.keys.chunk(keys[2])
-    await redis.conn.run(lambda c: c.setrange(name, 40, b"\xff\xfe"))
+    await flip_redis_bytes(redis, keys[2], 40, 2)
     corrupt = sample("kvaas_store_corrupt_reads_total", tier="redis")
     assert await store.get_prefix(keys) == [chunks[0][1], chunks[1][1]]  # only copy is bad
     assert sample("kvaas_store_corrupt_reads_total", tier="redis") - corrupt == 1
     assert await redis.exists_many(keys) == [True, True, False]
     # with a good copy on disk, a corrupt Redis copy is replaced by it
     await store.tier("disk").put_many(chunks)
-    await redis.conn.run(lambda c: c.setrange(redis.keys.chunk(keys[0]), 40, b"\x00\x01"))
+    await flip_redis_bytes(redis, keys[0], 40, 2)
     assert await store.get_prefix(keys) == [b for _, b in chunks]
     assert await redis.get_many(keys) == [b for _, b in chunks]
 
@@ -410,3 +410,20 @@ async def test_usage_and_health(make_store: Callable[..., TieredStore], tenant: 
     await store.get_prefix([k for k, _ in chunks])
     assert sample("kvaas_store_hits_total", tier="redis") - hits == 2
     assert sample("kvaas_store_misses_total", tier="memory") - misses == 2
+
+
+async def test_a_warm_write_also_keeps_the_chunks_in_the_memory_tier(
+    make_store: Callable[..., TieredStore], tenant: Any
+) -> None:
+    """``standard`` writes to Redis only; ``warm`` (an engine worker's save) keeps a copy in
+    the process's memory tier too, not counted as stored bytes; without it, none."""
+    store = make_store(memory=1 << 20)
+    await store.open()
+    warm, cold = tenant.chunks(2, size=2048), tenant.chunks(2, size=2048, start=10)
+    keys = [k for k, _ in warm + cold]
+    await store.put_manifest(tenant.manifest(keys, storage_class="standard"))
+    assert await store.put_chunks(warm, "standard", warm=True) == 2 * 2048
+    assert await store.put_chunks(cold, "standard") == 2 * 2048
+    memory = store.tier("memory")
+    assert await memory.exists_many([k for k, _ in warm]) == [True, True]
+    assert await memory.exists_many([k for k, _ in cold]) == [False, False]

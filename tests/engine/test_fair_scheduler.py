@@ -1,0 +1,198 @@
+"""The engine's step scheduler (:mod:`kvaas.engine.scheduler`) on vLLM's own scheduler.
+
+Each test builds a real vLLM scheduler for the tiny model (no model runs), adds requests with
+the priorities the fair gate gives, and drives steps: it schedules, then feeds back one sampled
+token for every request whose prompt is computed, as the engine would. What is asserted is
+which tokens each step schedules, the engine's decision, not any time. Every test runs on
+vLLM's synchronous and asynchronous scheduler alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+import torch
+from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+
+from kvaas.engine.priorities import ALONE, INTERACTIVE, SHARED, options
+from kvaas.engine.scheduler import AsyncTenantFairScheduler, TenantFairScheduler, fair_scheduler
+from kvaas.model_presets.builder import ARTIFACTS
+from kvaas.model_presets.presets import PRESETS
+
+BUDGET = 2048
+BLOCK = 16
+_ids = itertools.count()
+
+
+def _scheduler(
+    *, async_scheduling: bool, bulk: int = 128, hold: float = 30.0, policy: str = "priority"
+) -> Scheduler:
+    path = ARTIFACTS / PRESETS["tiny"].dir_name
+    model = ModelConfig(
+        model=str(path), skip_tokenizer_init=True, dtype="float32", max_model_len=4096
+    )
+    sched = SchedulerConfig(
+        max_num_batched_tokens=BUDGET,
+        max_num_seqs=16,
+        max_model_len=4096,
+        is_encoder_decoder=False,
+        policy=policy,  # type: ignore[arg-type]
+        async_scheduling=async_scheduling,
+    )
+    cache = CacheConfig(block_size=BLOCK, cache_dtype="auto", enable_prefix_caching=False)
+    cache.num_gpu_blocks = 2000
+    config = VllmConfig(
+        model_config=model,
+        scheduler_config=sched,
+        cache_config=cache,
+        additional_config=options(bulk, hold),
+    )
+    # this machine's executor turns asynchronous scheduling off; a GPU's keeps it on
+    config.scheduler_config.async_scheduling = async_scheduling
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=16, dtype=torch.float32)
+    kv = KVCacheConfig(
+        num_blocks=2000, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l0"], spec)]
+    )
+    return fair_scheduler(
+        vllm_config=config,
+        kv_cache_config=kv,
+        structured_output_manager=StructuredOutputManager(config),
+        block_size=BLOCK,
+    )
+
+
+def _request(s: Scheduler, prompt: int, priority: int, max_tokens: int = 4) -> str:
+    rid = f"r{next(_ids)}"
+    req = Request(
+        rid,
+        list(range(1, prompt + 1)),
+        SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        None,
+        priority=priority,
+    )
+    s.add_request(req)
+    return rid
+
+
+def _step(s: Scheduler) -> SchedulerOutput:
+    """One engine step: schedule, then one sampled token for each request whose prompt is
+    computed by the end of the step."""
+    out = s.schedule()
+    ids = list(out.num_scheduled_tokens)
+    sampled = []
+    for rid in ids:
+        r = s.requests[rid]
+        sampled.append([7] if r.num_computed_tokens >= r.num_prompt_tokens else [])
+    s.update_from_output(
+        out,
+        ModelRunnerOutput(
+            req_ids=ids,
+            req_id_to_index={r: i for i, r in enumerate(ids)},
+            sampled_token_ids=sampled,
+        ),
+    )
+    return out
+
+
+def _until_finished(s: Scheduler, rid: str, limit: int = 200) -> Iterator[SchedulerOutput]:
+    for _ in range(limit):
+        if rid not in s.requests:
+            return
+        yield _step(s)
+    raise AssertionError(f"{rid} did not finish in {limit} steps")
+
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def test_the_factory_picks_the_base_vllm_would(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling)
+    expected = AsyncTenantFairScheduler if async_scheduling else TenantFairScheduler
+    assert type(s) is expected
+
+
+def test_an_interactive_request_runs_without_bulk_prefill_beside_it(
+    async_scheduling: bool,
+) -> None:
+    s = _scheduler(async_scheduling=async_scheduling)
+    bulk = _request(s, 1024, SHARED, max_tokens=4)
+    first = _step(s)
+    assert first.num_scheduled_tokens == {bulk: 128}  # capped: someone else is active
+    quick = _request(s, 32, INTERACTIVE, max_tokens=4)
+    steps = list(_until_finished(s, quick))
+    assert all(bulk not in o.num_scheduled_tokens for o in steps)  # held while it ran
+    assert steps[0].num_scheduled_tokens[quick] == 32
+    after = _step(s)  # then the bulk prefill goes on, in short steps
+    assert after.num_scheduled_tokens == {bulk: 128}
+
+
+def test_bulk_decodes_are_not_held(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling)
+    bulk = _request(s, 64, SHARED, max_tokens=50)
+    _step(s)  # its whole prompt
+    quick = _request(s, 32, INTERACTIVE, max_tokens=4)
+    out = _step(s)
+    assert out.num_scheduled_tokens.get(quick) == 32
+    assert out.num_scheduled_tokens.get(bulk) == 1  # one decode token beside it
+
+
+def test_a_waiting_bulk_request_is_held_too(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling)
+    quick = _request(s, 32, INTERACTIVE, max_tokens=6)
+    _step(s)
+    bulk = _request(s, 512, SHARED)
+    steps = list(_until_finished(s, quick))
+    assert all(bulk not in o.num_scheduled_tokens for o in steps)
+    assert _step(s).num_scheduled_tokens == {bulk: 128}
+
+
+def test_a_held_request_runs_once_its_hold_ran_out(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling, hold=0.0000001)
+    bulk = _request(s, 1024, SHARED)
+    _step(s)
+    quick = _request(s, 32, INTERACTIVE, max_tokens=8)
+    steps = list(_until_finished(s, quick))
+    assert any(bulk in o.num_scheduled_tokens for o in steps)  # never starved
+    assert all(sum(o.num_scheduled_tokens.values()) <= 128 for o in steps[1:])
+
+
+def test_work_of_a_tenant_alone_is_never_capped(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling)
+    alone = _request(s, 1024, ALONE)
+    assert _step(s).num_scheduled_tokens == {alone: 1024}
+
+
+def test_interactive_requests_beside_each_other_are_not_capped(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling)
+    a = _request(s, 1024, INTERACTIVE)
+    b = _request(s, 512, INTERACTIVE)
+    assert _step(s).num_scheduled_tokens == {a: 1024, b: 512}
+
+
+def test_without_the_rules_bulk_prefill_shares_the_interactive_steps(
+    async_scheduling: bool,
+) -> None:
+    """The behaviour the rules change: with both off, vLLM runs the bulk prefill whole, in the
+    interactive request's first step."""
+    s = _scheduler(async_scheduling=async_scheduling, bulk=0, hold=0)
+    bulk = _request(s, 1024, SHARED)
+    quick = _request(s, 32, INTERACTIVE)
+    out = _step(s)
+    assert out.num_scheduled_tokens == {quick: 32, bulk: 1024}
+    assert s.held_steps == 0  # type: ignore[attr-defined]
+
+
+def test_options_refuse_negative_values() -> None:
+    with pytest.raises(ValueError):
+        options(-1, 0.5)
