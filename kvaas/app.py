@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 
 from kvaas import __version__, dashboard
 from kvaas.api import account, admin, caches, health, openai_compat
+from kvaas.api.admission import EngineAdmissionMiddleware
 from kvaas.api.budget import router as budget_router
 from kvaas.api.errors import install_error_handlers
 from kvaas.api.estimate import router as estimate_router
@@ -29,6 +30,7 @@ from kvaas.api.scopes import check_scoped, document_scopes
 from kvaas.api.stripe_webhook import router as stripe_webhook_router
 from kvaas.api.tags import router as tags_router
 from kvaas.api.usage import router as usage_router
+from kvaas.auth.cache import AuthCache
 from kvaas.billing.pricebook import pricebook_for
 from kvaas.config import Settings, get_settings
 from kvaas.db.session import Database
@@ -60,20 +62,27 @@ def _operation_id(route: APIRoute) -> str:
     return route.name
 
 
-async def _redis_probe(url: str, cluster: bool) -> str:
-    from redis.asyncio import Redis
-    from redis.asyncio.cluster import RedisCluster
+class _RedisProbe:
+    """Readiness of the configured Redis through one client kept for the process's life: a
+    cluster client learns every node on its first probe, so the probes go on after the node
+    named in the URL died (a client built per probe from that one URL could not connect)."""
 
-    client: Redis | RedisCluster
-    if cluster:
-        client = RedisCluster.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    else:
-        client = Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        await client.ping()
+    def __init__(self, url: str, cluster: bool) -> None:
+        from redis.asyncio import Redis
+        from redis.asyncio.cluster import RedisCluster
+
+        self.client: Redis | RedisCluster
+        if cluster:
+            self.client = RedisCluster.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        else:
+            self.client = Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    async def __call__(self) -> str:
+        await self.client.ping()
         return "ping ok"
-    finally:
-        await client.aclose()
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
 
 async def _open_store(settings: Settings) -> TieredStore:
@@ -207,6 +216,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             timeout=settings.database_timeout_seconds,
         )
         app.state.db = db
+        # a remembered key is trusted only while the database answers: the first sign of an
+        # outage forgets them all, so a request is answered alike whether its key was known
+        db.on_outage(app.state.auth_cache.clear)
         if settings.auto_migrate:
             try:
                 await asyncio.to_thread(upgrade_exclusively, settings.resolved_database_url)
@@ -218,9 +230,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return db.dialect
 
         app.state.health_checks["database"] = db_probe
+        redis_probe = None
         if settings.redis_url:
-            url, cluster = settings.redis_url, settings.redis_cluster
-            app.state.health_checks["redis"] = lambda: _redis_probe(url, cluster)
+            redis_probe = _RedisProbe(settings.redis_url, settings.redis_cluster)
+            app.state.health_checks["redis"] = redis_probe
         store = await _open_store(settings)
         app.state.health_checks["store"] = lambda: _store_probe(store)
         engine = build_engine(settings)
@@ -248,6 +261,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if engine is not None:
                 await engine.shutdown()
             await store.close()
+            if redis_probe is not None:
+                await redis_probe.close()
             await db.dispose()
 
     app = FastAPI(
@@ -259,6 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.health_checks = {}
+    app.state.auth_cache = AuthCache(settings.auth_cache_seconds)
     install_error_handlers(app)
     # Innermost first: idempotency sees only requests the rate limit let through.
     app.add_middleware(
@@ -268,6 +284,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         in_flight_lease_seconds=settings.idempotency_in_flight_lease_seconds,
         max_stored_bytes=settings.idempotency_max_stored_bytes,
     )
+    # a known key whose tenant's engine slots and queue are all taken: 429 before any work
+    app.add_middleware(EngineAdmissionMiddleware)
     app.state.rate_limiter = build_limiter(settings)
     app.add_middleware(
         RateLimitMiddleware,

@@ -17,7 +17,8 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from kvaas.auth.resolver import INVALID_KEY_MESSAGE, AuthContext, resolve, stashed
+from kvaas.auth.cache import resolve_cached
+from kvaas.auth.resolver import INVALID_KEY_MESSAGE, AuthContext, stashed
 from kvaas.auth.tenancy import KNOWN_SCOPES, Actor
 from kvaas.billing.pricebook import PriceBook
 from kvaas.config import Settings
@@ -106,13 +107,16 @@ async def authenticate(
     """The caller of a tenant API request: 401 for any bad key, 403 for a disabled tenant.
 
     Reuses the resolution a middleware stashed for this request (one key lookup per request)
-    and resolves the bearer credential itself otherwise. A route that declares no scope
+    and resolves the bearer credential itself otherwise, through the process's
+    :class:`~kvaas.auth.cache.AuthCache` (a key that authenticated within the last
+    ``KVAAS_AUTH_CACHE_SECONDS`` is not looked up again). A route that declares no scope
     (:func:`require_scope`) is refused (403) even to a valid key. Counts each failure once in
     ``kvaas_auth_failures_total`` and records the key's use (``last_used_at``).
     """
     resolution = stashed(request.scope)
     if resolution is None:
-        resolution = await resolve(session, credentials.credentials if credentials else None)
+        credential = credentials.credentials if credentials else None
+        resolution = await resolve_cached(request.app.state, credential)
     if not isinstance(resolution, AuthContext):
         AUTH_FAILURES.labels(resolution.reason).inc()
         raise resolution.error()
@@ -184,6 +188,12 @@ def route_auth(route: object) -> tuple[bool, list[ScopeRequirement]]:
         return False, []
     calls = list(_calls(route.dependant))
     return authenticate in calls, [c for c in calls if isinstance(c, ScopeRequirement)]
+
+
+def runs_engine(route: object) -> bool:
+    """Whether ``route`` declares :func:`engine_work` (its requests are admitted by the fair
+    gate)."""
+    return isinstance(route, APIRoute) and _admit_engine_work in _calls(route.dependant)
 
 
 async def require_admin(

@@ -203,7 +203,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
         if is_connection_error(err):
-            return await _db_down(request, DatabaseUnavailable(str(err)))
+            db = getattr(request.app.state, "db", None)
+            down = db.outage(err) if db is not None else DatabaseUnavailable(str(err))
+            return await _db_down(request, down)
         log.exception(
             "request %s: unhandled error in %s %s",
             request_id_of(request),

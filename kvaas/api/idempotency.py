@@ -52,7 +52,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvaas.api.asgi import error_response_messages, header
 from kvaas.api.schemas.caches import CacheObject
-from kvaas.auth.resolver import AuthContext, Resolution, bearer_credential, resolve, stash
+from kvaas.auth.cache import resolve_cached
+from kvaas.auth.resolver import AuthContext, Resolution, bearer_credential, stash
 from kvaas.db.base import utcnow
 from kvaas.db.claims import CLAIMED_KEY
 from kvaas.db.models import Cache, IdempotencyRecord
@@ -114,8 +115,7 @@ def request_hash(scope: Scope, body: bytes) -> str:
 async def _resolve(db: Database, scope: Scope) -> Resolution:
     """The caller of the request, resolved once: kept in the scope for ``authenticate``."""
     credential = bearer_credential(header(scope, b"authorization"))
-    async with db.session() as session:
-        resolution = await resolve(session, credential)
+    resolution = await resolve_cached(scope["app"].state, credential, db)
     stash(scope, resolution)
     return resolution
 

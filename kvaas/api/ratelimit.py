@@ -349,8 +349,7 @@ class RateLimitMiddleware:
             if wait is not None:
                 retry = Decision(False, 0, wait).retry_after_header
                 err = RateLimited(
-                    "too many failed authentications from this address; retry after "
-                    f"{retry} s",
+                    f"too many failed authentications from this address; retry after {retry} s",
                     headers={"Retry-After": retry},
                 )
                 for message in error_response_messages(scope, err):

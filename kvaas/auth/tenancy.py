@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from kvaas.auth.cache import invalidate as forget_callers
 from kvaas.db.models import ApiKey, Tenant
 from kvaas.db.repositories import ApiKeyRepository, AuditRepository, TenantRepository
 from kvaas.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
@@ -159,6 +160,7 @@ async def set_tenant_status(session: AsyncSession, actor: Actor, ref: str, statu
         action = "tenant.enable" if status == "active" else "tenant.disable"
         await actor.audit(session, action, tenant)
         await session.commit()
+        forget_callers()
     return tenant
 
 
@@ -190,6 +192,7 @@ async def revoke_key(session: AsyncSession, actor: Actor, ref: str) -> ApiKey:
         await repo.revoke(key)
         await actor.audit(session, "key.revoke", key, {"prefix": key.prefix})
         await session.commit()
+        forget_callers()
     return key
 
 
@@ -220,4 +223,5 @@ async def set_tenant_limits(
             setattr(tenant, f, v)
         await actor.audit(session, "tenant.limits", tenant, {"before": before, "after": limits})
         await session.commit()
+        forget_callers()
     return tenant

@@ -3,12 +3,14 @@
 One :class:`Database` per process. SQLite (embedded default, via aiosqlite) and PostgreSQL
 (via psycopg 3) run the same code. Connection failures surface as
 :class:`DatabaseUnavailable`, which the API turns into a 503; the pool pre-pings connections so
-the service recovers on its own when the database comes back.
+the service recovers on its own when the database comes back. Each such failure is also told
+to the listeners registered with :meth:`Database.on_outage` (the gateway's key cache forgets
+every key then, so no request is answered from memory while the database is down).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,19 @@ class Database:
                 lambda conn, record: _sqlite_pragmas(conn, record, busy_ms),
             )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._outage_listeners: list[Callable[[], None]] = []
+
+    def on_outage(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (synchronously, before the error is raised) each time a session or
+        :meth:`ping` finds the database unreachable."""
+        self._outage_listeners.append(listener)
+
+    def outage(self, error: BaseException) -> DatabaseUnavailable:
+        """Tell the listeners the database is unreachable and return the error to raise."""
+        for listener in self._outage_listeners:
+            listener()
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return DatabaseUnavailable(first_line)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -102,7 +117,7 @@ class Database:
                 yield s
         except BaseException as e:
             if isinstance(e, Exception) and is_connection_error(e):
-                raise DatabaseUnavailable(str(e).splitlines()[0]) from e
+                raise self.outage(e) from e
             raise
 
     async def ping(self) -> None:
@@ -111,7 +126,7 @@ class Database:
             async with self.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except Exception as e:  # any failure here means "not ready"
-            raise DatabaseUnavailable(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+            raise self.outage(e) from e
 
     async def dispose(self) -> None:
         await self.engine.dispose()

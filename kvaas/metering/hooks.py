@@ -48,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.db.base import utcnow
 from kvaas.db.models import Cache
-from kvaas.metering.ledger import record_lifecycle, record_usage
+from kvaas.metering.ledger import record_lifecycle, record_usage, record_usages
 
 
 def default_tiers(cache: Cache, storage_class: str | None = None) -> dict[str, int]:
@@ -256,12 +256,19 @@ async def on_attach(
     at = at or utcnow()
     rid = request_id or f"anon-{secrets.token_hex(12)}"
     details = {"request_id": request_id, "op": "attach"}
-    for meter, qty in (
+    quantities = (
         ("cached_tokens", cached_tokens),
         ("prefill_tokens", prefill_tokens),
         ("output_tokens", output_tokens),
-    ):
-        await _usage(session, cache, f"attach:{rid}:{meter}", meter, qty, at, details)
+    )
+    await record_usages(  # one statement for the request's meters
+        session,
+        [(f"attach:{rid}:{meter}", meter, qty) for meter, qty in quantities if qty > 0],
+        tenant_id=cache.tenant_id,
+        occurred_at=at,
+        cache_id=cache.id,
+        details=details,
+    )
 
 
 async def on_inference(
@@ -278,14 +285,11 @@ async def on_inference(
     Idempotent by ``request_id``: the same request is metered once."""
     at = at or utcnow()
     details = {"request_id": request_id, "op": "inference"}
-    for meter, qty in (("prefill_tokens", prefill_tokens), ("output_tokens", output_tokens)):
-        if qty > 0:
-            await record_usage(
-                session,
-                idempotency_key=f"inference:{request_id}:{meter}",
-                tenant_id=tenant_id,
-                meter=meter,
-                quantity=qty,
-                occurred_at=at,
-                details=details,
-            )
+    quantities = (("prefill_tokens", prefill_tokens), ("output_tokens", output_tokens))
+    await record_usages(
+        session,
+        [(f"inference:{request_id}:{meter}", meter, qty) for meter, qty in quantities if qty > 0],
+        tenant_id=tenant_id,
+        occurred_at=at,
+        details=details,
+    )

@@ -8,7 +8,7 @@ and a replayed or retried event (same idempotency key) is ignored, never counted
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.db.base import utcnow
 from kvaas.db.models import CacheLifecycleEvent, UsageEvent
-from kvaas.db.upsert import insert_ignore
+from kvaas.db.upsert import insert_ignore, insert_ignore_many
 
 #: Token and count meters recorded as usage events.
 EVENT_METERS = ("prefill_tokens", "cached_tokens", "output_tokens", "cache_creations")
@@ -51,22 +51,51 @@ async def record_usage(
 
     ``meter`` is one of :data:`EVENT_METERS`; ``quantity`` a non-negative integer.
     """
-    if meter not in EVENT_METERS:
-        raise ValueError(f"unknown meter {meter!r}; expected one of {EVENT_METERS}")
-    if quantity < 0:
-        raise ValueError(f"quantity must be >= 0, got {quantity}")
-    return await _append(
+    one = [(idempotency_key, meter, quantity)]
+    inserted = await record_usages(
         session,
-        UsageEvent,
+        one,
+        tenant_id=tenant_id,
+        occurred_at=occurred_at,
+        cache_id=cache_id,
+        details=details,
+    )
+    return inserted == 1
+
+
+async def record_usages(
+    session: AsyncSession,
+    quantities: Sequence[tuple[str, str, int]],
+    *,
+    tenant_id: str,
+    occurred_at: datetime,
+    cache_id: str | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> int:
+    """Append several usage events of one request in one statement (not committed): each of
+    ``quantities`` is ``(idempotency_key, meter, quantity)``, checked as :func:`record_usage`
+    checks them. The number of events inserted (keys already recorded are skipped)."""
+    for _, meter, quantity in quantities:
+        if meter not in EVENT_METERS:
+            raise ValueError(f"unknown meter {meter!r}; expected one of {EVENT_METERS}")
+        if quantity < 0:
+            raise ValueError(f"quantity must be >= 0, got {quantity}")
+    now = utcnow()
+    rows = [
         {
-            "idempotency_key": idempotency_key,
+            "idempotency_key": key,
             "tenant_id": tenant_id,
             "meter": meter,
             "quantity": int(quantity),
             "occurred_at": occurred_at,
             "cache_id": cache_id,
             "details": dict(details or {}),
-        },
+            "recorded_at": now,
+        }
+        for key, meter, quantity in quantities
+    ]
+    return await insert_ignore_many(
+        session, UsageEvent, rows, ["idempotency_key"], returning=UsageEvent.id
     )
 
 

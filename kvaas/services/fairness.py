@@ -17,6 +17,13 @@ else's: holding a tenant to its shared cap while others work is what keeps their
 what it is alone; when it is alone again it gets its full cap back. Slots it already holds are
 never taken back: it drops to the shared cap as they finish.
 
+Slots also carry a priority to the engine (:mod:`kvaas.engine.priorities`): a tenant's lone
+request is ``INTERACTIVE``; one of several while another tenant is active is ``SHARED``, and
+the engine's step scheduler (:mod:`kvaas.engine.scheduler`) holds ``SHARED`` prefill back
+while an interactive request runs and keeps its steps short otherwise. The gate bounds how many
+requests a busy tenant runs; the scheduler keeps the few it runs from lengthening a quieter
+tenant's steps.
+
 A request that would make its tenant's queue longer than ``max_queue`` is refused at once, and
 one that waits longer than ``max_wait_s`` gives up: both raise :class:`EngineBusy`
 (``429 engine_busy`` with ``Retry-After``). The API refuses a tenant's excess *before* any of
@@ -44,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from kvaas.config import Settings
+from kvaas.engine.priorities import ALONE, ENGINE_PRIORITY, INTERACTIVE, SHARED
 from kvaas.errors import APIError
 from kvaas.services.streams import aclose
 
@@ -59,7 +67,7 @@ class EngineBusy(APIError):
 @dataclass
 class _Tenant:
     running: int = 0
-    waiting: deque[asyncio.Future[None]] = field(default_factory=deque)
+    waiting: deque[asyncio.Future[int]] = field(default_factory=deque)
     last_served: int = -1  # grant number of its latest slot (-1: none since it was idle)
 
 
@@ -131,20 +139,28 @@ class FairGate:
         """Requests of ``tenant_id`` admitted (:meth:`admit`) and not yet answered."""
         return self._admitted[tenant_id]
 
+    def refusal(self, tenant_id: str) -> EngineBusy | None:
+        """The error :meth:`admit` would refuse a request of ``tenant_id`` with now (the
+        tenant already has ``per_tenant + max_queue`` requests admitted), else ``None``."""
+        held = self._admitted.get(tenant_id, 0)
+        if held < self.per_tenant + self.max_queue:
+            return None
+        return EngineBusy(
+            f"this tenant already has {held} engine requests running or queued (at most "
+            f"{self.per_tenant} run at once, {self.max_queue} wait); retry later",
+            headers={"Retry-After": "1"},
+        )
+
     @contextlib.contextmanager
     def admit(self, tenant_id: str) -> Iterator[None]:
         """Count one request of ``tenant_id`` that will need the engine, from its arrival to its
         answer. Refuses it at once (:class:`EngineBusy`) when the tenant already has
         ``per_tenant + max_queue`` such requests: every one of its slots and its whole queue
         would be taken by the time it got there. Costs no I/O; never waits."""
-        held = self._admitted[tenant_id]
-        if held >= self.per_tenant + self.max_queue:
-            raise EngineBusy(
-                f"this tenant already has {held} engine requests running or queued (at most "
-                f"{self.per_tenant} run at once, {self.max_queue} wait); retry later",
-                headers={"Retry-After": "1"},
-            )
-        self._admitted[tenant_id] = held + 1
+        refused = self.refusal(tenant_id)
+        if refused is not None:
+            raise refused
+        self._admitted[tenant_id] += 1
         try:
             yield
         finally:
@@ -153,12 +169,20 @@ class FairGate:
                 del self._admitted[tenant_id]
 
     @contextlib.asynccontextmanager
-    async def slot(self, tenant_id: str) -> AsyncIterator[None]:
-        """Hold one engine slot of ``tenant_id`` for the block (wait for a fair turn)."""
-        await self._acquire(tenant_id)
+    async def slot(self, tenant_id: str) -> AsyncIterator[int]:
+        """Hold one engine slot of ``tenant_id`` for the block (wait for a fair turn). The
+        block runs with :data:`~kvaas.engine.priorities.ENGINE_PRIORITY` set to the priority
+        the slot was granted with (also what the block gets): ``INTERACTIVE`` when the request
+        is its tenant's only one, ``SHARED`` when it is one of several while another tenant is
+        active, ``ALONE`` otherwise (see :mod:`kvaas.engine.scheduler`)."""
+        priority = await self._acquire(tenant_id)
+        before = ENGINE_PRIORITY.get()
+        ENGINE_PRIORITY.set(priority)
         try:
-            yield
+            yield priority
         finally:
+            # set, not reset: a stream's slot may end in another task's context
+            ENGINE_PRIORITY.set(before)
             self._release(tenant_id)
 
     async def stream(self, tenant_id: str, items: AsyncIterator[T]) -> Admitted[T]:
@@ -185,15 +209,24 @@ class FairGate:
     def cap(self, tenant_id: str) -> int:
         """Slots ``tenant_id`` may hold now: ``per_tenant`` alone, ``per_tenant_shared`` while
         another tenant is active."""
-        return self.per_tenant_shared if self._others_active(tenant_id) else self.per_tenant
+        return self._cap(tenant_id, self._active())
 
-    def _others_active(self, tenant_id: str) -> bool:
-        if any(tid != tenant_id for tid in self._tenants):  # running or waiting
-            return True
+    def _cap(self, tenant_id: str, active: set[str]) -> int:
+        others = len(active) - (tenant_id in active)
+        return self.per_tenant_shared if others else self.per_tenant
+
+    def _active(self) -> set[str]:
+        """Tenants running or waiting, or seen within ``active_s``."""
         now = time.monotonic()
-        return any(
-            tid != tenant_id and now - at < self.active_s for tid, at in self._last_active.items()
-        )
+        recent = {tid for tid, at in self._last_active.items() if now - at < self.active_s}
+        return recent.union(self._tenants)
+
+    def _priority(self, tenant_id: str, t: _Tenant, active: set[str]) -> int:
+        """The engine priority of a request of ``tenant_id`` granted now (before its slot is
+        counted): its tenant's lone request is interactive."""
+        if t.running == 0 and not t.waiting and self._admitted[tenant_id] <= 1:
+            return INTERACTIVE
+        return SHARED if len(active) - (tenant_id in active) else ALONE
 
     def _touch(self, tenant_id: str) -> None:
         now = time.monotonic()
@@ -203,26 +236,25 @@ class FairGate:
                 tid: at for tid, at in self._last_active.items() if now - at < self.active_s
             }
 
-    def _can_run(self, tenant_id: str, t: _Tenant) -> bool:
-        return self._running < self.capacity and t.running < self.cap(tenant_id)
-
-    async def _acquire(self, tenant_id: str) -> None:
+    async def _acquire(self, tenant_id: str) -> int:
+        """Wait for a slot of ``tenant_id``; the priority it was granted with."""
         t = self._tenants.setdefault(tenant_id, _Tenant())
-        if not t.waiting and self._can_run(tenant_id, t) and not self._turns:
-            self._start(tenant_id, t)
-            return
+        if not t.waiting and not self._turns and self._running < self.capacity:
+            active = self._active()
+            if t.running < self._cap(tenant_id, active):
+                return self._start(tenant_id, t, active)
         if len(t.waiting) >= self.max_queue:
             raise EngineBusy(
                 f"this tenant already has {t.running} engine requests running and "
                 f"{len(t.waiting)} queued; retry later",
                 headers={"Retry-After": "1"},
             )
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         t.waiting.append(fut)
         self._turns.setdefault(tenant_id, t)
         self._dispatch()
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.max_wait_s)
+            return await asyncio.wait_for(asyncio.shield(fut), self.max_wait_s)
         except (TimeoutError, asyncio.CancelledError) as e:
             if fut.done() and not fut.cancelled():
                 self._release(tenant_id)  # granted as we gave up: hand the slot on
@@ -236,12 +268,15 @@ class FairGate:
                 ) from None
             raise
 
-    def _start(self, tenant_id: str, t: _Tenant) -> None:
+    def _start(self, tenant_id: str, t: _Tenant, active: set[str]) -> int:
+        """Count a slot granted to ``tenant_id``; its priority."""
+        priority = self._priority(tenant_id, t, active)
         self._touch(tenant_id)
         self._running += 1
         self._grants += 1
         t.running += 1
         t.last_served = self._grants
+        return priority
 
     def _release(self, tenant_id: str) -> None:
         t = self._tenants[tenant_id]
@@ -252,7 +287,7 @@ class FairGate:
             del self._tenants[tenant_id]
         self._dispatch()
 
-    def _forget(self, tenant_id: str, t: _Tenant, fut: asyncio.Future[None]) -> None:
+    def _forget(self, tenant_id: str, t: _Tenant, fut: asyncio.Future[int]) -> None:
         with contextlib.suppress(ValueError):
             t.waiting.remove(fut)
         if not t.waiting:
@@ -264,12 +299,17 @@ class FairGate:
     def _dispatch(self) -> None:
         """Grant free slots: each to the waiting tenant (under its cap) served least recently,
         so every backlogged tenant gets a turn before any gets a second. When a waiter is held
-        back only by the shared cap, look again once the others' activity has lapsed."""
+        back only by the shared cap, look again once the others' activity has lapsed. The set of
+        active tenants is computed once per dispatch (a grant only makes a tenant that is
+        already waiting active), so a dispatch is linear in the tenants waiting."""
+        if not self._turns:
+            return
+        active = self._active()
         while self._running < self.capacity and self._turns:
             eligible = [
                 (t.last_served, i, tid)
                 for i, (tid, t) in enumerate(self._turns.items())
-                if t.running < self.cap(tid)
+                if t.running < self._cap(tid, active)
             ]
             if not eligible:
                 if any(t.running < self.per_tenant for t in self._turns.values()):
@@ -278,8 +318,7 @@ class FairGate:
             tenant_id = min(eligible)[2]
             t = self._turns.pop(tenant_id)
             fut = t.waiting.popleft()
-            self._start(tenant_id, t)
-            fut.set_result(None)
+            fut.set_result(self._start(tenant_id, t, active))
             if t.waiting:
                 self._turns[tenant_id] = t
 

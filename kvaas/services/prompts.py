@@ -104,8 +104,10 @@ class PromptPolicy:
             if any(t < 0 or t >= vocab for t in p.token_ids):
                 raise BadRequest(f"token ids must lie in [0, {vocab})", param=ids_param)
             return list(p.token_ids)
-        chars = len(p.prompt) if p.prompt is not None else sum(
-            len(str(v)) for m in p.messages or () for v in m.values()
+        chars = (
+            len(p.prompt)
+            if p.prompt is not None
+            else sum(len(str(v)) for m in p.messages or () for v in m.values())
         )
         limit = eng.max_model_len * MAX_CHARS_PER_TOKEN
         if chars > limit:

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.db.models import Cache, CacheVersion, StoreRelease, Tenant
 from kvaas.db.session import Database
+from kvaas.errors import APIError
 from kvaas.services import outbox
 from kvaas.store.tiered import TieredStore
 
@@ -50,6 +51,7 @@ class Reconciler:
     cursor: str = ""
     wrapped: bool = False  # the last call reached the end and starts over next time
     found: list[tuple[str, int]] = field(default_factory=list)  # (cache id, version)
+    skipped: set[str] = field(default_factory=set)  # tenants whose slot this process lacks
 
     async def step(
         self,
@@ -75,9 +77,26 @@ class Reconciler:
             self.wrapped = len(rows) < batch
             self.cursor = "" if self.wrapped else rows[-1][0].id
             found = 0
+            slots: dict[str, str | None] = {}
             for cache, tenant in rows:
-                found += await self._check(session, store, slot_of(tenant), cache)
+                if tenant.id not in slots:
+                    slots[tenant.id] = self._slot(slot_of, tenant)
+                slot = slots[tenant.id]
+                if slot is not None:
+                    found += await self._check(session, store, slot, cache)
             return found
+
+    def _slot(self, slot_of: Callable[[Tenant], str], tenant: Tenant) -> str | None:
+        """The tenant's slot; ``None`` (its caches skipped this pass, the others checked) when
+        this process cannot resolve it: its namespace secret is wrapped under a master key
+        not configured here. One such tenant must not stop reconciliation for every other."""
+        try:
+            return slot_of(tenant)
+        except APIError as e:
+            if tenant.id not in self.skipped:
+                log.warning("reconcile: tenant %s skipped: %s", tenant.id, e.detail or e.message)
+            self.skipped.add(tenant.id)
+            return None
 
     async def _check(
         self, session: AsyncSession, store: TieredStore, slot: str, cache: Cache

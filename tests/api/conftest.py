@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from kvtest.gateway import ADMIN_TOKEN, new_tenant, running_app
 
 from kvaas.api.deps import Auth, require_scope
+from kvaas.db.repositories import ApiKeyRepository
 
 
 @dataclass
@@ -111,3 +112,17 @@ def make_app(database_url: str, tmp_path: Path) -> AppFactory:
             yield ApiApp(app, c, effects, keys)
 
     return factory
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Prefixes looked up by the API-key resolver, in order."""
+    seen: list[str] = []
+    original = ApiKeyRepository.get_with_tenant
+
+    async def counting(self: ApiKeyRepository, prefix: str) -> Any:
+        seen.append(prefix)
+        return await original(self, prefix)
+
+    monkeypatch.setattr(ApiKeyRepository, "get_with_tenant", counting)
+    return seen

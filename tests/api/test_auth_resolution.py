@@ -3,27 +3,10 @@ the same answers and failure counts either way."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from kvtest.gateway import ADMIN_TOKEN
 
-from kvaas.db.repositories import ApiKeyRepository
 from kvaas.metrics import AUTH_FAILURES
-
-
-@pytest.fixture
-def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Prefixes looked up by the key resolver, in order."""
-    seen: list[str] = []
-    original = ApiKeyRepository.get_with_tenant
-
-    async def counting(self: ApiKeyRepository, prefix: str) -> Any:
-        seen.append(prefix)
-        return await original(self, prefix)
-
-    monkeypatch.setattr(ApiKeyRepository, "get_with_tenant", counting)
-    return seen
 
 
 @pytest.mark.parametrize("idempotent", [False, True])

@@ -28,8 +28,17 @@ def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A Redis server of this test's own, on a free port (the test kills it)."""
     port = _free_port()
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--daemonize", "no"],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -57,8 +66,9 @@ async def test_redis_down_limits_in_process_and_opens_the_breaker(  # type: igno
     url, proc = own_redis
     # a breaker whose next probe is far away: every later request must skip Redis
     breaker = CircuitBreaker(base_delay=3600.0, max_delay=3600.0)
-    limiter = RedisLimiter(url, rate=0.01, burst=2, prefix=f"rb-{secrets.token_hex(4)}",
-                           breaker=breaker)
+    limiter = RedisLimiter(
+        url, rate=0.01, burst=2, prefix=f"rb-{secrets.token_hex(4)}", breaker=breaker
+    )
     attempts = 0
     redis_take = RedisLimiter._redis_take
 
@@ -94,13 +104,16 @@ async def test_the_app_keeps_limiting_while_its_redis_is_down(make_app, own_redi
         rate_limit_per_second=0.01,
         rate_limit_burst=2,
     ) as api:
-        r = [(await api.client.get("/v1/me", headers=api.auth("acme"))).status_code
-             for _ in range(3)]
+        r = [
+            (await api.client.get("/v1/me", headers=api.auth("acme"))).status_code for _ in range(3)
+        ]
         assert r == [200, 200, 429]
         proc.kill()
         proc.wait()
-        r = [(await api.client.get("/v1/me", headers=api.auth("globex"))).status_code
-             for _ in range(4)]
+        r = [
+            (await api.client.get("/v1/me", headers=api.auth("globex"))).status_code
+            for _ in range(4)
+        ]
         assert r == [200, 200, 429, 429]
         limiter = api.app.state.rate_limiter
         assert limiter.breaker.state == "open"

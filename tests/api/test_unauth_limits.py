@@ -56,8 +56,10 @@ async def test_a_failed_auth_flood_is_limited_without_key_lookups(  # type: igno
     async with make_app(**_limits(backend)) as api:
         monkeypatch.setattr(ApiKeyRepository, "get_with_tenant", counting)
         async with _client_at(api.app, "203.0.113.7") as attacker:
-            statuses = [(await attacker.get("/v1/me", headers=_random_key())).status_code
-                        for _ in range(BURST + 8)]
+            statuses = [
+                (await attacker.get("/v1/me", headers=_random_key())).status_code
+                for _ in range(BURST + 8)
+            ]
             assert statuses == [401] * (BURST + 1) + [429] * 7
             assert lookups == BURST + 1  # none once the address is limited
             limited = await attacker.get("/v1/me", headers=_random_key())
@@ -86,8 +88,10 @@ async def test_admin_token_guesses_are_limited(make_app, backend: str) -> None: 
     async with make_app(tenants=(), **_limits(backend)) as api:
         async with _client_at(api.app, "203.0.113.8") as guesser:
             wrong = {"Authorization": f"Bearer {secrets.token_hex(32)}"}
-            statuses = [(await guesser.get("/admin/api/tenants", headers=wrong)).status_code
-                        for _ in range(BURST + 3)]
+            statuses = [
+                (await guesser.get("/admin/api/tenants", headers=wrong)).status_code
+                for _ in range(BURST + 3)
+            ]
             assert statuses == [401] * (BURST + 1) + [429] * 2
             # the right token from that address waits too
             r = await guesser.get("/admin/api/tenants", headers=admin_headers())
@@ -97,9 +101,12 @@ async def test_admin_token_guesses_are_limited(make_app, backend: str) -> None: 
 
 
 async def test_failed_stripe_webhooks_are_limited(make_app) -> None:  # type: ignore[no-untyped-def]
-    async with make_app(
-        tenants=(), stripe_webhook_secret="whsec_test_0123456789", **_limits("memory")
-    ) as api, _client_at(api.app, "203.0.113.9") as forger:
+    async with (
+        make_app(
+            tenants=(), stripe_webhook_secret="whsec_test_0123456789", **_limits("memory")
+        ) as api,
+        _client_at(api.app, "203.0.113.9") as forger,
+    ):
         bad = {"Stripe-Signature": "t=1,v1=" + "0" * 64}
         statuses = [
             (await forger.post("/v1/stripe/webhook", content=b"{}", headers=bad)).status_code

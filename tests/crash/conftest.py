@@ -40,17 +40,24 @@ class World:
     tenant: Tenant
 
     async def seed(
-        self, versions: dict[int, str], *, status: str = "ready", tokens_per_version: int = 32
+        self,
+        versions: dict[int, str],
+        *,
+        status: str = "ready",
+        tokens_per_version: int = 32,
+        tenant: Tenant | None = None,
     ) -> Cache:
-        """A cache with ``versions`` ({number: status}); version ``n`` holds ``n *
-        tokens_per_version`` tokens; a manifest is stored for every ready or pending version.
-        The cache row describes the latest ready version (or version 1)."""
+        """A cache of ``tenant`` (the world's by default) with ``versions`` ({number:
+        status}); version ``n`` holds ``n * tokens_per_version`` tokens; a manifest is stored
+        for every ready or pending version of a cache of the world's tenant (rows only for
+        another). The cache row describes the latest ready version (or version 1)."""
+        owner = tenant or self.tenant
         now = utcnow()
         latest = max((v for v, st in versions.items() if st == "ready"), default=1)
         ids = list(range(latest * tokens_per_version))
         async with self.db.session() as s:
             cache = Cache(
-                tenant_id=self.tenant.id,
+                tenant_id=owner.id,
                 model="tiny",
                 model_fingerprint="f" * 32,
                 status=status,
@@ -89,7 +96,7 @@ class World:
                 )
             await s.commit()
         for v, st in versions.items():
-            if st in ("ready", "pending"):
+            if st in ("ready", "pending") and owner is self.tenant:
                 await self.store.put_manifest(self.job(cache, v).manifest())
         return cache
 

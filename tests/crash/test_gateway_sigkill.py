@@ -14,7 +14,8 @@ After each restart on the same directory the invariants hold (:func:`_check`): n
 version stays ``pending``, the outbox is drained, every ready version's chunks are all in the
 store after a garbage collection of everything unreferenced, the reconciler finds no manifest
 without a live version, usage and lifecycle events match the caches (once each, none lost),
-and a create retried with its key answers with the cache it made (never a second one).
+and a create retried with its key answers with the cache it made, or with the 404 its waiting
+create answered when the burst deleted that cache meanwhile (never a second cache).
 
 Invoicing is a command-line process: it is SIGKILLed after its first invoice and run again;
 every tenant ends with one invoice whose lines equal those of an uninterrupted run.
@@ -27,7 +28,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -42,6 +42,7 @@ import pytest
 from kvtest.gateway import ADMIN_TOKEN, admin_headers
 from sqlalchemy import select
 
+from bench._serve import Gateway, ServeError, clean_env
 from kvaas.config import Settings
 from kvaas.db.models import Tenant
 from kvaas.db.session import Database
@@ -64,14 +65,7 @@ ENV = {
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVAAS_")}
-    return {**env, **ENV}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return clean_env(ENV)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -80,45 +74,21 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
-def _start(cwd: Path, log: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    """``kvaas serve`` in ``cwd`` until ``/readyz`` answers 200 (a port taken by another
-    process between the pick and the bind: a new port, up to three times)."""
-    for _ in range(3):
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        offset = log.stat().st_size if log.exists() else 0
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                [str(KVAAS), "serve", "--port", str(port)],
-                cwd=cwd,
-                env=_env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while proc.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    return url, proc
-            if time.monotonic() > deadline:
-                _kill(proc)
-                pytest.fail(f"kvaas serve not ready:\n{log.read_text()[-5000:]}")
-            time.sleep(0.5)
-        _kill(proc)
-        if "address already in use" not in log.read_bytes()[offset:].decode(errors="replace"):
-            pytest.fail(f"kvaas serve exited {proc.returncode}:\n{log.read_text()[-5000:]}")
-    pytest.fail("no free port for kvaas serve")
-
-
 @contextlib.contextmanager
 def _serve(cwd: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """:func:`_start`; SIGKILLed on exit."""
-    url, proc = _start(cwd, log)
+    """``kvaas serve`` in ``cwd`` once ``/readyz`` answers 200 (a port taken by another
+    process between the pick and the bind: a new port, up to three times); SIGKILLed on
+    exit."""
+    gw = Gateway(ENV, log, cwd=cwd, ready_timeout_s=READY_TIMEOUT_S, grace_s=0)
     try:
-        yield url, proc
+        gw.launch().wait_ready()
+    except ServeError as e:
+        pytest.fail(str(e))
+    assert gw.proc is not None
+    try:
+        yield gw.url, gw.proc
     finally:
-        _kill(proc)
+        _kill(gw.proc)
 
 
 def _sql(data: Path, query: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -292,6 +262,11 @@ async def _check(url: str, key: str, cwd: Path, keyed: dict[str, dict[str, Any]]
                 headers={"Authorization": f"Bearer {key}", "Idempotency-Key": k},
             )
             if made and made[0][0]:
+                if r.status_code == 404:  # a waiting create answered 404: deleted meanwhile
+                    status = _sql(data, "SELECT status FROM caches WHERE id = ?", made[0][0])
+                    assert status == [("deleted",)], (k, status, r.text)
+                    assert made[0][0] in r.json()["error"]["message"], (k, r.text)
+                    continue
                 assert r.status_code in (200, 201, 202, 409), r.text
                 if r.status_code != 409:
                     assert r.json()["id"] == made[0][0], (k, r.text)

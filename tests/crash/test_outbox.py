@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from kvaas.db.models import StoreRelease
+from kvaas.db.models import StoreRelease, Tenant
 from kvaas.services import outbox
 from kvaas.services.caches import CacheService
-from kvaas.services.reconcile import reconcile_all
+from kvaas.services.reconcile import Reconciler, reconcile_all
+from kvaas.store.crypto import MasterKeys, namespace_secret_context, wrap_secret
 from kvaas.store.errors import StoreError
 
 from .conftest import World, _world
@@ -133,3 +134,32 @@ async def test_reconciler_finds_manifests_no_live_version_owns(any_world: World)
     assert await w.stored_versions(live.id) == [1, 3]
     assert await w.stored_versions(gone.id) == []
     assert await _reconcile(w) == 0
+
+
+async def test_a_tenant_whose_keys_this_gateway_lacks_does_not_stop_the_reconciler(
+    any_world: World,
+) -> None:
+    """A tenant whose namespace secret is wrapped under a master key this gateway does not
+    hold (another key id: a shared database, a rotation half done) has its caches skipped with
+    a warning; every other tenant's orphans are still found in the same pass."""
+    w = any_world
+    async with w.db.session() as s:
+        stranger = Tenant(name="elsewhere")
+        s.add(stranger)
+        await s.flush()
+        other = MasterKeys("elsewhere-k1", {"elsewhere-k1": secrets.token_bytes(32)})
+        stranger.namespace_secret = wrap_secret(
+            other, secrets.token_bytes(32), namespace_secret_context(stranger.id)
+        )
+        await s.commit()
+    await w.seed({1: "ready"}, tenant=stranger)
+    live = await w.seed({1: "ready", 2: "failed"})
+    await w.store.put_manifest(w.job(live, 2).manifest())
+    r = Reconciler()
+    found = 0
+    while True:
+        found += await r.step(w.db, w.store, w.service.slot_of, batch=500)
+        if r.wrapped:
+            break
+    assert found == 1 and r.found == [(live.id, 2)]
+    assert r.skipped == {stranger.id}

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from kvaas.db.models import CacheLifecycleEvent, UsageEvent
 from kvaas.db.session import Database
 from kvaas.metering import hooks
+from kvaas.metering.ledger import record_usages
 from kvaas.metering.storage import meter_usage
 
 T0 = datetime(2026, 9, 30, 23, 0, 0, tzinfo=UTC)
@@ -113,3 +114,23 @@ async def test_expiry_stops_at_expires_at(db: Database, make_tenant, cache_obj) 
     async with db.session() as s:
         u = await meter_usage(s, t.id, SEP[0], OCT[1])
     assert u.storage_token_seconds["hot"] == 500 * 3600
+
+
+async def test_several_events_in_one_statement_skip_the_keys_already_recorded(
+    db: Database, make_tenant, cache_obj
+) -> None:
+    t = await make_tenant("acme")
+    cache = cache_obj(t.id, "cache_a", 1000)
+    batch = [("b:1", "cached_tokens", 10), ("b:2", "prefill_tokens", 20)]
+    async with db.session() as s:
+        assert await record_usages(s, batch[:1], tenant_id=t.id, occurred_at=T0) == 1
+        await s.commit()
+    async with db.session() as s:  # one recorded already, two new
+        more = [*batch, ("b:3", "output_tokens", 30)]
+        n = await record_usages(s, more, tenant_id=t.id, occurred_at=T0, cache_id=cache.id)
+        await s.commit()
+    assert n == 2
+    async with db.session() as s:
+        rows = (await s.execute(select(UsageEvent.id, UsageEvent.quantity))).all()
+    assert sorted(q for _, q in rows) == [10, 20, 30]
+    assert len({i for i, _ in rows}) == 3  # each row got its own id

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from kvaas.engine.priorities import ALONE, ENGINE_PRIORITY, INTERACTIVE, SHARED
 from kvaas.services.fairness import EngineBusy, FairGate
 
 
@@ -150,3 +151,62 @@ def test_gate_from_settings_holds_tenants_to_the_shared_cap(tmp_path) -> None:  
     )
     gate = FairGate.from_settings(s)
     assert (gate.per_tenant, gate.per_tenant_shared, gate.active_s) == (4, 2, 1.5)
+
+
+async def _priority_in(
+    gate: FairGate, tenant: str, out: list[tuple[str, int, int]], stop: asyncio.Event
+) -> None:
+    async with gate.slot(tenant) as granted:
+        out.append((tenant, granted, ENGINE_PRIORITY.get()))  # what an engine submits with
+        await stop.wait()
+
+
+async def test_slots_carry_the_engine_priority_of_their_request() -> None:
+    gate = FairGate(capacity=8, per_tenant=4, per_tenant_shared=4, active_s=60)
+    got: list[tuple[str, int, int]] = []
+    stop = asyncio.Event()
+    with gate.admit("a"):
+        first = asyncio.create_task(_priority_in(gate, "a", got, stop))
+        await asyncio.sleep(0.01)
+    assert got == [("a", INTERACTIVE, INTERACTIVE)]  # its tenant's lone request
+    second = asyncio.create_task(_priority_in(gate, "a", got, stop))
+    await asyncio.sleep(0.01)
+    assert got[1] == ("a", ALONE, ALONE)  # a's second, nobody else about
+    other = asyncio.create_task(_priority_in(gate, "b", got, stop))
+    await asyncio.sleep(0.01)
+    assert got[2] == ("b", INTERACTIVE, INTERACTIVE)
+    third = asyncio.create_task(_priority_in(gate, "a", got, stop))
+    await asyncio.sleep(0.01)
+    assert got[3] == ("a", SHARED, SHARED)  # bulk work beside b's
+    stop.set()
+    await asyncio.gather(first, second, other, third)
+    assert ENGINE_PRIORITY.get() == INTERACTIVE  # the block's priority does not outlive it
+
+
+async def test_a_request_admitted_beside_others_of_its_tenant_is_not_interactive() -> None:
+    gate = FairGate(capacity=8, per_tenant=4, active_s=60)
+    got: list[tuple[str, int, int]] = []
+    stop = asyncio.Event()
+    with gate.admit("a"), gate.admit("a"):  # another request of a is on its way
+        task = asyncio.create_task(_priority_in(gate, "a", got, stop))
+        await asyncio.sleep(0.01)
+        stop.set()
+        await task
+    assert got == [("a", ALONE, ALONE)]
+
+
+async def test_a_queued_request_gets_its_priority_when_granted() -> None:
+    gate = FairGate(capacity=1, per_tenant=1, active_s=60)
+    got: list[tuple[str, int, int]] = []
+    stop_a, stop_b = asyncio.Event(), asyncio.Event()
+    a = asyncio.create_task(_priority_in(gate, "a", got, stop_a))
+    await asyncio.sleep(0.01)
+    b = asyncio.create_task(_priority_in(gate, "b", got, stop_b))
+    await asyncio.sleep(0.01)
+    assert gate.queued("b") == 1
+    stop_a.set()
+    await a
+    await asyncio.sleep(0.01)
+    assert got == [("a", INTERACTIVE, INTERACTIVE), ("b", INTERACTIVE, INTERACTIVE)]
+    stop_b.set()
+    await b

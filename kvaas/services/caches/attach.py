@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kvaas.connector.params import TransferPlan
@@ -71,7 +71,8 @@ class AttachOps(CacheCore):
         cap = ((len(ids) - 1) // align) * align
         expected = min(len(keys) * cache.chunk_tokens, cap)
         try:
-            available = await self.store.longest_prefix(keys) if keys else 0
+            stored = await self.store.longest_prefix(self._stored(keys)) if keys else 0
+            available = stored // self._shards  # whole chunks: every rank's piece stored
         except StoreError:
             available = 0
         available_tokens = min(available * cache.chunk_tokens, cap)
@@ -114,12 +115,12 @@ class AttachOps(CacheCore):
         re-granted from now); the attach's tokens are metered in the same transaction."""
         now = utcnow()
         await self._meter_attach(session, cache, outcome, request_id)
-        values: dict[str, Any] = {"hit_count": Cache.hit_count + 1, "last_used_at": now}
+        params: dict[str, Any] = {"cache_id": cache.id, "now": now}
         if cache.refresh_on_hit:
-            values["expires_at"] = now + timedelta(seconds=cache.ttl_seconds)
-        await session.execute(
-            update(Cache).where(Cache.id == cache.id, Cache.status == "ready").values(**values)
-        )
+            params["expires_at"] = now + timedelta(seconds=cache.ttl_seconds)
+            await session.execute(_HIT_REFRESHING, params)
+        else:
+            await session.execute(_HIT, params)
         await session.commit()
 
     async def attach(
@@ -191,6 +192,18 @@ class AttachOps(CacheCore):
             return outcome, await self.gate.stream(tenant.id, deltas)
         except EngineError as e:
             raise EngineUnavailable.failed(e) from e
+
+
+#: A hit on a ready cache, built once (the loaded row is not brought up to date: nothing
+#: reads it after the hit).
+_HIT = (
+    update(Cache)
+    .where(Cache.id == bindparam("cache_id"), Cache.status == "ready")
+    .values(hit_count=Cache.hit_count + 1, last_used_at=bindparam("now"))
+    .execution_options(synchronize_session=False)
+)
+#: The same, re-granting the cache's lifetime from now (``refresh_on_hit``).
+_HIT_REFRESHING = _HIT.values(expires_at=bindparam("expires_at"))
 
 
 def _request_id() -> str:

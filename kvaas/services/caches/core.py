@@ -37,7 +37,7 @@ from kvaas.services.fairness import FairGate
 from kvaas.services.prompts import PromptPolicy
 from kvaas.store.crypto import MasterKeys, TenantKeys
 from kvaas.store.errors import StoreError
-from kvaas.store.keys import ChunkKey, derive_namespace, namespace_slot
+from kvaas.store.keys import ChunkKey, derive_namespace, namespace_slot, shard_keys
 from kvaas.store.tiered import TieredStore
 
 log = logging.getLogger("kvaas.caches")
@@ -128,6 +128,22 @@ class CacheCore:
         """Chunk keys of ``ids`` under an existing cache's model, codec and chunk size."""
         ns = tenant if isinstance(tenant, bytes) else self._namespace(tenant)
         return keys_for(ns, ids, cache.scheme, cache.model_fingerprint, cache.chunk_tokens)
+
+    @property
+    def _world(self) -> tuple[int, int]:
+        """The engine's tensor- and pipeline-parallel sizes (one rule for every store key)."""
+        s = self.settings
+        return s.engine_tensor_parallel_size, s.engine_pipeline_parallel_size
+
+    @property
+    def _shards(self) -> int:
+        """Pieces each chunk is stored as: one per rank of the engine."""
+        return self._world[0] * self._world[1]
+
+    def _stored(self, keys: Sequence[ChunkKey]) -> list[ChunkKey]:
+        """The keys the store holds the chunks ``keys`` under: every rank's piece of each,
+        chunk major (``keys`` themselves with a world of one)."""
+        return shard_keys(keys, *self._world)
 
     def _tenant_keys(self, tenant: Tenant) -> TenantKeys:
         """The tenant's chunk encryption keys, derived from the master keys, for its plans."""
@@ -273,15 +289,19 @@ class CacheCore:
             elif c.status == "pending":
                 pending.append((c, self._cache_keys(tenant, c, bytes_to_tokens(c.token_ids))))
         if pending:
+            per = self._shards
             try:
-                found = await self.store.exists_many([k for _, ks in pending for k in ks])
+                found = await self.store.exists_many(
+                    self._stored([k for _, ks in pending for k in ks])
+                )
             except StoreError:
-                found = [False] * sum(len(ks) for _, ks in pending)
+                found = [False] * (per * sum(len(ks) for _, ks in pending))
             i = 0
             for c, ks in pending:
-                mine = found[i : i + len(ks)]
-                i += len(ks)
-                n = next((j for j, f in enumerate(mine) if not f), len(mine))
+                mine = found[i : i + per * len(ks)]
+                i += per * len(ks)
+                whole = [all(mine[j * per : (j + 1) * per]) for j in range(len(ks))]
+                n = next((j for j, f in enumerate(whole) if not f), len(whole))
                 out[c.id] = Progress(min(n * c.chunk_tokens, c.tokens), c.tokens)
         return out
 
@@ -306,6 +326,7 @@ class CacheCore:
             storage_class=cache.storage_class,
             fingerprint=cache.model_fingerprint,
             seal=self._tenant_keys(tenant),
+            world=self._world,
         )
 
     async def _unique_bytes(
@@ -320,7 +341,7 @@ class CacheCore:
         if not keys:
             return 0
         try:
-            return sum(n or 0 for n in await self.store.sizes_many(list(keys)))
+            return sum(n or 0 for n in await self.store.sizes_many(self._stored(list(keys))))
         except StoreError:
             return max((v.stored_bytes for v in versions), default=0)
 
@@ -366,7 +387,7 @@ class CacheCore:
                 .values(reserved_tokens=0, reserved_bytes=0)
             )
         rows = outbox.queue_release(
-            session, job.slot, job.cache_id, [job.version], "failed", job.keys
+            session, job.slot, job.cache_id, [job.version], "failed", job.stored_keys
         )
         if detail is not None:
             log.warning("prefill of %s v%d failed: %s", job.cache_id, job.version, detail)

@@ -7,6 +7,13 @@ Transitions committed here: :meth:`CreateOps._begin_create` / :meth:`CreateOps._
 
 A prefill runs while it holds a slot of the service's gate, as its tenant's turn comes; one
 refused there (``429 engine_busy``) fails its version with that reason.
+
+Readiness: a version is ``ready`` only when every one of its chunks is in the store. The engine
+stores chunks in the background and may finish the prefill before they land; its report
+(``pending_chunks`` in the connector's ``kv_transfer_params``) says so, and the prefill then
+waits for the chunks to appear (up to :data:`SAVE_WAIT_S`) before it checks them, so a failed
+background save fails the version exactly as a failed synchronous one does ("only n of m
+chunks reached the store").
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, tuple_, update
@@ -44,8 +51,32 @@ from kvaas.services.caches.records import (
 from kvaas.services.fairness import EngineBusy
 from kvaas.services.prompts import Prompt
 from kvaas.store.errors import StoreError
+from kvaas.store.keys import ChunkKey
 
 log = logging.getLogger("kvaas.caches")
+
+#: longest wait, in seconds, for chunks the engine reported still being saved (a setting to be)
+SAVE_WAIT_S = 60.0
+#: first and longest pause between two presence checks while waiting for them
+SAVE_POLL_S = (0.002, 0.05)
+
+
+async def wait_stored(
+    store_sizes: Callable[[list[ChunkKey]], Awaitable[list[int | None]]],
+    keys: list[ChunkKey],
+    timeout_s: float,
+) -> list[int | None]:
+    """Sizes of ``keys`` (``store_sizes``: the store's ``sizes_many``), asked again with a
+    growing pause until every chunk is present or ``timeout_s`` has passed; the last answer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pause = SAVE_POLL_S[0]
+    while True:
+        sizes = await store_sizes(keys)
+        if all(sizes) or loop.time() >= deadline:
+            return sizes
+        await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+        pause = min(pause * 2, SAVE_POLL_S[1])
 
 
 class CreateOps(CacheCore):
@@ -235,7 +266,11 @@ class CreateOps(CacheCore):
             once = Sampling(max_tokens=1, temperature=0.0, cache_salt=job.salt)
             async with self.gate.slot(tenant_id):
                 gen = await eng.generate(job.ids, once, job.plan())
-            sizes = await self.store.sizes_many(job.keys)
+            report = gen.connector
+            if report.get("pending_chunks") and not report.get("save_failed"):
+                sizes = await wait_stored(self.store.sizes_many, job.stored_keys, SAVE_WAIT_S)
+            else:
+                sizes = await self.store.sizes_many(job.stored_keys)
         except EngineBusy as e:
             await self._fail(session, job, e.message)
             raise
@@ -244,7 +279,7 @@ class CreateOps(CacheCore):
             raise ServiceUnavailable(f"the cache could not be stored: {reason}") from e
         if not all(sizes):
             n = sum(1 for x in sizes if x)
-            reason = f"only {n} of {len(job.keys)} chunks reached the store"
+            reason = f"only {n} of {len(sizes)} chunks reached the store"
             await self._fail(session, job, reason)
             raise ServiceUnavailable(f"the cache could not be stored: {reason}")
         prefilled = max(0, gen.prompt_tokens - gen.cached_tokens)
@@ -289,7 +324,7 @@ class CreateOps(CacheCore):
             )
         if not done or cache is None or row is None:
             rows = outbox.queue_release(
-                session, job.slot, job.cache_id, [job.version], "deleted", job.keys
+                session, job.slot, job.cache_id, [job.version], "deleted", job.stored_keys
             )
             await session.commit()
             await self._settle(session, rows)

@@ -14,7 +14,7 @@ import numpy as np
 from kvaas import codec
 from kvaas.connector.params import TransferPlan
 from kvaas.store.crypto import TenantKeys
-from kvaas.store.keys import ChunkKey, chunk_keys, namespace_slot
+from kvaas.store.keys import ChunkKey, chunk_keys, namespace_slot, shard_keys
 from kvaas.store.manifest import Manifest
 
 
@@ -35,6 +35,9 @@ class PrefillJob:
     storage_class: str
     fingerprint: str
     seal: TenantKeys  # the tenant's chunk encryption keys, for the plan
+    #: the engine's tensor- and pipeline-parallel sizes: each rank stores its piece of a chunk
+    #: under its own shard key (:func:`kvaas.store.keys.shard_keys`)
+    world: tuple[int, int] = (1, 1)
 
     @property
     def salt(self) -> str:
@@ -44,12 +47,21 @@ class PrefillJob:
     def slot(self) -> str:
         return namespace_slot(self.namespace)
 
+    @property
+    def stored_keys(self) -> list[ChunkKey]:
+        """The keys the store holds this version's chunks under: :attr:`keys` with a world of
+        one, else every rank's shard key of each, chunk major. Every store operation (the
+        manifest, sizes, releases) names these; the plan names :attr:`keys` (each rank of the
+        engine derives its own shard keys)."""
+        return shard_keys(self.keys, *self.world)
+
     def manifest(self) -> Manifest:
         return Manifest(
             cache_id=self.cache_id,
             version=self.version,
             namespace_slot=self.slot,
-            chunk_keys=tuple(self.keys),
+            chunk_keys=tuple(self.stored_keys),
+            shards=self.world[0] * self.world[1],
             token_count=len(self.ids),
             chunk_tokens=self.chunk_tokens,
             scheme=self.scheme,
