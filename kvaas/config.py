@@ -8,7 +8,7 @@ embedded ones: a SQLite file under the data directory, local storage tiers and t
 The configuration table of ``docs/configuration.md`` is generated from this class
 (``kvaas config markdown``) and a test checks that the two agree.
 
-(This module is a little over 600 lines on purpose: it is the one ``Settings`` class, one
+(This module is about 750 lines on purpose: it is the one ``Settings`` class, one
 documented field per knob, from which both the environment parsing and the documentation table
 come; split across modules, the table and the validators would have to reassemble it.)
 """
@@ -230,6 +230,34 @@ class Settings(BaseSettings):
     engine_max_model_len: int = Field(
         4096, ge=128, description="Longest sequence (cache + request + output) the engine runs."
     )
+    engine_tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Tensor-parallel size of every engine (in process, and the nodes `kvaas "
+        "engine command` starts). Each rank stores its share of a chunk under its own key; "
+        "the gateway names every rank's key in manifests, presence checks, quotas and garbage "
+        "collection, and refuses a node reporting another size.",
+    )
+    engine_pipeline_parallel_size: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Pipeline-parallel size of every engine (as the tensor-parallel size).",
+    )
+    engine_eager: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Run the engine eagerly (no compilation, no CUDA graphs): `auto` on a CPU "
+        "only; `on`/`off` everywhere (in process, and on the node command).",
+    )
+    engine_gpu_memory_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="On a GPU: the fraction of its memory vLLM may use (weights, activations "
+        "and a KV cache sized from what they leave). Unset: the KV cache gets "
+        "`KVAAS_ENGINE_KV_CACHE_GIB`.",
+    )
     engine_max_batched_tokens: int = Field(
         2048, ge=64, description="Tokens the engine computes per step (chunked prefill)."
     )
@@ -240,6 +268,62 @@ class Settings(BaseSettings):
         "requests run (vLLM's long-prefill threshold; 0: no cap). A small value keeps every "
         "running request's steps short beside long prefills (lower latency for the others), at "
         "some cost in prefill throughput.",
+    )
+    engine_bulk_step_tokens: int = Field(
+        128,
+        ge=0,
+        description="While a tenant's bulk work (one of its several requests, granted while "
+        "another tenant was active) still has prompt tokens to compute, an engine step computes "
+        "at most this many tokens, so another tenant's request that arrives waits for one short "
+        "step, not a whole long prefill (0: no cap). See `kvaas.engine.scheduler`.",
+    )
+    engine_bulk_max_hold_seconds: float = Field(
+        0.5,
+        ge=0,
+        description="While a tenant's lone request runs in the engine, other tenants' bulk "
+        "prefill is held back, each request at most this long since it last computed (then it "
+        "runs one step); 0 turns holding off. See `kvaas.engine.scheduler`.",
+    )
+    connector_presence_ttl_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="Seconds the engine's scheduler remembers a chunk it found stored, so a "
+        "lookup of recently seen chunks does no I/O (absence is never remembered; a chunk gone "
+        "meanwhile is a failed load the engine recomputes, never wrong KV). 0: every lookup "
+        "asks the store.",
+    )
+    connector_save_queue_bytes: int = Field(
+        0,
+        ge=0,
+        description="Bytes of staged KV the engine's connector may queue for saving in the "
+        "background (encode, seal, write off the engine's step thread; a step waits only while "
+        "the queue is full; 64 MiB is a good size). 0: each step encodes and writes the chunks "
+        "it completed before the next step runs. Either way a create is ready only once every "
+        "chunk is stored.",
+    )
+    connector_decoded_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="Bytes of GPU or CPU memory (the KV cache's device) each engine worker may "
+        "spend on a pre-decoded tier: the most recently loaded chunks kept in the engine's "
+        "dtype and layout, so attaching them again is one copy (no fetch, no decode). Chunks "
+        "are promoted into it in the background after a load. 0 turns it off. The store still "
+        "decides what is loaded: a deleted cache is never served from it.",
+    )
+    connector_layerwise_loads: bool = Field(
+        False,
+        description="Load stored KV layer by layer in the background: an engine worker fetches "
+        "and decodes a step's chunks on its own thread and copies them into the paged blocks "
+        "one layer at a time, and each attention layer waits only for its own layer, so the "
+        "forward pass starts while the load runs. Every load is done before the step ends. "
+        "Off: each step loads its chunks before the forward pass.",
+    )
+    connector_warm_on_save: bool = Field(
+        True,
+        description="An engine worker keeps the chunks it saves in its own memory tier too "
+        "(best effort, within `KVAAS_MEMORY_TIER_BYTES`), so the attaches routed back to the "
+        "node that made a cache read no shared tier. Off: the memory tier holds only chunks "
+        "loaded before.",
     )
     engine_prefix_caching: bool = Field(
         True,
@@ -282,6 +366,49 @@ class Settings(BaseSettings):
         description="Interval of the active health probes of the remote engine nodes (each "
         "node's `/health` and model fingerprint; engine=remote).",
     )
+    engine_routing: Literal["cache_aware", "least_loaded", "round_robin"] = Field(
+        "cache_aware",
+        description="How the gateway picks a remote engine node (engine=remote): `cache_aware` "
+        "sends a cache's requests to the node that served it (its memory tier holds the "
+        "chunks) unless that node is unusable or much busier, else the least loaded; "
+        "`least_loaded`; `round_robin`. See the sizing guide.",
+    )
+    engine_node_max_inflight: int = Field(
+        0,
+        ge=0,
+        description="Requests one remote engine node may have in flight (0: no limit); more "
+        "wait in the gateway for a free node (engine=remote).",
+    )
+    engine_node_weights: list[float] = Field(
+        default_factory=list,
+        description="One positive weight per entry of `KVAAS_ENGINE_URLS` (load is compared in "
+        "requests in flight per unit of weight; empty: all 1).",
+    )
+    engine_route_capacity: int = Field(
+        100_000,
+        ge=1,
+        description="Caches the router remembers the node of (least recently used "
+        "forgotten first).",
+    )
+    engine_route_imbalance: float = Field(
+        4.0,
+        gt=0,
+        description="How much busier (requests in flight per unit of weight) than the least "
+        "loaded node a cache's own node may be before its request goes to the least loaded one.",
+    )
+    engine_route_prefix_imbalance: float = Field(
+        1.0,
+        gt=0,
+        description="The same threshold for a node found by the cache's shared first chunk only "
+        "(another cache on the same prefix).",
+    )
+    engine_hot_cache_rate: float = Field(
+        2.0,
+        gt=0,
+        description="Requests per second (decayed, 30 s half-life) at which a cache counts as hot "
+        "and may be pinned to more than one node.",
+    )
+    engine_hot_cache_nodes: int = Field(2, ge=1, description="Nodes a hot cache may be pinned to.")
 
     # --- caches --------------------------------------------------------------------------
     default_ttl_seconds: int = Field(
@@ -405,6 +532,17 @@ class Settings(BaseSettings):
     )
     unauth_rate_limit_burst: int = Field(
         20, ge=1, description="Failed authentications a client address may make at once."
+    )
+    auth_cache_seconds: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description=(
+            "How long this gateway process remembers an API key that authenticated, so a "
+            "client's next requests skip the key lookup (0: look every request up). Revoking "
+            "a key, disabling a tenant or changing its limits takes effect at once on the "
+            "process that made the change and within this many seconds on the others."
+        ),
     )
     idempotency_ttl_seconds: int = Field(
         24 * 3600,
@@ -540,6 +678,13 @@ class Settings(BaseSettings):
     def _check_engine(self) -> Settings:
         if self.engine == "remote" and not self.engine_urls:
             raise ValueError("KVAAS_ENGINE=remote needs KVAAS_ENGINE_URLS (a JSON list of URLs)")
+        if self.engine_node_weights and (
+            len(self.engine_node_weights) != len(self.engine_urls)
+            or min(self.engine_node_weights) <= 0
+        ):
+            raise ValueError(
+                "KVAAS_ENGINE_NODE_WEIGHTS needs one positive weight per entry of KVAAS_ENGINE_URLS"
+            )
         return self
 
     @property

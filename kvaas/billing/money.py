@@ -40,7 +40,7 @@ def parse_minor(text: str, minor_units: int, *, param: str = "amount") -> int:
     if m is None:
         raise BadRequest(
             f"amount must be a plain decimal >= 0 with at most {MAX_MAJOR_DIGITS} digits before "
-            f"the point and {minor_units} after it (e.g. \"250.00\")",
+            f'the point and {minor_units} after it (e.g. "250.00")',
             param=param,
         )
     whole, frac = m.group(1), (m.group(2) or "").ljust(minor_units, "0")

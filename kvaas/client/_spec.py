@@ -140,9 +140,7 @@ class one(Generic[P, R]):
     @overload
     def __get__(self, obj: KVaaS, owner: type[Any]) -> Callable[P, R]: ...
     @overload
-    def __get__(
-        self, obj: AsyncKVaaS, owner: type[Any]
-    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    def __get__(self, obj: AsyncKVaaS, owner: type[Any]) -> Callable[P, Coroutine[Any, Any, R]]: ...
     def __get__(self, obj: Any, owner: type[Any]) -> Any:
         return self if obj is None else obj._bind_one(self.build)
 
