@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "bench-admin-token-0123456789-abcdef"
 CACHE_TOKENS = 1024
 HUGE_CHARS = 4 * 1024 * 1024  # a 4 MB prompt: refused by its length, never tokenized
+#: the phases run beside the noisy tenant (``baseline`` always runs)
+PHASES = frozenset({"at_limit", "noisy", "huge_bodies"})
 
 
 def _corpus_text() -> str:
@@ -55,7 +57,8 @@ def _corpus_text() -> str:
     return Path(os.__file__).read_text() + Path(os.path.__file__).read_text()
 
 
-def _settings(data_dir: Path, tenant_inflight: int, batched: int, chunk: int) -> Any:
+def _settings(data_dir: Path, tenant_inflight: int, engine: dict[str, Any]) -> Any:
+    """The gateway's settings; ``engine``: the engine settings the command line chose."""
     from kvaas.config import Settings
 
     return Settings(
@@ -67,11 +70,10 @@ def _settings(data_dir: Path, tenant_inflight: int, batched: int, chunk: int) ->
         memory_tier_bytes=256 * 1024 * 1024,
         chunk_tokens=256,
         engine_max_model_len=4096,
-        engine_max_batched_tokens=batched,
-        engine_prefill_chunk_tokens=chunk,
         engine_prefix_caching=False,
         engine_kv_cache_gib=2.0,
         tenant_max_inflight=tenant_inflight,
+        **engine,
     )
 
 
@@ -85,23 +87,27 @@ async def _tenant(client: httpx.AsyncClient, name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {r.json()['api_key']['secret']}"}
 
 
-def _stats(ms: list[float]) -> dict[str, float]:
+def _stats(ms: list[float], prefix: str = "") -> dict[str, float]:
     q = statistics.quantiles(ms, n=100, method="inclusive")
-    return {"n": len(ms), "p50_ms": round(q[49], 2), "p99_ms": round(q[98], 2)}
+    out = {f"{prefix}p50_ms": round(q[49], 2), f"{prefix}p99_ms": round(q[98], 2)}
+    return out if prefix else {"n": len(ms), **out}
 
 
 async def _quiet(
     client: httpx.AsyncClient, headers: dict[str, str], cache_id: str, suffix: list[int], n: int
-) -> list[float]:
-    """``n`` sequential attaches; their wall times in ms."""
-    out = []
+) -> tuple[list[float], list[float]]:
+    """``n`` sequential attaches: their wall times and the engine's time to first token (as
+    the attach reports it), in ms."""
+    out: list[float] = []
+    out_engine: list[float] = []
     body = {"cache_id": cache_id, "token_ids": suffix, "max_tokens": 4, "temperature": 0.0}
     for _ in range(n):
         t0 = time.perf_counter()
         r = await client.post("/v1/cache/attach", json=body, headers=headers)
         out.append((time.perf_counter() - t0) * 1e3)
         r.raise_for_status()
-    return out
+        out_engine.append(float(r.json()["usage"]["ttft_ms"] or 0.0))
+    return out, out_engine
 
 
 def _quiet_process(
@@ -110,7 +116,7 @@ def _quiet_process(
     """The quiet tenant as a client of its own (a process, as a remote client would be): its
     ``n`` attach times in ms, put on ``out``."""
 
-    async def main() -> list[float]:
+    async def main() -> tuple[list[float], list[float]]:
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             return await _quiet(client, *quiet, n)
 
@@ -119,13 +125,14 @@ def _quiet_process(
 
 async def _quiet_elsewhere(
     url: str, quiet: tuple[dict[str, str], str, list[int]], n: int
-) -> list[float]:
+) -> tuple[list[float], list[float]]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     proc = ctx.Process(target=_quiet_process, args=(url, quiet, n, out))
     proc.start()
     try:
-        return list(await asyncio.to_thread(out.get, True, 3600))
+        wall, engine = await asyncio.to_thread(out.get, True, 3600)
+        return list(wall), list(engine)
     finally:
         await asyncio.to_thread(proc.join, 60)
 
@@ -262,14 +269,16 @@ async def _phase(
 ) -> dict[str, Any]:
     """The quiet tenant's ``n`` attaches, alone or while the noisy load runs."""
     if noisy is None:
-        return {"phase": name, **_stats(await _quiet_elsewhere(url, quiet, n))}
+        ms, engine_ms = await _quiet_elsewhere(url, quiet, n)
+        return {"phase": name, **_stats(ms), **_stats(engine_ms, "engine_ttft_")}
     async with _noisy(*noisy) as seen:
         await asyncio.sleep(5.0)  # let the noisy load start and reach its steady state
-        ms = await _quiet_elsewhere(url, quiet, n)
+        ms, engine_ms = await _quiet_elsewhere(url, quiet, n)
     client_cpu = seen.pop("client cpu seconds", None)
     return {
         "phase": name,
         **_stats(ms),
+        **_stats(engine_ms, "engine_ttft_"),
         "noisy": dict(sorted(seen.items())),
         "noisy_429": sum(v for k, v in seen.items() if " 429" in k),
         "noisy_client_cpu_s": client_cpu,
@@ -298,11 +307,13 @@ async def _served(app: Any) -> AsyncIterator[str]:
         sock.close()
 
 
-async def run(n: int, tenant_inflight: int, batched: int, chunk: int) -> dict[str, Any]:
+async def run(
+    n: int, tenant_inflight: int, engine: dict[str, Any], only: frozenset[str] = PHASES
+) -> dict[str, Any]:
     from kvaas.app import create_app
 
     with tempfile.TemporaryDirectory(prefix="kvaas-fairness-") as tmp:
-        settings = _settings(Path(tmp), tenant_inflight, batched, chunk)
+        settings = _settings(Path(tmp), tenant_inflight, engine)
         app = create_app(settings)
         async with (
             app.router.lifespan_context(app),
@@ -319,18 +330,15 @@ async def run(n: int, tenant_inflight: int, batched: int, chunk: int) -> dict[st
             quiet = (quiet_h, r.json()["id"], corpus[CACHE_TOKENS : CACHE_TOKENS + 16])
             await _quiet(client, *quiet, 5)  # warm up
             width = 10 * tenant_inflight
-            phases = [
-                await _phase("baseline", url, quiet, n, None),
-                await _phase(
-                    "at_limit",
-                    url,
-                    quiet,
-                    n,
-                    (url, noisy_h, corpus, "noisy", tenant_inflight),
-                ),
-                await _phase("noisy", url, quiet, n, (url, noisy_h, corpus, "noisy", width)),
-                await _phase("huge_bodies", url, quiet, n, (url, noisy_h, corpus, "huge", width)),
-            ]
+            plan = {
+                "at_limit": (url, noisy_h, corpus, "noisy", tenant_inflight),
+                "noisy": (url, noisy_h, corpus, "noisy", width),
+                "huge_bodies": (url, noisy_h, corpus, "huge", width),
+            }
+            phases = [await _phase("baseline", url, quiet, n, None)]
+            for name, load in plan.items():
+                if name in only:
+                    phases.append(await _phase(name, url, quiet, n, load))
     base = phases[0]
     for p in phases[1:]:
         p["p50_ratio"] = round(p["p50_ms"] / base["p50_ms"], 3)
@@ -343,8 +351,15 @@ async def run(n: int, tenant_inflight: int, batched: int, chunk: int) -> dict[st
             "attaches_per_phase": n,
             "engine_max_inflight": settings.engine_max_inflight,
             "tenant_max_inflight": tenant_inflight,
-            "engine_max_batched_tokens": batched,
-            "engine_prefill_chunk_tokens": chunk,
+            **{
+                k: getattr(settings, k)
+                for k in (
+                    "engine_max_batched_tokens",
+                    "engine_prefill_chunk_tokens",
+                    "engine_bulk_step_tokens",
+                    "engine_bulk_max_hold_seconds",
+                )
+            },
             "tenant_max_queued": settings.tenant_max_queued,
             "noisy_workers": 10 * tenant_inflight,
             "huge_prompt_chars": HUGE_CHARS,
@@ -362,12 +377,14 @@ def report(res: dict[str, Any]) -> None:
         f"{c['noisy_workers']} workers (10 x its in-flight limit {c['tenant_max_inflight']})"
     )
     print(
-        f"{'phase':<12} {'n':>4} {'p50 ms':>9} {'p99 ms':>9} {'p50 x':>7} {'p99 x':>7}  noisy 429s"
+        f"{'phase':<12} {'n':>4} {'p50 ms':>9} {'p99 ms':>9} {'p50 x':>7} {'p99 x':>7} "
+        f"{'engine TTFT p50/p99 ms':>23}  noisy 429s"
     )
     for p in res["phases"]:
+        engine = f"{p['engine_ttft_p50_ms']:.1f} / {p['engine_ttft_p99_ms']:.1f}"
         print(
             f"{p['phase']:<12} {p['n']:>4} {p['p50_ms']:>9.1f} {p['p99_ms']:>9.1f} "
-            f"{p.get('p50_ratio', 1.0):>7.2f} {p.get('p99_ratio', 1.0):>7.2f}  "
+            f"{p.get('p50_ratio', 1.0):>7.2f} {p.get('p99_ratio', 1.0):>7.2f} {engine:>23}  "
             f"{p.get('noisy_429', '-')}"
         )
     for p in res["phases"][1:]:
@@ -393,11 +410,55 @@ def main() -> None:
         help="per-request prompt tokens per engine step beside others "
         "(KVAAS_ENGINE_PREFILL_CHUNK_TOKENS; 0: no cap)",
     )
-    args = ap.parse_args()
-    n = args.attaches or (20 if args.quick else 200)
-    res = asyncio.run(
-        run(n, args.tenant_inflight, args.max_batched_tokens, args.prefill_chunk_tokens)
+    ap.add_argument(
+        "--bulk-step-tokens",
+        type=int,
+        default=None,
+        help="tokens per engine step while another tenant's bulk prefill may run "
+        "(KVAAS_ENGINE_BULK_STEP_TOKENS; 0: no cap; default: the setting's)",
     )
+    ap.add_argument(
+        "--bulk-max-hold",
+        type=float,
+        default=None,
+        help="longest hold of bulk prefill beside a lone request "
+        "(KVAAS_ENGINE_BULK_MAX_HOLD_SECONDS; 0: no holding; default: the setting's)",
+    )
+    ap.add_argument(
+        "--database-url",
+        default=None,
+        help="the gateway's database (KVAAS_DATABASE_URL; default: the embedded SQLite file)",
+    )
+    ap.add_argument(
+        "--auth-cache-seconds",
+        type=float,
+        default=None,
+        help="how long the gateway remembers a key that authenticated "
+        "(KVAAS_AUTH_CACHE_SECONDS; 0: look every request up; default: the setting's)",
+    )
+    ap.add_argument(
+        "--phases",
+        default=",".join(sorted(PHASES)),
+        help=f"comma-separated phases to run beside the baseline (of {', '.join(sorted(PHASES))})",
+    )
+    args = ap.parse_args()
+    only = frozenset(p for p in args.phases.split(",") if p)
+    if only - PHASES:
+        ap.error(f"unknown phases: {', '.join(sorted(only - PHASES))}")
+    n = args.attaches or (20 if args.quick else 200)
+    engine: dict[str, Any] = {
+        "engine_max_batched_tokens": args.max_batched_tokens,
+        "engine_prefill_chunk_tokens": args.prefill_chunk_tokens,
+    }
+    if args.bulk_step_tokens is not None:
+        engine["engine_bulk_step_tokens"] = args.bulk_step_tokens
+    if args.bulk_max_hold is not None:
+        engine["engine_bulk_max_hold_seconds"] = args.bulk_max_hold
+    if args.auth_cache_seconds is not None:
+        engine["auth_cache_seconds"] = args.auth_cache_seconds
+    if args.database_url is not None:
+        engine["database_url"] = args.database_url
+    res = asyncio.run(run(n, args.tenant_inflight, engine, only))
     report(res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")

@@ -40,8 +40,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,20 +53,14 @@ from typing import Any
 
 import httpx
 import psutil
+from _serve import ServeError, serve
 
 ROOT = Path(__file__).resolve().parents[1]
-KVAAS = Path(sys.executable).with_name("kvaas")
 ADMIN_TOKEN = "load-bench-admin-token-0123456789abcdef"
 CACHE_TOKENS = 512
 VOCAB = 4000  # token ids drawn below the tiny model's vocabulary (4,096)
 READY_TIMEOUT_S = 600.0
 MIX = {"attach": 35, "get": 15, "list": 15, "create": 15, "usage": 10, "delete": 10}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -77,49 +69,24 @@ def gateway(
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``kvaas serve`` on a free loopback port, once ``/readyz`` answers 200: (URL, process).
     Stopped (SIGTERM, then SIGKILL to its process group) on exit."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVAAS_")}
-    env.update(
-        KVAAS_DATA_DIR=str(data_dir),
-        KVAAS_ADMIN_TOKEN=ADMIN_TOKEN,
-        KVAAS_MODEL="tiny",
-        KVAAS_ENGINE="inprocess",
-        KVAAS_ENGINE_KV_CACHE_GIB="2",
-        KVAAS_LOG_LEVEL="warning",
-    )
+    env = {
+        "KVAAS_DATA_DIR": str(data_dir),
+        "KVAAS_ADMIN_TOKEN": ADMIN_TOKEN,
+        "KVAAS_MODEL": "tiny",
+        "KVAAS_ENGINE": "inprocess",
+        "KVAAS_ENGINE_KV_CACHE_GIB": "2",
+        "KVAAS_LOG_LEVEL": "warning",
+    }
     if database_url:
         env["KVAAS_DATABASE_URL"] = database_url
     if redis_url:
         env["KVAAS_REDIS_URL"] = redis_url
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(KVAAS), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"kvaas serve exited with {proc.returncode}; see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"kvaas serve not ready after {READY_TIMEOUT_S:.0f} s; see {log}")
-            time.sleep(1)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        with serve(env, log, ready_timeout_s=READY_TIMEOUT_S) as gw:
+            assert gw.proc is not None
+            yield gw.url, gw.proc
+    except ServeError as e:
+        raise SystemExit(f"{e}\n(log: {log})") from e
 
 
 class MemorySampler:

@@ -10,17 +10,22 @@ drifts of the machine hit all rows alike:
 - ``example-connector``: vLLM's ``ExampleConnector`` (uncompressed safetensors on disk) loading a
   prompt it stored;
 - ``kvaas-<tier>-<scheme>[-plain]``: attach through the KVaaS connector with the chunks in the
-  ``memory`` tier (the worker's in-process tier), ``redis`` or ``disk``; encrypted at rest
-  (AES-GCM, as in production) or ``-plain`` (a store without encryption).
+  ``decoded`` tier (the worker's pre-decoded chunks: one copy each), the ``memory`` tier (the
+  worker's in-process tier of stored blobs, decoded on load), ``redis`` or ``disk``; encrypted
+  at rest (AES-GCM, as in production) or ``-plain`` (a store without encryption).
 
 The engine has prefix caching on; each attach uses a fresh ``cache_salt`` and fresh chunk keys,
 so the engine's own cache misses and the connector really loads. The engine runs vLLM's
-``MultiConnector`` over two KVaaS stores (encrypted, plain: encryption is a property of a store)
-and ``ExampleConnector``; each request is routed to one of them (``bench/ttft_connectors.py``).
+``MultiConnector`` over three KVaaS stores (encrypted, plain: encryption is a property of a
+store; and an encrypted one whose workers keep a pre-decoded tier, which the other two have
+off) and ``ExampleConnector``; each request is routed to one of them
+(``bench/ttft_connectors.py``).
 Each prompt is prefilled and saved once (scheme ``none``); the bench process re-encodes it per
 scheme and writes it under fresh keys into exactly the tier a sample reads from (``disk``: disk
 only; ``redis``: Redis only; ``memory``: Redis, then one untimed attach promotes it into the
-worker's memory tier). Every attach sample checks that the engine reports the tokens loaded.
+worker's memory tier; ``decoded``: likewise, and the background promotion after that load
+fills the pre-decoded tier, which the timed attach must report it was served from). Every
+attach sample checks that the engine reports the tokens loaded.
 
 The engine core runs in the bench's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no
 hand-off between processes in a TTFT) on one thread (``OMP_NUM_THREADS=1``) bound to core 0
@@ -34,7 +39,13 @@ attach that is not the engine's thread runs (the store's I/O threads, Redis, the
 so the ratio under contention is sampled side by side too.
 
 Reported per row: p25/p50/p75 TTFT, the ratio of medians to the prefix hit (and to the same
-row unencrypted) with a bootstrap 95 % interval. The cost of opening a sealed
+row unencrypted) with a bootstrap 95 % interval, and for attach rows the connector's own
+per-stage times (median ms per stage from the ``load_ms`` of its report: scheduler lookup,
+fetch per tier, verify, promote, the whole store call, decode, copy, the whole load) with
+what they leave unexplained of the attach's TTFT over the prefix hit's. The ``memory`` rows'
+timed attach follows the untimed one with the same keys within the scheduler's presence
+memory (``presence_ttl_s``), so its lookup asks the store nothing, as for a cache attached
+again soon; the ``redis`` and ``disk`` rows always look up fresh keys. The cost of opening a sealed
 chunk (AES-GCM) is timed per chunk in the bench process and set against the attach time.
 
     python bench/ttft.py [--quick] [--json PATH] [--rounds N]
@@ -54,6 +65,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _serve import start_redis
 
 BENCH_DIR = Path(__file__).resolve().parent
 CHUNK = 256
@@ -111,10 +124,15 @@ def _engine(model_dir: str, kv: dict[str, Any]) -> Any:
     )
 
 
+#: The KVaaS connector's report (``kv_transfer_params["kvaas"]``) of the last generation.
+LAST_REPORT: dict[str, Any] = {}
+
+
 def _gen(
     llm: Any, ids: list[int], salt: str, params: dict[str, Any] | None = None
 ) -> tuple[float, int]:
-    """TTFT in ms (wall time of a one-token generation) and the prompt tokens not computed."""
+    """TTFT in ms (wall time of a one-token generation) and the prompt tokens not computed;
+    the connector's report is left in :data:`LAST_REPORT`."""
     from vllm import SamplingParams
 
     extra = {"kv_transfer_params": params} if params else None
@@ -122,14 +140,18 @@ def _gen(
     prompt = {"prompt_token_ids": ids, "cache_salt": salt}
     t0 = time.perf_counter()
     out = llm.generate([prompt], sp, use_tqdm=False)[0]
-    return (time.perf_counter() - t0) * 1e3, int(out.num_cached_tokens or 0)
+    ms = (time.perf_counter() - t0) * 1e3
+    LAST_REPORT.clear()
+    LAST_REPORT.update((out.kv_transfer_params or {}).get("kvaas") or {})
+    return ms, int(out.num_cached_tokens or 0)
 
 
 def _multi_config(roots: dict[str, Path], redis_url: str, memory_bytes: int) -> dict[str, Any]:
     from kvaas.connector import transfer_config
 
-    def kvaas(route: str, encrypted: bool) -> dict[str, Any]:
-        cfg = transfer_config(_store_cfg(roots[route], redis_url, route, encrypted, memory_bytes))
+    def kvaas(route: str, encrypted: bool, decoded_bytes: int = 0) -> dict[str, Any]:
+        store = _store_cfg(roots[route], redis_url, route, encrypted, memory_bytes)
+        cfg = transfer_config(store, decoded_bytes=decoded_bytes)
         cfg["kv_connector"] = "RoutedKVaaSConnector"
         cfg["kv_connector_module_path"] = "ttft_connectors"
         cfg["kv_connector_extra_config"]["bench_route"] = route
@@ -144,6 +166,7 @@ def _multi_config(roots: dict[str, Path], redis_url: str, memory_bytes: int) -> 
             "connectors": [
                 kvaas("enc", True),
                 kvaas("plain", False),
+                kvaas("dec", True, decoded_bytes=memory_bytes),
                 {
                     "kv_connector": "RoutedExampleConnector",
                     "kv_connector_module_path": "ttft_connectors",
@@ -212,9 +235,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     model_dir, lengths, vocab = spec["model_dir"], spec["lengths"], spec["vocab"]
     schemes, rounds, redis_url = spec["schemes"], spec["rounds"], spec["redis_url"]
-    tiers = ("memory", "redis", "disk")
+    tiers = ("decoded", "memory", "redis", "disk")
     base = Path(tempfile.mkdtemp(prefix="kvaas-bench-ttft-"))
-    roots = {r: base / r for r in ("enc", "plain", "example")}
+    roots = {r: base / r for r in ("enc", "plain", "dec", "example")}
     t_start = time.perf_counter()
     torch.set_num_threads(1)
     llm = _engine(model_dir, _multi_config(roots, redis_url, spec["memory_bytes"]))
@@ -222,9 +245,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     # the bench's own handles on the shared tiers (no memory tier), one per store
     stores = {
         r: SyncTieredStore.from_config(
-            StoreConfig.from_dict(_store_cfg(roots[r], redis_url, r, r == "enc", 0))
+            StoreConfig.from_dict(_store_cfg(roots[r], redis_url, r, r != "plain", 0))
         )
-        for r in ("enc", "plain")
+        for r in ("enc", "plain", "dec")
     }
     for s in stores.values():
         s.open()
@@ -247,6 +270,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     _gen(llm, new_prompt(256), fresh_salt())  # warm-up
     samples: dict[str, list[float]] = {}
+    stages: dict[str, list[dict[str, float]]] = {}  # per attach sample: the connector's ms
     info: dict[str, Any] = {"engine_start_s": round(engine_s, 1), "seal_open": {}}
 
     def one_length(n: int) -> None:
@@ -299,7 +323,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             keys = tuple(
                 chunk_keys(prompt, namespace=ns, model_fingerprint=FINGERPRINT, scheme_id=scheme)
             )
-            enc = route == "enc"
+            enc = route != "plain"
             sk = sealer_for(ns, scheme) if enc else None
             items = list(zip(keys, blobs[scheme], strict=True))
             stores[route].put_chunks(items, "cold" if tier == "disk" else "hot", sk)
@@ -312,13 +336,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 seal=master.tenant_keys(ns) if enc else None,
             )
             params = {**plan.to_params(), "bench_route": route}
-            if tier == "memory":  # one untimed attach promotes the chunks into memory
-                # (the chunks stay in Redis too: the scheduler's lookup sees the shared
-                # tiers only, the worker reads its memory tier first)
+            if tier in ("memory", "decoded"):  # an untimed attach promotes the chunks
+                # into memory (the chunks stay in Redis too: the scheduler's lookup sees the
+                # shared tiers only, the worker reads its memory tier first); the decoded
+                # tier is filled by a background thread after that load: given a moment
                 _gen(llm, prompt, fresh_salt(), params)
+                if tier == "decoded":
+                    time.sleep(0.05)
             ms, got = _gen(llm, prompt, fresh_salt(), params)
             if got < min(expect, n_chunks * CHUNK):  # only full chunks are stored
                 raise RuntimeError(f"{tier}/{scheme}/{route}: loaded only {got} tokens")
+            if tier == "decoded" and int(LAST_REPORT.get("decoded_tokens") or 0) < got:
+                raise RuntimeError(f"decoded/{scheme}: not served from the decoded tier")
             store = stores[route].store
             for t in ("redis", "disk"):
                 stores[route]._call(store.tier(t).delete_many, list(keys))
@@ -336,8 +365,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             )
         for tier in tiers:
             for s in schemes:
-                for route in ("enc", "plain"):
-                    label = f"kvaas-{tier}-{s}" + ("" if route == "enc" else "-plain")
+                for route in ("dec",) if tier == "decoded" else ("enc", "plain"):
+                    label = f"kvaas-{tier}-{s}" + ("-plain" if route == "plain" else "")
                     configs.append((label, lambda t=tier, s=s, r=route: attach(t, s, r)))
         for r in range(rounds):
             load = "loaded" if spec["loaded"] and r % 2 else "idle"
@@ -349,6 +378,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 burner.resume()
             for label, fn in order:
                 samples.setdefault(f"{label}/{load}/{n}", []).append(fn())
+                if label.startswith("kvaas-"):
+                    stages.setdefault(f"{label}/{load}/{n}", []).append(
+                        dict(LAST_REPORT.get("load_ms") or {})
+                    )
             burner.pause()
             print(f"  {n} tokens: round {r + 1}/{rounds} ({load})", file=sys.stderr, flush=True)
         info[f"cached/{n}"] = expect
@@ -361,7 +394,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         burner.close()
         for s in stores.values():
             s.close()
-    return {"samples": samples, "info": info}
+    return {"samples": samples, "stages": stages, "info": info}
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -379,46 +412,6 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         if out.returncode == 0 and result.exists():
             return dict(json.loads(result.read_text()))
     raise RuntimeError(f"engine failed:\n{out.stderr[-4000:]}")
-
-
-def _start_redis() -> tuple[str, subprocess.Popen[bytes], str]:
-    """A throw-away redis-server for the bench's chunks (never the shared one)."""
-    import shutil
-    import socket
-
-    import redis
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="kvaas-bench-redis-")
-    server = shutil.which("redis-server") or "redis-server"
-    proc = subprocess.Popen(
-        [
-            server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(100):
-        try:
-            redis.Redis.from_url(url, socket_timeout=1).ping()
-            return url, proc, workdir
-        except redis.RedisError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the bench's redis-server did not start")
 
 
 # --------------------------------------------------------------------------- report
@@ -469,9 +462,24 @@ def summarize(
                         if so:
                             row["open_ms_per_attach"] = so["open_ms_per_attach"]
                             row["open_share_of_attach"] = round(so["open_ms_per_attach"] / p50, 6)
+                per = results.get("stages", {}).get(f"{label}/{load}/{n}")
+                if per:
+                    row.update(stage_columns(per, p50 - statistics.median(hit)))
                 row["samples_ms"] = [round(x, 2) for x in xs]
                 rows.append(row)
     return rows
+
+
+def stage_columns(per_sample: list[dict[str, float]], extra_ms: float) -> dict[str, Any]:
+    """The connector's per-stage times (median ms over the samples, per stage; see
+    :mod:`kvaas.connector.timings`) and what they leave unexplained: the attach's median
+    TTFT over the prefix hit's, less the scheduler's lookup and the worker's whole load."""
+    keys = sorted({k for s in per_sample for k in s})
+    med = {k: round(statistics.median([s.get(k, 0.0) for s in per_sample]), 3) for k in keys}
+    out: dict[str, Any] = {"stage_ms": med}
+    if "load" in med:
+        out["unaccounted_ms"] = round(extra_ms - med["load"] - med.get("lookup", 0.0), 2)
+    return out
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -512,6 +520,23 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
             enc,
         )
     Console(width=170).print(table)
+    staged = [r for r in rows if r.get("stage_ms")]
+    if not staged:
+        return
+    st = Table(title="Where an attach's time goes: median ms per stage (connector's report)")
+    for col in ("model", "tokens", "load", "config", *STAGES, "unaccounted"):
+        st.add_column(col, justify="right", no_wrap=True)
+    for r in staged:
+        cells = _stage_cells(r["stage_ms"])
+        st.add_row(
+            r["model"],
+            str(r["tokens"]),
+            r["load"],
+            r["config"],
+            *cells,
+            f"{r.get('unaccounted_ms', 0.0):.1f}",
+        )
+    Console(width=170).print(st)
 
 
 def _label(config: str) -> str:
@@ -528,6 +553,35 @@ def _label(config: str) -> str:
 def _scheme(config: str) -> str | None:
     parts = config.split("-")
     return parts[2] if config.startswith("kvaas-") else None
+
+
+#: The connector's load stages, in the order a load runs them (:mod:`kvaas.connector.timings`).
+STAGES = ("lookup", "decoded", "fetch", "verify", "promote", "store", "decode", "copy", "load")
+
+
+def _stage_cells(ms: dict[str, float]) -> list[str]:
+    """Median ms per stage; ``fetch`` is the sum over the tiers asked."""
+    fetch = sum(v for k, v in ms.items() if k.startswith("fetch:"))
+    return [f"{fetch:.2f}" if k == "fetch" else f"{ms.get(k, 0.0):.2f}" for k in STAGES]
+
+
+def _stage_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-stage table: where each attach row's time goes, and what is unaccounted (the
+    attach's median TTFT over the prefix hit's, less the lookup and the worker's load)."""
+    staged = [r for r in rows if r.get("stage_ms")]
+    if not staged:
+        return []
+    out = ["**Where an attach's time goes: median ms per stage (the connector's report)**\n"]
+    out.append("| model | tokens | load | config | " + " | ".join(STAGES) + " | unaccounted ms |")
+    out.append("|---|---:|---|---|" + "---:|" * (len(STAGES) + 1))
+    for r in staged:
+        cells = " | ".join(_stage_cells(r["stage_ms"]))
+        out.append(
+            f"| {r['model']} | {r['tokens']} | {r['load']} | {_label(r['config'])} | {cells} "
+            f"| {r.get('unaccounted_ms', 0.0):.1f} |"
+        )
+    out.append("")
+    return out
 
 
 def markdown(doc: dict[str, Any], scheme: str = "int4") -> str:
@@ -562,6 +616,7 @@ def markdown(doc: dict[str, Any], scheme: str = "int4") -> str:
                 f"| {cold} | {enc} | {opened} |"
             )
         out.append("")
+    out.extend(_stage_markdown(rows))
     out.append("**Encryption at rest: encrypted / plain attach TTFT, every scheme**\n")
     out.append(
         "| model | tokens | load | tier | scheme | encrypted / plain [95 % CI] "
@@ -627,7 +682,7 @@ def main() -> int:
     redis_proc = None
     redis_url = args.redis_url
     if redis_url is None:
-        redis_url, redis_proc, _ = _start_redis()
+        redis_url, redis_proc, _ = start_redis()
     rows: list[dict[str, Any]] = []
     meta: dict[str, Any] = {"models": {}}
     try:
