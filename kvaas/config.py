@@ -284,6 +284,15 @@ class Settings(BaseSettings):
         "prefill is held back, each request at most this long since it last computed (then it "
         "runs one step); 0 turns holding off. See `kvaas.engine.scheduler`.",
     )
+    engine_ipc_spin_seconds: float | None = Field(
+        None,
+        ge=0,
+        le=10,
+        description="How long vLLM's processes poll their step queues in a busy loop after a "
+        "read before they sleep on the queue's socket. Unset: 0 on a CPU engine (a spinning "
+        "process takes a core from the forward pass and the gateway), vLLM's own 1 s on a GPU. "
+        "See `kvaas.engine.ipc_wait`.",
+    )
     connector_presence_ttl_seconds: float = Field(
         2.0,
         ge=0,

@@ -46,6 +46,7 @@ def engine_command(
         prefill_chunk_tokens=s.engine_prefill_chunk_tokens,
         bulk_step_tokens=s.engine_bulk_step_tokens,
         bulk_max_hold_s=s.engine_bulk_max_hold_seconds,
+        ipc_spin_s=s.engine_ipc_spin_seconds,
         presence_ttl_s=s.connector_presence_ttl_seconds,
         save_queue_bytes=s.connector_save_queue_bytes,
         decoded_bytes=s.connector_decoded_bytes,

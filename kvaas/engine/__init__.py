@@ -72,6 +72,7 @@ def build_engine(settings: Settings) -> Engine | None:
         prefill_chunk_tokens=settings.engine_prefill_chunk_tokens,
         bulk_step_tokens=settings.engine_bulk_step_tokens,
         bulk_max_hold_s=settings.engine_bulk_max_hold_seconds,
+        ipc_spin_s=settings.engine_ipc_spin_seconds,
         presence_ttl_s=settings.connector_presence_ttl_seconds,
         save_queue_bytes=settings.connector_save_queue_bytes,
         decoded_bytes=settings.connector_decoded_bytes,

@@ -28,7 +28,7 @@ from kvaas.codec.sizing import KVDtype
 from kvaas.connector import transfer_config
 from kvaas.connector.params import TransferPlan
 from kvaas.connector.timings import observe_load_report
-from kvaas.engine import priorities
+from kvaas.engine import ipc_wait, priorities
 from kvaas.engine.base import Engine, EngineError, Generation, Liveness, Sampling
 from kvaas.engine.device import Eager, eager, memory_args, on_gpu
 from kvaas.engine.model_info import ModelInfo
@@ -105,6 +105,7 @@ class InProcessEngine(Engine):
         prefill_chunk_tokens: int = 0,
         bulk_step_tokens: int = priorities.DEFAULT_BULK_STEP_TOKENS,
         bulk_max_hold_s: float = priorities.DEFAULT_MAX_HOLD_S,
+        ipc_spin_s: float | None = None,
         presence_ttl_s: float | None = None,
         save_queue_bytes: int | None = None,
         decoded_bytes: int | None = None,
@@ -133,6 +134,7 @@ class InProcessEngine(Engine):
         self._layerwise_loads = layerwise_loads
         self._warm_on_save = warm_on_save
         self._scheduler_options = priorities.options(bulk_step_tokens, bulk_max_hold_s)
+        self._ipc_spin_s = ipc_spin_s
         self._prefix_caching = prefix_caching
         self._kv_cache_gib = kv_cache_gib
         self._world = (tensor_parallel_size, pipeline_parallel_size)
@@ -207,6 +209,8 @@ class InProcessEngine(Engine):
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self._kv_cache_gib))))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if self._ipc_spin_s is not None:  # read by vLLM's processes (kvaas.engine.ipc_wait)
+            os.environ[ipc_wait.SPIN_ENV] = repr(self._ipc_spin_s)
 
         self._llm = self._new_llm()
         self._block_size = self._llm.vllm_config.cache_config.block_size

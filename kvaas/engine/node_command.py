@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from kvaas.connector import REDIS_URL_ENV, transfer_config
 from kvaas.engine.device import Eager, eager, memory_args
+from kvaas.engine.ipc_wait import SPIN_ENV
 from kvaas.engine.priorities import DEFAULT_BULK_STEP_TOKENS, DEFAULT_MAX_HOLD_S, SCHEDULER_CLS
 from kvaas.engine.priorities import options as scheduler_options
 
@@ -56,6 +57,7 @@ def serve_command(
     prefill_chunk_tokens: int = 0,
     bulk_step_tokens: int = DEFAULT_BULK_STEP_TOKENS,
     bulk_max_hold_s: float = DEFAULT_MAX_HOLD_S,
+    ipc_spin_s: float | None = None,
     presence_ttl_s: float | None = None,
     save_queue_bytes: int | None = None,
     decoded_bytes: int | None = None,
@@ -87,6 +89,8 @@ def serve_command(
         env[REDIS_URL_ENV] = str(store["redis_url"])
     if api_key:
         env["VLLM_API_KEY"] = api_key
+    if ipc_spin_s is not None:  # read by vLLM's processes (kvaas.engine.ipc_wait)
+        env[SPIN_ENV] = repr(ipc_spin_s)
     cmd = [
         "python",
         "-m",
