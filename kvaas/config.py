@@ -289,7 +289,8 @@ class Settings(BaseSettings):
         ge=0,
         le=10,
         description="How long vLLM's processes poll their step queues in a busy loop after a "
-        "read before they sleep on the queue's socket. Unset: 0 on a CPU engine (a spinning "
+        "read before they sleep on the queue's socket (a sleeping reader looks again within "
+        "1-50 ms, so a lost wake-up never holds a step). Unset: 0 on a CPU engine (a spinning "
         "process takes a core from the forward pass and the gateway), vLLM's own 1 s on a GPU. "
         "See `kvaas.engine.ipc_wait`.",
     )

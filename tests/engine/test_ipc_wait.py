@@ -9,7 +9,10 @@ after a request, its worker sleeps instead of burning a core.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -47,12 +50,29 @@ def test_a_bad_window_is_refused(raw: str) -> None:
         ipc_wait.spin_window(raw, cpu=True)
 
 
-def _pair() -> tuple[Any, SpinCondition, SpinCondition]:
+@contextlib.contextmanager
+def _queue_pair(ours: bool) -> Iterator[tuple[SpinCondition, SpinCondition]]:
+    """A writer's and a reader's ``SpinCondition`` on one real zmq socket pair, waiting the
+    way ``ours`` says (this module's wait with no spin, or vLLM's own) while in the block."""
+    original = SpinCondition.wait
+    vllms = getattr(original, "__wrapped__", original)
     ctx = zmq.Context()
     address = get_open_zmq_ipc_path()
     writer = SpinCondition(is_reader=False, context=ctx, notify_address=address)
     reader = SpinCondition(is_reader=True, context=ctx, notify_address=address)
-    return ctx, writer, reader
+    try:
+        SpinCondition.wait = ipc_wait.capped_wait(vllms, 0.0) if ours else vllms  # type: ignore[method-assign]
+        yield writer, reader
+    finally:
+        SpinCondition.wait = original  # type: ignore[method-assign]
+        for sock in (
+            reader.local_notify_socket,
+            reader.read_cancel_socket,
+            reader.write_cancel_socket,
+            writer.local_notify_socket,
+        ):
+            sock.close(linger=0)
+        ctx.term()
 
 
 def _notify_until_queued(writer: SpinCondition, reader: SpinCondition) -> None:
@@ -65,31 +85,36 @@ def _notify_until_queued(writer: SpinCondition, reader: SpinCondition) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("capped", [True, False])
-def test_a_reader_that_just_read_sleeps_on_the_socket_only_when_capped(capped: bool) -> None:
-    """vLLM's reader, having just read, yields and returns without looking at its socket; the
-    capped one waits on the socket (and takes the queued notification)."""
-    original = SpinCondition.wait
-    vllms = getattr(original, "__wrapped__", original)
-    ctx, writer, reader = _pair()
-    try:
-        chosen = ipc_wait.capped_wait(vllms, 0.0) if capped else vllms
-        SpinCondition.wait = chosen  # type: ignore[method-assign]
+@pytest.mark.parametrize("ours", [True, False])
+def test_a_reader_that_just_read_sleeps_on_the_socket_only_when_capped(ours: bool) -> None:
+    """vLLM's reader, having just read, yields and returns without looking at its socket; ours
+    (no spin) waits on the socket and takes the queued notification."""
+    with _queue_pair(ours) as (writer, reader):
         _notify_until_queued(writer, reader)
         reader.record_read()  # it has just read: inside vLLM's one-second window
         reader.wait(timeout_ms=5000)
-        still_queued = bool(reader.local_notify_socket.poll(0))
-        assert still_queued is (not capped)
-    finally:
-        SpinCondition.wait = original  # type: ignore[method-assign]
-        for sock in (
-            reader.local_notify_socket,
-            reader.read_cancel_socket,
-            reader.write_cancel_socket,
-            writer.local_notify_socket,
-        ):
-            sock.close(linger=0)
-        ctx.term()
+        assert bool(reader.local_notify_socket.poll(0)) is (not ours)
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_a_sleeping_reader_looks_again_without_a_signal(ours: bool) -> None:
+    """A write whose signal was lost: vLLM's reader sleeps on until its timeout (5 s in vLLM's
+    read loop; indefinitely here), ours returns within its poll bound to look at the buffer."""
+    with _queue_pair(ours) as (_writer, reader):
+        reader.last_read = time.monotonic() - 10  # idle: past any spin window
+        waiter = threading.Thread(target=reader.wait, kwargs={"timeout_ms": None}, daemon=True)
+        waiter.start()
+        waiter.join(timeout=2.0)  # the bound after 10 s idle: 50 ms
+        returned = not waiter.is_alive()
+        reader.cancel()  # wake vLLM's, which would sleep for ever
+        waiter.join(timeout=10)
+        assert returned is ours
+
+
+def test_the_poll_bound_grows_with_idle_time_within_limits() -> None:
+    assert ipc_wait.poll_bound_ms(0.0) == 1
+    assert ipc_wait.poll_bound_ms(0.2) == 10
+    assert ipc_wait.poll_bound_ms(60.0) == 50
 
 
 def _worker_processes(g: Gateway) -> list[psutil.Process]:
