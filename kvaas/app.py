@@ -25,6 +25,7 @@ from kvaas.api.invoices import router as invoices_router
 from kvaas.api.lifecycle import router as lifecycle_router
 from kvaas.api.limits_docs import document_limits
 from kvaas.api.middleware import RequestContextMiddleware
+from kvaas.api.pacing import RefusalPacingMiddleware
 from kvaas.api.ratelimit import RateLimitMiddleware, build_address_guard, build_limiter
 from kvaas.api.scopes import check_scoped, document_scopes
 from kvaas.api.stripe_webhook import router as stripe_webhook_router
@@ -292,6 +293,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limiter=app.state.rate_limiter,
         guard=build_address_guard(settings),
     )
+    # every 429 is held a moment: a client retrying at once cannot flood the process
+    app.add_middleware(RefusalPacingMiddleware, pace_s=settings.refusal_pace_seconds)
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_request_bytes,

@@ -554,6 +554,16 @@ class Settings(BaseSettings):
             "process that made the change and within this many seconds on the others."
         ),
     )
+    refusal_pace_seconds: float = Field(
+        0.25,
+        ge=0,
+        le=5,
+        description=(
+            "How long a `429` answer (engine busy, rate limit, ...) is held before it is sent, "
+            "so a client that retries at once in a loop makes at most one try per this many "
+            "seconds per connection (0: answer at once). See `kvaas.api.pacing`."
+        ),
+    )
     idempotency_ttl_seconds: int = Field(
         24 * 3600,
         ge=60,
