@@ -7,18 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from kvtest.caches import corpus_ids, new_client
+from kvtest.caches import corpus_ids, load_stage_count, new_client
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
-
-METRIC = "kvaas_connector_load_stage_seconds_count"
-
-
-async def _count(http, stage: str) -> float:  # type: ignore[no-untyped-def]
-    text = (await http.get("/metrics")).text
-    prefix = f'{METRIC}{{stage="{stage}",tier="all"}} '
-    lines = [ln for ln in text.splitlines() if ln.startswith(prefix)]
-    return float(lines[0].removeprefix(prefix)) if lines else 0.0
 
 
 async def test_a_cache_attached_again_is_served_from_the_decoded_tier(gateway) -> None:  # type: ignore[no-untyped-def]
@@ -27,11 +18,12 @@ async def test_a_cache_attached_again_is_served_from_the_decoded_tier(gateway) -
     ids = corpus_ids(gateway)[7000:7800]
     cache = await client.create(ids, compression="int4")
     body = {"cache_id": cache["id"], "token_ids": [10, 11, 12], "max_tokens": 4}
-    before = await _count(client.http, "decoded")
+    before = await load_stage_count(client.http, "decoded")
     first = await client.attach(**body)
     assert first.status_code == 200, first.text
     assert first.json()["usage"]["cached_tokens"] >= 512  # loaded from the store
-    assert await _count(client.http, "decoded") == before  # nothing of it was decoded before
+    # nothing of it was decoded before
+    assert await load_stage_count(client.http, "decoded") == before
     # promotion runs in the background after the load: a later attach finds the chunks
     for _ in range(20):
         await asyncio.sleep(0.1)
@@ -39,7 +31,7 @@ async def test_a_cache_attached_again_is_served_from_the_decoded_tier(gateway) -
         assert again.status_code == 200, again.text
         assert again.json()["choices"][0]["token_ids"] == first.json()["choices"][0]["token_ids"]
         assert again.json()["usage"]["cached_tokens"] == first.json()["usage"]["cached_tokens"]
-        if await _count(client.http, "decoded") > before:
+        if await load_stage_count(client.http, "decoded") > before:
             break
     else:
         pytest.fail("no attach was served from the decoded tier")

@@ -16,6 +16,17 @@ from kvtest.gateway import admin_headers
 
 _CORPUS: list[int] = []
 
+LOAD_STAGE_COUNT = "kvaas_connector_load_stage_seconds_count"
+
+
+async def load_stage_count(http: httpx.AsyncClient, stage: str) -> float:
+    """How many loads the gateway's ``/metrics`` counts for the connector's ``stage`` (all
+    tiers); 0 before the first."""
+    text = (await http.get("/metrics")).text
+    prefix = f'{LOAD_STAGE_COUNT}{{stage="{stage}",tier="all"}} '
+    lines = [ln for ln in text.splitlines() if ln.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+
 
 def corpus_ids(gateway: Any) -> list[int]:
     """Token ids of real text (the standard library's ``os`` module), about 14k of them."""
