@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtest.codec_reference import reference_decode
+from kvtest.codec_reference import Staging, reference_decode
 
 from kvaas import codec
 from kvaas.codec import InvalidInputError
@@ -43,19 +43,12 @@ def test_decode_and_decode_into_match_the_reference_bit_for_bit(
     blob = codec.encode(_kv(shape, dtype), scheme)
     ref = reference_decode(blob)
     assert torch.equal(_bits(codec.decode(blob)), _bits(ref))
-    L, _, T, H, D = shape
-    # token-major destinations, as a staging buffer slices them: keys [L, H, T, D] dense,
-    # values [L, T, H, D] memory seen as [L, H, T, D]; both slices of wider buffers
-    kbuf = torch.full((L, H, T + 5, D), 7.0, dtype=dtype)
-    vbuf = torch.full((L, T + 5, H, D), 7.0, dtype=dtype)
-    keys, values = kbuf[:, :, 3 : 3 + T], vbuf[:, 3 : 3 + T].transpose(1, 2)
-    header = codec.decode_into(blob, keys, values, verified=True)
+    staging = Staging(shape, dtype)
+    header = codec.decode_into(blob, staging.keys, staging.values, verified=True)
     assert header.shape == tuple(shape)
-    assert torch.equal(_bits(keys), _bits(ref[:, 0].transpose(1, 2)))
-    assert torch.equal(_bits(values), _bits(ref[:, 1].transpose(1, 2)))
-    # nothing outside the destination slices was written
-    assert torch.all(kbuf[:, :, :3] == 7.0) and torch.all(kbuf[:, :, 3 + T :] == 7.0)
-    assert torch.all(vbuf[:, :3] == 7.0) and torch.all(vbuf[:, 3 + T :] == 7.0)
+    assert torch.equal(_bits(staging.keys), _bits(ref[:, 0].transpose(1, 2)))
+    assert torch.equal(_bits(staging.values), _bits(ref[:, 1].transpose(1, 2)))
+    assert staging.untouched_outside()
 
 
 def test_decode_into_refuses_a_destination_of_another_shape_or_dtype() -> None:

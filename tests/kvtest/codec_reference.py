@@ -66,3 +66,29 @@ def reference_decode(blob: bytes) -> torch.Tensor:
     out[:, 0].copy_(k.permute(0, 3, 1, 2))
     out[:, 1].copy_(v)
     return out
+
+
+class Staging:
+    """Token-major decode destinations, as the connector's staging buffer slices them: keys
+    ``[L, H, T, D]`` dense and values ``[L, T, H, D]`` memory seen as ``[L, H, T, D]``, each a
+    slice (tokens 3 to 3 + T) of a wider buffer filled with 7.0, for a chunk of ``shape``
+    ``[L, 2, T, H, D]``."""
+
+    FILL = 7.0
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        layers, _, self.tokens, heads, dim = shape
+        self._kbuf = torch.full((layers, heads, self.tokens + 5, dim), self.FILL, dtype=dtype)
+        self._vbuf = torch.full((layers, self.tokens + 5, heads, dim), self.FILL, dtype=dtype)
+        self.keys = self._kbuf[:, :, 3 : 3 + self.tokens]
+        self.values = self._vbuf[:, 3 : 3 + self.tokens].transpose(1, 2)
+
+    def untouched_outside(self) -> bool:
+        """Nothing outside the two destination slices was written."""
+        t, k, v = self.tokens, self._kbuf, self._vbuf
+        return bool(
+            torch.all(k[:, :, :3] == self.FILL)
+            and torch.all(k[:, :, 3 + t :] == self.FILL)
+            and torch.all(v[:, :3] == self.FILL)
+            and torch.all(v[:, 3 + t :] == self.FILL)
+        )
