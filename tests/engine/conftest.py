@@ -16,10 +16,9 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from kvtest.gateway import ADMIN_TOKEN, admin_headers
+from kvtest.gateway import ADMIN_TOKEN, new_tenant, serving
 from kvtest.services import REDIS_URL, PgSchema
 
-from kvaas.app import create_app
 from kvaas.config import Settings
 
 
@@ -74,20 +73,10 @@ async def gateway(
     tmp_path_factory: pytest.TempPathFactory, engine_pg: PgSchema
 ) -> AsyncIterator[Gateway]:
     settings = engine_settings(tmp_path_factory.mktemp("kvaas"), engine_pg.url)
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://kvaas.test", timeout=300
-        ) as client:
-            keys = []
-            for name in ("engine-a", "engine-b"):
-                r = await client.post(
-                    "/admin/api/tenants", json={"name": name}, headers=admin_headers()
-                )
-                assert r.status_code == 201, r.text
-                keys.append(r.json()["api_key"]["secret"])
-            yield Gateway(app, client, settings, keys[0], keys[1])
+    async with serving(settings, request_timeout_s=300) as (app, client):
+        _a, first = await new_tenant(client, "engine-a")
+        _b, second = await new_tenant(client, "engine-b")
+        yield Gateway(app, client, settings, first, second)
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
-import httpx
 import pytest
 from kvtest.caches import corpus_ids, new_client
+from kvtest.gateway import serving
 from kvtest.services import PgSchema
 
-from kvaas.app import create_app
 from kvaas.connector.saver import RECOMMENDED_QUEUE_BYTES
 from kvaas.services.caches import creation
 
@@ -38,13 +37,8 @@ async def bg_gateway(
         engine_pg.url,
         connector_save_queue_bytes=RECOMMENDED_QUEUE_BYTES,
     )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://kvaas.test", timeout=300
-        ) as client:
-            yield SimpleNamespace(app=app, client=client, settings=settings)
+    async with serving(settings, request_timeout_s=300) as (app, client):
+        yield SimpleNamespace(app=app, client=client, settings=settings)
 
 
 async def test_a_create_is_ready_only_with_every_chunk_stored(

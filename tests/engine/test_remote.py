@@ -13,9 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from kvtest.gateway import admin_headers
+from kvtest.gateway import new_tenant, serving
 
-from kvaas.app import create_app
 from kvaas.engine import Sampling, kv_dtype
 from kvaas.engine.node_command import serve_command
 from kvaas.engine.priorities import ALONE, ENGINE_PRIORITY, SHARED
@@ -92,18 +91,9 @@ async def remote_gateway(gateway: Gateway, vllm_node: str) -> AsyncIterator[Gate
         redis_prefix=s.redis_prefix,
         auto_migrate=False,
     )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://kvaas.test", timeout=300
-        ) as client:
-            r = await client.post(
-                "/admin/api/tenants", json={"name": "remote-a"}, headers=admin_headers()
-            )
-            assert r.status_code == 201, r.text
-            key = r.json()["api_key"]["secret"]
-            yield Gateway(app, client, settings, key, key)
+    async with serving(settings, request_timeout_s=300) as (app, client):
+        _t, key = await new_tenant(client, "remote-a")
+        yield Gateway(app, client, settings, key, key)
 
 
 async def test_remote_attach_matches_cold_in_process_run(

@@ -15,13 +15,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 from kvtest.caches import corpus_ids, new_client
-from kvtest.gateway import admin_headers
+from kvtest.gateway import new_tenant, serving
 from kvtest.services import PgSchema
 
-from kvaas.app import create_app
 from kvaas.services import outbox
 from kvaas.store.keys import shard_keys
 
@@ -42,19 +40,10 @@ async def tp_gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
         engine_max_model_len=2048,
         engine_kv_cache_gib=0.5,
     )
-    app = create_app(settings)
     try:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://kvaas.test", timeout=600
-            ) as client:
-                r = await client.post(
-                    "/admin/api/tenants", json={"name": "tp"}, headers=admin_headers()
-                )
-                assert r.status_code == 201, r.text
-                key = r.json()["api_key"]["secret"]
-                yield Gateway(app, client, settings, key, key)
+        async with serving(settings, request_timeout_s=600) as (app, client):
+            _t, key = await new_tenant(client, "tp")
+            yield Gateway(app, client, settings, key, key)
     finally:
         schema.drop()
 

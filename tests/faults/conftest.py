@@ -13,10 +13,9 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
-from kvtest.gateway import ADMIN_TOKEN, admin_headers
+from kvtest.gateway import ADMIN_TOKEN, new_tenant, serving
 from kvtest.services import REDIS_URL
 
-from kvaas.app import create_app
 from kvaas.config import Settings
 
 
@@ -56,14 +55,6 @@ def fault_settings(data_dir: Path, database_url: str, **overrides: Any) -> Setti
 @asynccontextmanager
 async def running_gateway(settings: Settings, tenant: str = "fault") -> AsyncIterator[Gateway]:
     """``settings``' app with its lifespan running, an in-process client and a tenant's key."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://kvaas.test", timeout=300
-        ) as client:
-            r = await client.post(
-                "/admin/api/tenants", json={"name": tenant}, headers=admin_headers()
-            )
-            assert r.status_code == 201, r.text
-            yield Gateway(app, client, settings, r.json()["api_key"]["secret"])
+    async with serving(settings, request_timeout_s=300) as (app, client):
+        _t, key = await new_tenant(client, tenant)
+        yield Gateway(app, client, settings, key)

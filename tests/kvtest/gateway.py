@@ -28,6 +28,27 @@ async def new_tenant(client: httpx.AsyncClient, name: str = "acme") -> tuple[dic
 
 
 @asynccontextmanager
+async def serving(
+    settings: Settings,
+    prepare: Callable[[FastAPI], None] | None = None,
+    request_timeout_s: float | None = None,
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """``settings``' app with its lifespan running and an in-process HTTP client to it
+    (``request_timeout_s`` seconds per request; ``None``: httpx's default). ``prepare(app)``
+    runs before start-up (e.g. to add a test router)."""
+    app = create_app(settings)
+    if prepare is not None:
+        prepare(app)
+    kwargs: dict[str, Any] = {} if request_timeout_s is None else {"timeout": request_timeout_s}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://kvaas.test", **kwargs
+        ) as client:
+            yield app, client
+
+
+@asynccontextmanager
 async def running_app(
     prepare: Callable[[FastAPI], None] | None = None, **values: Any
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
@@ -35,10 +56,5 @@ async def running_app(
     running, and an in-process HTTP client to it. ``prepare(app)`` runs before start-up (e.g.
     to add a test router)."""
     settings = Settings(_env_file=None, **{"engine": "none", **values})  # type: ignore[call-arg]
-    app = create_app(settings)
-    if prepare is not None:
-        prepare(app)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://kvaas.test") as c:
-            yield app, c
+    async with serving(settings, prepare) as (app, c):
+        yield app, c
