@@ -300,7 +300,9 @@ class RemoteEngine(Engine):
 
     async def health(self) -> str:
         """``k/N`` nodes up (their last request or probe succeeded); :class:`Degraded` below
-        ``N``; :class:`EngineError` when no node is usable (all ejected or refused)."""
+        ``N``, naming how many of the others are refused, ejected (routed nothing) and failing
+        (still routed until ``max_failures``); :class:`EngineError` when no node is usable (all
+        ejected or refused)."""
         now = time.monotonic()
         usable = [n for n in self.nodes if n.usable(now)]
         up = [n for n in usable if n.failures == 0]
@@ -315,12 +317,13 @@ class RemoteEngine(Engine):
         line = f"{len(up)}/{total} vllm serve nodes up"
         if len(up) == total:
             return line
-        why = (
-            f"{refused} refused: model fingerprint or world differs"
-            if refused
-            else "others failing"
-        )
-        return Degraded(f"{line} ({why})")
+        ejected = sum(1 for n in self.nodes if n.refused is None and not n.usable(now))
+        why = [f"{refused} refused: model fingerprint or world differs"] if refused else []
+        if ejected:  # routed nothing (unless no other node is left to try)
+            why.append(f"{ejected} ejected")
+        if total - len(up) - refused - ejected:  # still routed until max_failures
+            why.append(f"{total - len(up) - refused - ejected} failing")
+        return Degraded(f"{line} ({'; '.join(why)})")
 
     async def _pick(self, tried: set[str], keys: Sequence[bytes]) -> Node | None:
         """The node the router chooses among those not yet ``tried`` (see

@@ -101,7 +101,10 @@ async def test_refusing_node_is_ejected_and_requests_go_elsewhere(stack: AsyncEx
     eng = pool([dead, url])
     await eng.start()
     stack.push_async_callback(eng.shutdown)
-    # the start-up probe already failed once on the dead node; it still has 0 in flight
+    # the start-up probe already failed once on the dead node; it still has 0 in flight and
+    # is still routed to (failing, not yet ejected), which readiness tells apart
+    line = await eng.health()
+    assert isinstance(line, Degraded) and line.endswith("(1 failing)"), line
     for _ in range(10):
         g = await eng.generate([1, 2, 3], ONE)
         assert g.token_ids == [7]
@@ -109,7 +112,7 @@ async def test_refusing_node_is_ejected_and_requests_go_elsewhere(stack: AsyncEx
     dead_node = next(n for n in eng.nodes if n.url == dead)
     assert dead_node.failures >= 2 and not dead_node.usable(time.monotonic())
     line = await eng.health()
-    assert isinstance(line, Degraded) and line.startswith("1/2")
+    assert isinstance(line, Degraded) and line == "1/2 vllm serve nodes up (1 ejected)", line
 
 
 async def test_no_usable_node_fails_at_once_and_readiness_is_down(stack: AsyncExitStack) -> None:
