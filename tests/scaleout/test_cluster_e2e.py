@@ -365,7 +365,9 @@ async def test_cluster_end_to_end(topology: Topology) -> None:
                     engine = r.json()["components"]["engine"]
                     detail = str(engine.get("detail", ""))
                     # ejected, not only failing: a failing node is still routed to
-                    if r.status_code != 200 or not detail.startswith("1/2") or "1 ejected" not in detail:
+                    if r.status_code != 200 or not detail.startswith("1/2"):
+                        return False
+                    if "1 ejected" not in detail:
                         return False
                 return True
 
