@@ -260,6 +260,36 @@ async def _noisy(
         await asyncio.to_thread(proc.join, 60)
 
 
+class _CpuUse:
+    """CPU seconds per second of the quiet tenant's attaches, from its construction to
+    :meth:`used`: of this process (the gateway, with the engine's front end) and of the
+    engine's processes (this process's children alive at both ends: the clients are not)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._me = psutil.Process()
+        self._t0 = time.monotonic()
+        self._gw0 = sum(self._me.cpu_times()[:2])
+        self._kids0 = self._children()
+
+    def _children(self) -> dict[int, float]:
+        import psutil
+
+        seen: dict[int, float] = {}
+        for child in self._me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                seen[child.pid] = sum(child.cpu_times()[:2])
+        return seen
+
+    def used(self) -> dict[str, float]:
+        wall = time.monotonic() - self._t0
+        kids = self._children()
+        engine = sum(kids[p] - t for p, t in self._kids0.items() if p in kids)
+        gateway = sum(self._me.cpu_times()[:2]) - self._gw0
+        return {"gateway_cpu": round(gateway / wall, 3), "engine_cpu": round(engine / wall, 3)}
+
+
 async def _phase(
     name: str,
     url: str,
@@ -269,16 +299,20 @@ async def _phase(
 ) -> dict[str, Any]:
     """The quiet tenant's ``n`` attaches, alone or while the noisy load runs."""
     if noisy is None:
+        cpu = _CpuUse()
         ms, engine_ms = await _quiet_elsewhere(url, quiet, n)
-        return {"phase": name, **_stats(ms), **_stats(engine_ms, "engine_ttft_")}
+        return {"phase": name, **_stats(ms), **_stats(engine_ms, "engine_ttft_"), **cpu.used()}
     async with _noisy(*noisy) as seen:
         await asyncio.sleep(5.0)  # let the noisy load start and reach its steady state
+        cpu = _CpuUse()
         ms, engine_ms = await _quiet_elsewhere(url, quiet, n)
+        used = cpu.used()
     client_cpu = seen.pop("client cpu seconds", None)
     return {
         "phase": name,
         **_stats(ms),
         **_stats(engine_ms, "engine_ttft_"),
+        **used,
         "noisy": dict(sorted(seen.items())),
         "noisy_429": sum(v for k, v in seen.items() if " 429" in k),
         "noisy_client_cpu_s": client_cpu,
@@ -378,13 +412,15 @@ def report(res: dict[str, Any]) -> None:
     )
     print(
         f"{'phase':<12} {'n':>4} {'p50 ms':>9} {'p99 ms':>9} {'p50 x':>7} {'p99 x':>7} "
-        f"{'engine TTFT p50/p99 ms':>23}  noisy 429s"
+        f"{'engine TTFT p50/p99 ms':>23} {'CPU gw/engine':>14}  noisy 429s"
     )
     for p in res["phases"]:
         engine = f"{p['engine_ttft_p50_ms']:.1f} / {p['engine_ttft_p99_ms']:.1f}"
+        cpu = f"{p['gateway_cpu']:.2f} / {p['engine_cpu']:.2f}" if "gateway_cpu" in p else "-"
         print(
             f"{p['phase']:<12} {p['n']:>4} {p['p50_ms']:>9.1f} {p['p99_ms']:>9.1f} "
-            f"{p.get('p50_ratio', 1.0):>7.2f} {p.get('p99_ratio', 1.0):>7.2f} {engine:>23}  "
+            f"{p.get('p50_ratio', 1.0):>7.2f} {p.get('p99_ratio', 1.0):>7.2f} {engine:>23} "
+            f"{cpu:>14}  "
             f"{p.get('noisy_429', '-')}"
         )
     for p in res["phases"][1:]:

@@ -14,8 +14,8 @@ before any of that, with the same error, when all of these hold:
 - the key holds the scope the route declares (otherwise the application answers ``403``);
 - the gate would refuse its tenant now (:meth:`~kvaas.services.fairness.FairGate.refusal`).
 
-The body is not read. Anything else passes through untouched, so the refusal can only come
-sooner, never to a request the application would have admitted.
+The body is not read. Anything else passes through untouched, and the refusal is the one the
+application's own admission would give (the same rule, :meth:`FairGate.refusal`), only sooner.
 """
 
 from __future__ import annotations

@@ -140,23 +140,30 @@ class FairGate:
         return self._admitted[tenant_id]
 
     def refusal(self, tenant_id: str) -> EngineBusy | None:
-        """The error :meth:`admit` would refuse a request of ``tenant_id`` with now (the
-        tenant already has ``per_tenant + max_queue`` requests admitted), else ``None``."""
+        """The error :meth:`admit` would refuse a request of ``tenant_id`` with now, else
+        ``None``: the tenant already has as many requests admitted as may run at its cap *now*
+        (:meth:`cap`: ``per_tenant_shared`` while another tenant is active; more where it still
+        holds more slots) plus ``max_queue``, so by the time this one reached the queue it
+        would find it full. Refusing here, not in the queue, spares the gateway the request's
+        database writes and tokenizing, which on a shared machine take their time from every
+        other tenant's requests."""
         held = self._admitted.get(tenant_id, 0)
-        if held < self.per_tenant + self.max_queue:
+        t = self._tenants.get(tenant_id)
+        runs = max(self.cap(tenant_id), t.running if t else 0)
+        if held < runs + self.max_queue:
             return None
         return EngineBusy(
             f"this tenant already has {held} engine requests running or queued (at most "
-            f"{self.per_tenant} run at once, {self.max_queue} wait); retry later",
+            f"{runs} run at once now, {self.max_queue} wait); retry later",
             headers={"Retry-After": "1"},
         )
 
     @contextlib.contextmanager
     def admit(self, tenant_id: str) -> Iterator[None]:
         """Count one request of ``tenant_id`` that will need the engine, from its arrival to its
-        answer. Refuses it at once (:class:`EngineBusy`) when the tenant already has
-        ``per_tenant + max_queue`` such requests: every one of its slots and its whole queue
-        would be taken by the time it got there. Costs no I/O; never waits."""
+        answer. Refuses it at once (:class:`EngineBusy`, :meth:`refusal`) when every slot its
+        tenant may hold now and its whole queue would be taken by the time it got there.
+        Costs no I/O; never waits."""
         refused = self.refusal(tenant_id)
         if refused is not None:
             raise refused

@@ -100,7 +100,7 @@ def test_admission_refuses_a_tenant_whose_slots_and_queue_are_taken() -> None:
         with pytest.raises(EngineBusy) as refused, gate.admit("a"):
             pass
         assert refused.value.headers == {"Retry-After": "1"}
-        assert "2 run at once, 1 wait" in refused.value.message
+        assert "2 run at once now, 1 wait" in refused.value.message
         with gate.admit("b"):  # another tenant is admitted meanwhile
             assert gate.admitted("b") == 1
     assert gate.admitted("a") == 0 and gate.admitted("b") == 0
@@ -109,6 +109,32 @@ def test_admission_refuses_a_tenant_whose_slots_and_queue_are_taken() -> None:
     with pytest.raises(RuntimeError), gate.admit("a"):
         raise RuntimeError("the route failed")
     assert gate.admitted("a") == 0
+
+
+async def test_admission_counts_the_shared_cap_while_another_tenant_is_active() -> None:
+    """A tenant held to its shared cap finds its queue full after ``shared + max_queue``
+    requests, not ``per_tenant + max_queue``: admission refuses the next one on arrival
+    (before its route's database writes), not in the queue after them."""
+    gate = FairGate(capacity=8, per_tenant=4, per_tenant_shared=1, max_queue=2, active_s=5)
+    stop = asyncio.Event()
+    b = asyncio.create_task(_hold(gate, "b", [], stop))  # another tenant is active
+    await asyncio.sleep(0.01)
+
+    async def admitted(log: list[str]) -> None:
+        with gate.admit("a"):
+            await _hold(gate, "a", log, stop)
+
+    log: list[str] = []
+    a = [asyncio.create_task(admitted(log)) for _ in range(3)]  # 1 runs, 2 wait
+    await asyncio.sleep(0.01)
+    assert gate.running_for("a") == 1 and gate.queued("a") == 2
+    refused = gate.refusal("a")
+    assert refused is not None and "1 run at once now, 2 wait" in refused.message
+    with pytest.raises(EngineBusy), gate.admit("a"):
+        pass
+    stop.set()
+    await asyncio.gather(b, *a)
+    assert log == ["a"] * 3 and gate.refusal("a") is None
 
 
 async def test_a_tenant_is_held_to_its_shared_cap_while_another_is_active() -> None:
