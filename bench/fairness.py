@@ -18,7 +18,7 @@ the quiet tenant's attach p50/p99 and its ratio to the baseline (the target: p99
 1.5), and what the noisy tenant got back, by status and error type (429 ``engine_busy``: its
 excess).
 
-    python bench/fairness.py [--quick] [--json PATH] [--tenant-inflight N]
+    python bench/fairness.py [--quick] [--json PATH] [--tenant-inflight N] [--markdown JSON]
 
 The engine, the gateway and both clients share this machine's cores: on a small CPU-only
 machine the engine's own compute is shared too, which a GPU's batching mostly hides.
@@ -395,6 +395,9 @@ async def run(
                 )
             },
             "tenant_max_queued": settings.tenant_max_queued,
+            "database": settings.database_url.split(":", 1)[0].split("+", 1)[0]
+            if settings.database_url
+            else "sqlite (embedded)",
             "noisy_workers": 10 * tenant_inflight,
             "huge_prompt_chars": HUGE_CHARS,
             "cpus": os.cpu_count(),
@@ -425,6 +428,47 @@ def report(res: dict[str, Any]) -> None:
         )
     for p in res["phases"][1:]:
         print(f"  {p['phase']}: noisy tenant got {p['noisy']}")
+
+
+_PHASE_LABELS = {
+    "baseline": "alone",
+    "at_limit": "beside a tenant at its limit",
+    "noisy": "beside a tenant at 10x its limit",
+    "huge_bodies": "beside 4 MB prompts at 10x",
+}
+
+
+def _got(p: dict[str, Any]) -> str:
+    """What the noisy tenant got back, in words."""
+    seen: dict[str, int] = p.get("noisy") or {}
+    served = sum(v for k, v in seen.items() if k.split()[1].startswith("2"))
+    parts = [f"{served:,} served"] if served else []
+    for kind in ("engine_busy", "rate_limit_error"):
+        n = sum(v for k, v in seen.items() if k.endswith(f"429 {kind}"))
+        if n:
+            parts.append(f"{n:,} × 429 {kind}")
+    refused = sum(v for k, v in seen.items() if not k.split()[1].startswith(("2", "429")))
+    if refused:
+        parts.append(f"{refused:,} refused by size")
+    return ", ".join(parts)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The docs table of a ``--json`` file."""
+    out = [
+        "| phase | quiet p50 ms | quiet p99 ms | p50 ratio | p99 ratio "
+        "| engine TTFT p50 / p99 ms | CPU gateway / engine | noisy tenant got |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for p in res["phases"]:
+        cpu = f"{p['gateway_cpu']:.2f} / {p['engine_cpu']:.2f}" if "gateway_cpu" in p else ""
+        out.append(
+            f"| {_PHASE_LABELS.get(p['phase'], p['phase'])} | {p['p50_ms']:.1f} "
+            f"| {p['p99_ms']:.1f} | {p.get('p50_ratio', 1.0):.2f} | {p.get('p99_ratio', 1.0):.2f} "
+            f"| {p['engine_ttft_p50_ms']:.1f} / {p['engine_ttft_p99_ms']:.1f} | {cpu} "
+            f"| {_got(p)} |"
+        )
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -477,7 +521,11 @@ def main() -> None:
         default=",".join(sorted(PHASES)),
         help=f"comma-separated phases to run beside the baseline (of {', '.join(sorted(PHASES))})",
     )
+    ap.add_argument("--markdown", type=Path, help="print the docs table of a --json file")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     only = frozenset(p for p in args.phases.split(",") if p)
     if only - PHASES:
         ap.error(f"unknown phases: {', '.join(sorted(only - PHASES))}")
