@@ -324,9 +324,13 @@ async def _served(app: Any) -> AsyncIterator[str]:
     """``app`` served by uvicorn on a free port of 127.0.0.1, in this event loop."""
     import uvicorn
 
+    from kvaas.api.http_protocol import http_protocol
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="warning", access_log=False, http=http_protocol()
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -446,7 +450,7 @@ def _got(p: dict[str, Any]) -> str:
     for kind in ("engine_busy", "rate_limit_error"):
         n = sum(v for k, v in seen.items() if k.endswith(f"429 {kind}"))
         if n:
-            parts.append(f"{n:,} × 429 {kind}")
+            parts.append(f"{n:,} x 429 {kind}")
     refused = sum(v for k, v in seen.items() if not k.split()[1].startswith(("2", "429")))
     if refused:
         parts.append(f"{refused:,} refused by size")

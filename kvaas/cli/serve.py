@@ -16,6 +16,8 @@ def _serve_admin(host: str, port: int, log_level: str) -> None:
     the public listener's)."""
     import uvicorn
 
+    from kvaas.api.http_protocol import http_protocol
+
     uvicorn.run(
         "kvaas.app:create_admin_app",
         factory=True,
@@ -24,6 +26,7 @@ def _serve_admin(host: str, port: int, log_level: str) -> None:
         workers=1,
         log_level=log_level,
         proxy_headers=True,
+        http=http_protocol(),
     )
 
 
@@ -39,6 +42,8 @@ def serve(
     process, stopped with this one) and not on the public port.
     """
     import uvicorn
+
+    from kvaas.api.http_protocol import http_protocol
 
     s = load_settings()
     host, port, workers = host or s.host, port or s.port, workers or s.workers
@@ -86,6 +91,7 @@ def serve(
             workers=workers,
             log_level=s.log_level,
             proxy_headers=True,
+            http=http_protocol(),  # Nagle off on every connection, whichever socket
         )
     finally:
         if admin is not None:

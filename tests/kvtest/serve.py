@@ -14,6 +14,8 @@ from typing import Any
 
 import uvicorn
 
+from kvaas.api.http_protocol import http_protocol
+
 
 class _InLoopServer(uvicorn.Server):
     @contextlib.contextmanager
@@ -29,7 +31,9 @@ async def serve(app: Any) -> AsyncIterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="warning", access_log=False, http=http_protocol()
+    )
     server = _InLoopServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
