@@ -6,7 +6,7 @@ Qwen2.5-0.5B-shaped KV (24 layers, 2 KV heads, head_dim 64, bf16) built from the
 real KV statistics. Quality (KL, top-1) comes from :mod:`kvaas.codec.quality` on the trained
 ``tiny`` model.
 
-    python bench/codec.py [--quick] [--json PATH]
+    python bench/codec.py [--quick] [--json PATH] [--markdown JSON]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -55,12 +56,36 @@ def shaped_chunk(lm: LoadedModel, layers: int = 24, tokens: int = 256) -> torch.
     return (tiled * scale).to(torch.bfloat16).contiguous()
 
 
+TIMES = "\u00d7"  # for the markdown table
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The docs table of a ``--json`` file."""
+    out = [
+        "| scheme | compression vs bf16 | encode GB/s | decode GB/s | KL mean | KL p99 | top-1 "
+        "| Δ log-ppl | passkey (orig → decoded) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| `{r['scheme']}` | {r['ratio_vs_bf16']:.2f}{TIMES} | {r['encode_gbps']:.2f} "
+            f"| {r['decode_gbps']:.2f} | {r['kl_mean']:.5f} | {r['kl_p99']:.4f} "
+            f"| {r['top1_agreement']:.2%} | {r['delta_log_ppl']:+.4f} "
+            f"| {r['passkey_original']} → {r['passkey_decoded']} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller run (< 40 s)")
     ap.add_argument("--json", type=Path, help="write the result rows here")
     ap.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "kvaas-bench")
+    ap.add_argument("--markdown", type=Path, help="print the docs table of a --json file")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
 
     lm = LoadedModel(resolve_model("tiny", args.data_dir))
     torch.set_num_threads(1)
