@@ -102,6 +102,7 @@ def start_pool(
     printed node command, all at once, and wait until each answers ``/health``."""
     from kvaas.codec.sizing import kv_dtype
     from kvaas.engine.node_command import serve_command
+    from kvaas.engine.options import EngineOptions
 
     nodes = []
     for i in range(n):
@@ -111,11 +112,13 @@ def start_pool(
             "tiny",
             store,
             port=port,
-            dtype=kv_dtype(model_dir, "auto"),
-            max_model_len=4096,
-            max_num_batched_tokens=2048,
-            prefix_caching=False,
-            kv_cache_gib=0.5,
+            options=EngineOptions(
+                dtype=kv_dtype(model_dir, "auto"),
+                max_model_len=4096,
+                max_num_batched_tokens=2048,
+                prefix_caching=False,
+                kv_cache_gib=0.5,
+            ),
         )
         env = {**os.environ, **cmd.env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         env.pop("VLLM_API_KEY", None)

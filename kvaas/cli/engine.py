@@ -25,7 +25,7 @@ def engine_command(
     the secrets go in the node's environment, not its command line; the KV cache size
     (KVAAS_ENGINE_KV_CACHE_GIB) is on it, so the node starts as printed on a shared machine.
     Run it where `python` has kvaas and vLLM installed."""
-    from kvaas.engine import kv_dtype
+    from kvaas.engine import EngineOptions, kv_dtype
     from kvaas.engine.node_command import serve_command
     from kvaas.model_presets import resolve_model
     from kvaas.store.factory import StoreConfig
@@ -40,24 +40,7 @@ def engine_command(
         StoreConfig.from_settings(s).to_dict(),
         port=port,
         api_key=s.engine_api_key.get_secret_value() if s.engine_api_key else None,
-        dtype=kv_dtype(model_dir, s.engine_dtype),
-        max_model_len=s.engine_max_model_len,
-        max_num_batched_tokens=s.engine_max_batched_tokens,
-        prefill_chunk_tokens=s.engine_prefill_chunk_tokens,
-        bulk_step_tokens=s.engine_bulk_step_tokens,
-        bulk_max_hold_s=s.engine_bulk_max_hold_seconds,
-        ipc_spin_s=s.engine_ipc_spin_seconds,
-        presence_ttl_s=s.connector_presence_ttl_seconds,
-        save_queue_bytes=s.connector_save_queue_bytes,
-        decoded_bytes=s.connector_decoded_bytes,
-        layerwise_loads=s.connector_layerwise_loads,
-        warm_on_save=s.connector_warm_on_save,
-        prefix_caching=s.engine_prefix_caching,
-        kv_cache_gib=s.engine_kv_cache_gib,
-        tensor_parallel_size=s.engine_tensor_parallel_size,
-        pipeline_parallel_size=s.engine_pipeline_parallel_size,
+        options=EngineOptions.from_settings(s, kv_dtype(model_dir, s.engine_dtype)),
         device="gpu" if device == "gpu" else "cpu",
-        eager_mode=s.engine_eager,
-        gpu_memory_fraction=s.engine_gpu_memory_fraction,
     )
     typer.echo(cmd.shell())

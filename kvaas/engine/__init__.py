@@ -8,6 +8,7 @@ from kvaas.codec.sizing import kv_dtype
 from kvaas.engine.base import Degraded, Engine, EngineError, Generation, Liveness, Sampling
 from kvaas.engine.device import engine_dtype, on_gpu
 from kvaas.engine.model_info import ModelInfo
+from kvaas.engine.options import EngineOptions
 
 if TYPE_CHECKING:
     from kvaas.config import Settings
@@ -16,6 +17,7 @@ __all__ = [
     "Degraded",
     "Engine",
     "EngineError",
+    "EngineOptions",
     "Generation",
     "Liveness",
     "ModelInfo",
@@ -66,24 +68,7 @@ def build_engine(settings: Settings) -> Engine | None:
     return InProcessEngine(
         info,
         store=StoreConfig.from_settings(settings).to_dict(),
-        dtype=dtype,
-        max_model_len=settings.engine_max_model_len,
-        max_num_batched_tokens=settings.engine_max_batched_tokens,
-        prefill_chunk_tokens=settings.engine_prefill_chunk_tokens,
-        bulk_step_tokens=settings.engine_bulk_step_tokens,
-        bulk_max_hold_s=settings.engine_bulk_max_hold_seconds,
-        ipc_spin_s=settings.engine_ipc_spin_seconds,
-        presence_ttl_s=settings.connector_presence_ttl_seconds,
-        save_queue_bytes=settings.connector_save_queue_bytes,
-        decoded_bytes=settings.connector_decoded_bytes,
-        layerwise_loads=settings.connector_layerwise_loads,
-        warm_on_save=settings.connector_warm_on_save,
-        prefix_caching=settings.engine_prefix_caching,
-        kv_cache_gib=settings.engine_kv_cache_gib,
-        tensor_parallel_size=settings.engine_tensor_parallel_size,
-        pipeline_parallel_size=settings.engine_pipeline_parallel_size,
-        eager=settings.engine_eager,
-        gpu_memory_fraction=settings.engine_gpu_memory_fraction,
+        options=EngineOptions.from_settings(settings, dtype),
         timeout_s=settings.engine_request_timeout_seconds,
         restart_attempts=settings.engine_restart_attempts,
     )

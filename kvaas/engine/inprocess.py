@@ -22,16 +22,16 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
-from kvaas.codec.sizing import KVDtype
 from kvaas.connector import transfer_config
 from kvaas.connector.params import TransferPlan
 from kvaas.connector.timings import observe_load_report
 from kvaas.engine import ipc_wait, priorities
 from kvaas.engine.base import Engine, EngineError, Generation, Liveness, Sampling
-from kvaas.engine.device import Eager, eager, memory_args, on_gpu
+from kvaas.engine.device import eager, memory_args, on_gpu
 from kvaas.engine.model_info import ModelInfo
+from kvaas.engine.options import EngineOptions
 
 #: vLLM's CPU worker binding: which CPUs each worker's OpenMP threads run on.
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
@@ -99,24 +99,7 @@ class InProcessEngine(Engine):
         model: ModelInfo,
         *,
         store: dict[str, Any],
-        dtype: KVDtype | Literal["auto"] = "auto",
-        max_model_len: int = 4096,
-        max_num_batched_tokens: int = 2048,
-        prefill_chunk_tokens: int = 0,
-        bulk_step_tokens: int = priorities.DEFAULT_BULK_STEP_TOKENS,
-        bulk_max_hold_s: float = priorities.DEFAULT_MAX_HOLD_S,
-        ipc_spin_s: float | None = None,
-        presence_ttl_s: float | None = None,
-        save_queue_bytes: int | None = None,
-        decoded_bytes: int | None = None,
-        layerwise_loads: bool | None = None,
-        warm_on_save: bool | None = None,
-        prefix_caching: bool = True,
-        kv_cache_gib: float = 1.0,
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        eager: Eager = "auto",
-        gpu_memory_fraction: float | None = None,
+        options: EngineOptions | None = None,
         seed: int = 0,
         timeout_s: float | None = None,
         restart_attempts: int = 3,
@@ -124,23 +107,9 @@ class InProcessEngine(Engine):
     ) -> None:
         self.model = model
         self._store = store
-        self._dtype = dtype
-        self._max_model_len = max_model_len
-        self._batched = max_num_batched_tokens
-        self._prefill_chunk = prefill_chunk_tokens
-        self._presence_ttl_s = presence_ttl_s
-        self._save_queue_bytes = save_queue_bytes
-        self._decoded_bytes = decoded_bytes
-        self._layerwise_loads = layerwise_loads
-        self._warm_on_save = warm_on_save
-        self._scheduler_options = priorities.options(bulk_step_tokens, bulk_max_hold_s)
-        self._ipc_spin_s = ipc_spin_s
-        self._prefix_caching = prefix_caching
-        self._kv_cache_gib = kv_cache_gib
-        self._world = (tensor_parallel_size, pipeline_parallel_size)
+        self.options = options or EngineOptions()
+        self._world = self.options.world
         self._gpu = on_gpu()
-        self._eager = eager
-        self._gpu_memory_fraction = gpu_memory_fraction
         self._seed = seed
         self._timeout_s = timeout_s
         self._restart_attempts = restart_attempts
@@ -159,42 +128,32 @@ class InProcessEngine(Engine):
 
     @property
     def max_model_len(self) -> int:
-        return self._max_model_len
+        return self.options.max_model_len
 
     def _args(self) -> Any:
         from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
+        o = self.options
         return AsyncEngineArgs(
             model=str(self.model.path),
             served_model_name=[self.model.name],
-            dtype=self._dtype,
-            max_model_len=self._max_model_len,
-            max_num_batched_tokens=self._batched,
-            long_prefill_token_threshold=self._prefill_chunk,
+            dtype=o.dtype,
+            max_model_len=o.max_model_len,
+            max_num_batched_tokens=o.max_num_batched_tokens,
+            long_prefill_token_threshold=o.prefill_chunk_tokens,
             scheduling_policy="priority",
             scheduler_cls=priorities.SCHEDULER_CLS,
-            additional_config=self._scheduler_options,
-            enable_prefix_caching=self._prefix_caching,
-            tensor_parallel_size=self._world[0],
-            pipeline_parallel_size=self._world[1],
-            enforce_eager=eager(self._eager, self._gpu),
+            additional_config=o.scheduler_config(),
+            enable_prefix_caching=o.prefix_caching,
+            tensor_parallel_size=o.tensor_parallel_size,
+            pipeline_parallel_size=o.pipeline_parallel_size,
+            enforce_eager=eager(o.eager, self._gpu),
             # on a CPU the KV cache is sized by VLLM_CPU_KVCACHE_SPACE (set in start)
-            **(
-                memory_args(self._kv_cache_gib, self._gpu_memory_fraction, True)
-                if self._gpu
-                else {}
-            ),
+            **(memory_args(o.kv_cache_gib, o.gpu_memory_fraction, True) if self._gpu else {}),
             seed=self._seed,
             kv_transfer_config=KVTransferConfig(
-                **transfer_config(
-                    self._store,
-                    presence_ttl_s=self._presence_ttl_s,
-                    save_queue_bytes=self._save_queue_bytes,
-                    decoded_bytes=self._decoded_bytes,
-                    layerwise_loads=self._layerwise_loads,
-                    warm_on_save=self._warm_on_save,
-                )
+                **transfer_config(self._store, **o.connector_options())
             ),
             disable_log_stats=True,
         )
@@ -207,10 +166,11 @@ class InProcessEngine(Engine):
             return AsyncLLM.from_engine_args(self._args())
 
     async def start(self) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self._kv_cache_gib))))
+        kv_gib = max(1, round(self.options.kv_cache_gib))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_gib))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        if self._ipc_spin_s is not None:  # read by vLLM's processes (kvaas.engine.ipc_wait)
-            os.environ[ipc_wait.SPIN_ENV] = repr(self._ipc_spin_s)
+        if self.options.ipc_spin_s is not None:  # read by vLLM's processes (ipc_wait)
+            os.environ[ipc_wait.SPIN_ENV] = repr(self.options.ipc_spin_s)
 
         self._llm = self._new_llm()
         self._block_size = self._llm.vllm_config.cache_config.block_size

@@ -6,8 +6,9 @@ gateway's process (:class:`kvaas.engine.inprocess.InProcessEngine`) or as a remo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from kvaas.codec.sizing import KVDtype
 from kvaas.engine.device import Eager
 from kvaas.engine.priorities import DEFAULT_BULK_STEP_TOKENS, DEFAULT_MAX_HOLD_S
 from kvaas.engine.priorities import options as scheduler_options
@@ -24,7 +25,7 @@ class EngineOptions:
     ``None``: the connector's default). Each field is the setting of the same meaning (see
     :meth:`from_settings`)."""
 
-    dtype: str = "auto"
+    dtype: KVDtype | Literal["auto"] = "auto"
     max_model_len: int = 4096
     max_num_batched_tokens: int = 2048
     prefill_chunk_tokens: int = 0
@@ -44,7 +45,7 @@ class EngineOptions:
     gpu_memory_fraction: float | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, dtype: str) -> EngineOptions:
+    def from_settings(cls, settings: Settings, dtype: KVDtype | Literal["auto"]) -> EngineOptions:
         """The options ``settings`` give (``KVAAS_ENGINE_*``, ``KVAAS_CONNECTOR_*``), with the
         engine's ``dtype`` resolved by the caller (it depends on the model and the device)."""
         s = settings

@@ -15,6 +15,7 @@ from kvaas.engine.device import eager, engine_dtype, memory_args
 from kvaas.engine.inprocess import InProcessEngine
 from kvaas.engine.model_info import ModelInfo
 from kvaas.engine.node_command import serve_command
+from kvaas.engine.options import EngineOptions
 
 GIB = 1024**3
 
@@ -46,15 +47,15 @@ def test_memory_is_the_kv_size_unless_a_gpu_fraction_is_set() -> None:
 
 
 def test_node_command_follows_the_nodes_device() -> None:
-    cpu = serve_command("/m", "tiny", {}, port=8100, kv_cache_gib=2.0).argv
+    cpu = serve_command("/m", "tiny", {}, port=8100, options=EngineOptions(kv_cache_gib=2.0)).argv
     assert "--enforce-eager" in cpu
     assert cpu[cpu.index("--kv-cache-memory-bytes") + 1] == str(2 * GIB)
-    gpu = serve_command(
-        "/m", "tiny", {}, port=8100, device="gpu", gpu_memory_fraction=0.85, kv_cache_gib=2.0
-    ).argv
+    fraction = EngineOptions(gpu_memory_fraction=0.85, kv_cache_gib=2.0)
+    gpu = serve_command("/m", "tiny", {}, port=8100, device="gpu", options=fraction).argv
     assert "--enforce-eager" not in gpu and "--kv-cache-memory-bytes" not in gpu
     assert gpu[gpu.index("--gpu-memory-utilization") + 1] == "0.85"
-    forced = serve_command("/m", "tiny", {}, port=8100, device="gpu", eager_mode="on").argv
+    on = EngineOptions(eager="on")
+    forced = serve_command("/m", "tiny", {}, port=8100, device="gpu", options=on).argv
     assert "--enforce-eager" in forced
     assert forced[forced.index("--kv-cache-memory-bytes") + 1] == str(GIB)
 
@@ -63,7 +64,8 @@ def test_in_process_engine_arguments_on_this_cpu(tmp_path: Path) -> None:
     model = ModelInfo(path=tmp_path, name="tiny", fingerprint="f" * 32, tokenizer=None)
     args = InProcessEngine(model, store={})._args()
     assert args.enforce_eager is True and args.tensor_parallel_size == 1
-    args = InProcessEngine(model, store={}, eager="off", tensor_parallel_size=2)._args()
+    two = EngineOptions(eager="off", tensor_parallel_size=2)
+    args = InProcessEngine(model, store={}, options=two)._args()
     assert args.enforce_eager is False and args.tensor_parallel_size == 2
 
 

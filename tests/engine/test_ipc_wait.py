@@ -150,8 +150,9 @@ async def test_the_engines_worker_sleeps_between_requests(gateway: Gateway) -> N
 
 def test_a_set_window_reaches_a_remote_nodes_environment() -> None:
     from kvaas.engine.node_command import serve_command
+    from kvaas.engine.options import EngineOptions
 
     assert ipc_wait.SPIN_ENV not in serve_command("/m", "tiny", {}, port=8100).env
-    node = serve_command("/m", "tiny", {}, port=8100, ipc_spin_s=0.002)
+    node = serve_command("/m", "tiny", {}, port=8100, options=EngineOptions(ipc_spin_s=0.002))
     assert float(node.env[ipc_wait.SPIN_ENV]) == 0.002
     assert ipc_wait.SPIN_ENV not in " ".join(node.argv)

@@ -10,6 +10,7 @@ from kvaas.config import Settings
 from kvaas.engine import build_engine
 from kvaas.engine.inprocess import InProcessEngine
 from kvaas.engine.node_command import serve_command
+from kvaas.engine.options import EngineOptions
 from kvaas.store.factory import StoreConfig
 
 
@@ -30,9 +31,8 @@ def test_in_process_engine_passes_the_cap_to_the_scheduler(tmp_path: Path) -> No
 
 def test_node_command_carries_the_cap() -> None:
     store = StoreConfig(memory_bytes=1 << 20, disk_dir=None, disk_bytes=0, redis_url=None)
-    argv = serve_command(
-        "/models/tiny", "tiny", store.to_dict(), port=8100, prefill_chunk_tokens=128
-    ).argv
+    chunked = EngineOptions(prefill_chunk_tokens=128)
+    argv = serve_command("/models/tiny", "tiny", store.to_dict(), port=8100, options=chunked).argv
     i = argv.index("--long-prefill-token-threshold")
     assert argv[i + 1] == "128"
     default = serve_command("/models/tiny", "tiny", store.to_dict(), port=8100).argv
@@ -46,8 +46,7 @@ def test_node_command_runs_the_fair_step_scheduler() -> None:
         "tiny",
         store.to_dict(),
         port=8100,
-        bulk_step_tokens=64,
-        bulk_max_hold_s=0.25,
+        options=EngineOptions(bulk_step_tokens=64, bulk_max_hold_s=0.25),
     ).argv
     assert argv[argv.index("--scheduling-policy") + 1] == "priority"
     assert argv[argv.index("--scheduler-cls") + 1] == "kvaas.engine.scheduler.fair_scheduler"
@@ -73,9 +72,8 @@ def test_in_process_engine_runs_the_fair_step_scheduler(tmp_path: Path) -> None:
 
 def test_warming_on_save_reaches_the_connector(tmp_path: Path) -> None:
     store = StoreConfig(memory_bytes=1 << 20, disk_dir=None, disk_bytes=0, redis_url=None)
-    argv = serve_command(
-        "/models/tiny", "tiny", store.to_dict(), port=8100, warm_on_save=False
-    ).argv
+    cold = EngineOptions(warm_on_save=False)
+    argv = serve_command("/models/tiny", "tiny", store.to_dict(), port=8100, options=cold).argv
     extra = json.loads(argv[argv.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
     assert extra["warm_on_save"] is False
     settings = Settings(

@@ -17,6 +17,7 @@ from kvtest.gateway import new_tenant, serving
 
 from kvaas.engine import Sampling, kv_dtype
 from kvaas.engine.node_command import serve_command
+from kvaas.engine.options import EngineOptions
 from kvaas.engine.priorities import ALONE, ENGINE_PRIORITY, SHARED
 from kvaas.model_presets import resolve_model
 from kvaas.store.factory import StoreConfig
@@ -46,10 +47,12 @@ def vllm_node(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Ite
         StoreConfig.from_settings(s).to_dict(),
         port=port,
         api_key=NODE_KEY,
-        dtype=kv_dtype(model_dir, s.engine_dtype),
-        max_model_len=s.engine_max_model_len,
-        max_num_batched_tokens=s.engine_max_batched_tokens,
-        prefix_caching=False,
+        options=EngineOptions(
+            dtype=kv_dtype(model_dir, s.engine_dtype),
+            max_model_len=s.engine_max_model_len,
+            max_num_batched_tokens=s.engine_max_batched_tokens,
+            prefix_caching=False,
+        ),
     )
     argv = [sys.executable, *cmd.argv[1:]]
     log = tmp_path_factory.mktemp("vllm") / "serve.log"

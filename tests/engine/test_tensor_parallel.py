@@ -91,10 +91,10 @@ def test_the_node_command_and_route_name_the_world(tmp_path: Path) -> None:
     """A node started with the printed command reports its world to the gateway's probe."""
     from kvaas.engine.node import node_world
     from kvaas.engine.node_command import serve_command
+    from kvaas.engine.options import EngineOptions
 
-    argv = serve_command(
-        "/models/tiny", "tiny", {}, port=8100, tensor_parallel_size=2, pipeline_parallel_size=3
-    ).argv
+    both = EngineOptions(tensor_parallel_size=2, pipeline_parallel_size=3)
+    argv = serve_command("/models/tiny", "tiny", {}, port=8100, options=both).argv
     assert node_world(argv) == (2, 3)
     assert node_world(serve_command("/models/tiny", "tiny", {}, port=8100).argv) == (1, 1)
 
