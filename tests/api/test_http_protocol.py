@@ -9,14 +9,13 @@ over exactly such a socket and reads ``TCP_NODELAY`` off the server's side of th
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from kvtest.serve import running_server
 
 from kvaas.api.http_protocol import http_protocol
 
@@ -31,33 +30,18 @@ async def _app(
 
 async def _server_nodelay(http: Any) -> list[int]:
     """``TCP_NODELAY`` of the server's side of each connection open after one request."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # protocol number 0, as uvicorn's
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(_app, lifespan="off", log_level="warning", http=http)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("the server stopped before it started")
-            await asyncio.sleep(0.01)
-        port = sock.getsockname()[1]
-        async with httpx.AsyncClient() as client:  # keeps the connection open
-            r = await client.post(f"http://127.0.0.1:{port}/", content=b"x" * 100)
-            assert r.status_code == 200 and r.content == b"ok"
-            conns = list(server.server_state.connections)
-            assert conns
-            return [
-                c.transport.get_extra_info("socket").getsockopt(
-                    socket.IPPROTO_TCP, socket.TCP_NODELAY
-                )
-                for c in conns
-            ]
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    async with (
+        running_server(_app, http) as (server, url),
+        httpx.AsyncClient() as client,  # keeps the connection open
+    ):
+        r = await client.post(f"{url}/", content=b"x" * 100)
+        assert r.status_code == 200 and r.content == b"ok"
+        conns = list(server.server_state.connections)
+        assert conns
+        return [
+            c.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            for c in conns
+        ]
 
 
 async def test_the_service_protocol_turns_nagle_off_on_a_protocol_0_socket() -> None:

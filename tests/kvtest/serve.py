@@ -24,15 +24,19 @@ class _InLoopServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """``async with serve(app) as base_url``: the app on a free port (its lifespan is the
-    caller's business: it is not run here)."""
+async def running_server(
+    app: Any, http: Any = None
+) -> AsyncIterator[tuple[uvicorn.Server, str]]:
+    """``async with running_server(app) as (server, base_url)``: the app on a free port of a
+    socket made as ``socket.socket(AF_INET, SOCK_STREAM)`` (protocol number 0, as uvicorn's own
+    for several workers), with uvicorn's HTTP protocol ``http`` (default: the service's,
+    :func:`kvaas.api.http_protocol.http_protocol`). Its lifespan is the caller's business."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, lifespan="off", log_level="warning", access_log=False, http=http_protocol()
+        app, lifespan="off", log_level="warning", access_log=False, http=http or http_protocol()
     )
     server = _InLoopServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -42,8 +46,16 @@ async def serve(app: Any) -> AsyncIterator[str]:
                 task.result()
                 raise RuntimeError("the server stopped before it started")
             await asyncio.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
+        yield server, f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await task
         sock.close()
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any) -> AsyncIterator[str]:
+    """``async with serve(app) as base_url``: the app on a free port (its lifespan is the
+    caller's business: it is not run here)."""
+    async with running_server(app) as (_, url):
+        yield url
