@@ -24,9 +24,7 @@ class _InLoopServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def running_server(
-    app: Any, http: Any = None
-) -> AsyncIterator[tuple[uvicorn.Server, str]]:
+async def running_server(app: Any, http: Any = None) -> AsyncIterator[tuple[uvicorn.Server, str]]:
     """``async with running_server(app) as (server, base_url)``: the app on a free port of a
     socket made as ``socket.socket(AF_INET, SOCK_STREAM)`` (protocol number 0, as uvicorn's own
     for several workers), with uvicorn's HTTP protocol ``http`` (default: the service's,
