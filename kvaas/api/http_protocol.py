@@ -4,9 +4,12 @@ connection.
 uvicorn writes a response's head and its body as two writes. On a connection with Nagle's
 algorithm on, the body then waits for the client to acknowledge the head, and clients delay
 that acknowledgement (up to 40 ms on Linux) while they wait for the rest: every response with
-a body arrives about 40 ms late. asyncio turns Nagle off only on sockets it made with the
-TCP protocol number; uvicorn's own listening socket (several workers, ``--fd``) and any socket
-made as ``socket.socket(AF_INET, SOCK_STREAM)`` have protocol number 0 and keep it on.
+a body arrives about 40 ms late. asyncio turns Nagle off only on sockets whose protocol number
+is TCP's. A listening socket made as ``socket.socket(AF_INET, SOCK_STREAM)`` and handed to
+uvicorn in the same process (as the tests and benchmarks serve the app), or one uvicorn makes
+with ``socket.fromfd(fd, AF_UNIX, ...)`` for ``--fd``, has protocol number 0, and every
+connection it accepts keeps Nagle on. (uvicorn's own sockets for one worker or several are not
+affected: they carry the protocol number, the workers' rebuilt from the descriptor.)
 
 :func:`http_protocol` is uvicorn's HTTP protocol class (httptools where installed, else h11,
 as uvicorn's ``auto`` chooses), subclassed to set ``TCP_NODELAY`` on each connection as it is
@@ -17,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
-from typing import Any
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -30,19 +31,22 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-@functools.cache
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _Base
+except ImportError:  # httptools not installed: uvicorn's pure-Python protocol
+    from uvicorn.protocols.http.h11_impl import H11Protocol as _Base  # type: ignore[assignment]
+
+
+class NoDelayHTTPProtocol(_Base):
+    """uvicorn's HTTP protocol with :func:`set_nodelay` on each new connection. A module-level
+    class: with several workers uvicorn pickles its configuration (this class included) for
+    each worker process."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        set_nodelay(transport)
+        super().connection_made(transport)  # type: ignore[arg-type]
+
+
 def http_protocol() -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol class with :func:`set_nodelay` on each new connection."""
-    base: Any
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
-    except ImportError:  # httptools not installed: uvicorn's pure-Python protocol
-        from uvicorn.protocols.http.h11_impl import H11Protocol as base
-
-    class NoDelayProtocol(base):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            set_nodelay(transport)
-            super().connection_made(transport)
-
-    NoDelayProtocol.__name__ = NoDelayProtocol.__qualname__ = f"NoDelay{base.__name__}"
-    return NoDelayProtocol
+    """The HTTP protocol class to pass as uvicorn's ``http`` option."""
+    return NoDelayHTTPProtocol

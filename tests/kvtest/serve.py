@@ -26,8 +26,8 @@ class _InLoopServer(uvicorn.Server):
 @contextlib.asynccontextmanager
 async def running_server(app: Any, http: Any = None) -> AsyncIterator[tuple[uvicorn.Server, str]]:
     """``async with running_server(app) as (server, base_url)``: the app on a free port of a
-    socket made as ``socket.socket(AF_INET, SOCK_STREAM)`` (protocol number 0, as uvicorn's own
-    for several workers), with uvicorn's HTTP protocol ``http`` (default: the service's,
+    socket made as ``socket.socket(AF_INET, SOCK_STREAM)`` (protocol number 0: asyncio leaves
+    Nagle on there), with uvicorn's HTTP protocol ``http`` (default: the service's,
     :func:`kvaas.api.http_protocol.http_protocol`). Its lifespan is the caller's business."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
