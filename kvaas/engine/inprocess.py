@@ -27,7 +27,7 @@ from typing import Any
 from kvaas.connector import transfer_config
 from kvaas.connector.params import TransferPlan
 from kvaas.connector.timings import observe_load_report
-from kvaas.engine import ipc_wait, priorities
+from kvaas.engine import priorities
 from kvaas.engine.base import Engine, EngineError, Generation, Liveness, Sampling
 from kvaas.engine.device import eager, memory_args, on_gpu
 from kvaas.engine.model_info import ModelInfo
@@ -108,7 +108,6 @@ class InProcessEngine(Engine):
         self.model = model
         self._store = store
         self.options = options or EngineOptions()
-        self._world = self.options.world
         self._gpu = on_gpu()
         self._seed = seed
         self._timeout_s = timeout_s
@@ -162,15 +161,15 @@ class InProcessEngine(Engine):
         """A started vLLM engine (blocking: its processes are up when this returns)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        with cpu_worker_binding(self._world[0] * self._world[1]):
+        tp, pp = self.options.world
+        with cpu_worker_binding(tp * pp):
             return AsyncLLM.from_engine_args(self._args())
 
     async def start(self) -> None:
         kv_gib = max(1, round(self.options.kv_cache_gib))
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_gib))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        if self.options.ipc_spin_s is not None:  # read by vLLM's processes (ipc_wait)
-            os.environ[ipc_wait.SPIN_ENV] = repr(self.options.ipc_spin_s)
+        os.environ.update(self.options.environment())  # read by vLLM's processes
 
         self._llm = self._new_llm()
         self._block_size = self._llm.vllm_config.cache_config.block_size

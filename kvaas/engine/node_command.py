@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 from kvaas.connector import REDIS_URL_ENV, transfer_config
 from kvaas.engine.device import eager, memory_args
-from kvaas.engine.ipc_wait import SPIN_ENV
 from kvaas.engine.options import EngineOptions
 from kvaas.engine.priorities import SCHEDULER_CLS
 
@@ -74,8 +73,7 @@ def serve_command(
         env[REDIS_URL_ENV] = str(store["redis_url"])
     if api_key:
         env["VLLM_API_KEY"] = api_key
-    if o.ipc_spin_s is not None:  # read by vLLM's processes (kvaas.engine.ipc_wait)
-        env[SPIN_ENV] = repr(o.ipc_spin_s)
+    env |= o.environment()  # read by vLLM's processes
     cmd = [
         "python",
         "-m",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kvaas.codec.sizing import KVDtype
 from kvaas.engine.device import Eager
+from kvaas.engine.ipc_wait import SPIN_ENV
 from kvaas.engine.priorities import DEFAULT_BULK_STEP_TOKENS, DEFAULT_MAX_HOLD_S
 from kvaas.engine.priorities import options as scheduler_options
 
@@ -78,6 +79,13 @@ class EngineOptions:
     def scheduler_config(self) -> dict[str, dict[str, float]]:
         """vLLM's ``additional_config`` for the fair step scheduler."""
         return scheduler_options(self.bulk_step_tokens, self.bulk_max_hold_s)
+
+    def environment(self) -> dict[str, str]:
+        """Variables the engine's processes read from their environment: the queue-wait
+        window (:data:`kvaas.engine.ipc_wait.SPIN_ENV`) when one is set."""
+        if self.ipc_spin_s is None:
+            return {}
+        return {SPIN_ENV: repr(self.ipc_spin_s)}
 
     def connector_options(self) -> dict[str, Any]:
         """The connector's keyword options of :func:`kvaas.connector.transfer_config`."""

@@ -318,11 +318,12 @@ class RemoteEngine(Engine):
         if len(up) == total:
             return line
         ejected = sum(1 for n in self.nodes if n.refused is None and not n.usable(now))
+        failing = len(usable) - len(up)  # still routed until max_failures
         why = [f"{refused} refused: model fingerprint or world differs"] if refused else []
         if ejected:  # routed nothing (unless no other node is left to try)
             why.append(f"{ejected} ejected")
-        if total - len(up) - refused - ejected:  # still routed until max_failures
-            why.append(f"{total - len(up) - refused - ejected} failing")
+        if failing:
+            why.append(f"{failing} failing")
         return Degraded(f"{line} ({'; '.join(why)})")
 
     async def _pick(self, tried: set[str], keys: Sequence[bytes]) -> Node | None:

@@ -148,6 +148,8 @@ class FairGate:
         database writes and tokenizing, which on a shared machine take their time from every
         other tenant's requests."""
         held = self._admitted.get(tenant_id, 0)
+        if held < self.per_tenant_shared + self.max_queue:  # under any cap: no activity scan
+            return None
         t = self._tenants.get(tenant_id)
         runs = max(self.cap(tenant_id), t.running if t else 0)
         if held < runs + self.max_queue:
