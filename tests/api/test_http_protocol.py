@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from kvtest.serve import running_server
+from kvtest.serve import free_port, running_server
 
 from kvaas.api.http_protocol import http_protocol
 
@@ -100,9 +100,7 @@ def _server_side(pids: list[int], inode: str) -> tuple[int, int]:
 def test_kvaas_serve_with_several_workers_turns_nagle_off(tmp_path: Path) -> None:
     """The real ``kvaas serve --workers 2``: uvicorn binds that socket itself (protocol number
     0); the server's side of a connection to it has ``TCP_NODELAY`` set."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVAAS_")}
     env |= {
         "KVAAS_ENGINE": "none",

@@ -17,6 +17,13 @@ import uvicorn
 from kvaas.api.http_protocol import http_protocol
 
 
+def free_port() -> int:
+    """A loopback port free right now (another process may take it before it is bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class _InLoopServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:  # leave the test runner's signals alone

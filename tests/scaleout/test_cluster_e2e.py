@@ -33,7 +33,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ import httpx
 import pytest
 from kvtest.gateway import ADMIN_TOKEN
 from kvtest.redis_cluster import RedisClusterProcs, redis_cluster
+from kvtest.serve import free_port
 from kvtest.services import PgSchema
 
 from kvaas.db import migrate
@@ -65,12 +65,6 @@ MAX_TOKENS = 4
 LOAD_BEFORE_KILL = 6  # successful requests of the load before node A is killed
 LOAD_AFTER = 6  # successful requests after the Redis failover before the load stops
 CLEAN = {429, 503}  # retry-later answers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prompt(seed: int, chunks: float) -> list[int]:
