@@ -4,11 +4,12 @@ as one: each maintenance step on shared state runs in one of them at a time.
 The gateways run without an engine (``KVAAS_ENGINE=none``: the maintenance loop does not need
 one) and with a maintenance round every 0.2 s. The moment is chosen, not waited for: the test
 takes an exclusive lock on the outbox table and records ``N`` releases in the same
-transaction, so every drain that starts meanwhile blocks on its first query; once a drain is
-blocked (and the other gateway either blocked too or skipped the step), the test commits and
-every blocked drain sees all ``N`` rows. Without one runner per step both gateways release
-every row and count it (``kvaas_store_releases_total`` sums to 2N); with it one gateway
-releases each row once and the other skips the step.
+transaction, so every drain that starts meanwhile blocks on its first query (a drain already
+past it blocks on its last, the outbox depth, and releases nothing this round); once a drain
+is blocked (and the other gateway either blocked too or skipped the step), the test commits
+and every drain blocked on its first query sees all ``N`` rows. Without one runner per step
+both gateways release every row and count it (``kvaas_store_releases_total`` sums to 2N);
+with it one gateway releases each row once and the other skips the step.
 """
 
 from __future__ import annotations
@@ -129,22 +130,38 @@ def _libpq(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def _blocked_drains(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> int:
-    """Gateway connections waiting for a lock on the outbox table in the drain's query."""
+def _blocked_drains(
+    conn: psycopg.Connection[tuple[object, ...]], schema: str, *, first: bool = False
+) -> int:
+    """Gateway connections waiting for a lock on the outbox table: in any of the drain's
+    queries, or (``first``) in its first (the one that takes the rows). The test's lock can
+    land between a drain's first query and its last (the outbox depth); that drain holds the
+    step's lock while it waits, and releases nothing this round."""
+    pattern = "%FROM store_releases%ORDER BY store_releases.id%" if first else "%store_releases%"
     row = conn.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-        " AND query ILIKE '%FROM store_releases%ORDER BY store_releases.id%'"
-        " AND pid <> pg_backend_pid()",
+        " AND query ILIKE %s AND pid <> pg_backend_pid()",
+        (pattern,),
     ).fetchone()
     assert row is not None
     return int(str(row[0]))
 
 
-def _wait(what: str, cond: object, timeout: float = SETTLE_TIMEOUT_S) -> None:
+def _activity(conn: psycopg.Connection[tuple[object, ...]]) -> str:
+    """What every other connection to the database is doing (for a failure message)."""
+    rows = conn.execute(
+        "SELECT pid, state, wait_event_type, wait_event, left(query, 160) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    ).fetchall()
+    return "\n".join(" | ".join(str(c) for c in r) for r in rows)
+
+
+def _wait(what: str, cond: object, timeout: float = SETTLE_TIMEOUT_S, why: object = None) -> None:
     deadline = time.monotonic() + timeout
     while not cond():  # type: ignore[operator]
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            detail = f":\n{why()}" if why is not None else ""  # type: ignore[operator]
+            pytest.fail(f"timed out waiting for {what}{detail}")
         time.sleep(0.1)
 
 
@@ -183,19 +200,30 @@ def test_outbox_drained_once_by_two_gateways(schema: PgSchema, tmp_path: Path) -
                 # both gateways inside the drain, or one inside and the other passing it by
                 return blocked >= 2 or (blocked == 1 and skipped >= 3)
 
-            _wait("a drain blocked on the outbox", ready_to_release)
-            blocked = _blocked_drains(watch, schema.name)
+            def state() -> str:
+                drains = {
+                    r: [
+                        _metric(u, "kvaas_maintenance_steps_total", step="drain", result=r)
+                        for u in urls
+                    ]
+                    for r in ("ran", "skipped", "failed")
+                }
+                return f"drain steps per gateway: {drains}\n{_activity(watch)}"
+
+            _wait("a drain blocked on the outbox", ready_to_release, why=state)
+            taking = _blocked_drains(watch, schema.name, first=True)
             lock.commit()
 
             def released() -> list[float]:
                 return [_metric(u, "kvaas_store_releases_total", result="released") for u in urls]
 
-            # every drain that was blocked has counted what it released
+            # every drain that was blocked taking rows has counted what it released
             _wait(
                 "the blocked drains to finish",
                 lambda: (
-                    sum(released()) >= RELEASES and sum(1 for n in released() if n > 0) >= blocked
+                    sum(released()) >= RELEASES and sum(1 for n in released() if n > 0) >= taking
                 ),
+                why=state,
             )
             left = watch.execute(f'SELECT count(*) FROM "{schema.name}".store_releases')
             assert left.fetchone() == (0,)
