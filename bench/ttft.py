@@ -276,11 +276,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     def one_length(n: int) -> None:
         """Every configuration at ``n`` tokens, round robin."""
         prompt = new_prompt(n)
-        n_chunks = n // CHUNK
+        n_chunks = -(-n // CHUNK)  # the partial last chunk is stored too
+        tail = n % CHUNK
         # save once, uncompressed (the containers are re-encoded per scheme below)
         ns0 = derive_namespace(os.urandom(32))
         keys0 = tuple(
-            chunk_keys(prompt, namespace=ns0, model_fingerprint=FINGERPRINT, scheme_id="none")
+            chunk_keys(
+                prompt,
+                namespace=ns0,
+                model_fingerprint=FINGERPRINT,
+                scheme_id="none",
+                partial=True,
+            )
         )
         save = TransferPlan(
             "save",
@@ -290,6 +297,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             "cold",
             fingerprint=FINGERPRINT,
             seal=master.tenant_keys(ns0),
+            tail=tail,
         )
         _gen(llm, prompt, fresh_salt(), {**save.to_params(), "bench_route": "enc"})
         raw = stores["enc"].get_prefix(list(keys0), sealer_for(ns0, "none"))
@@ -321,7 +329,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         def attach(tier: str, scheme: str, route: str) -> float:
             ns = derive_namespace(os.urandom(32))
             keys = tuple(
-                chunk_keys(prompt, namespace=ns, model_fingerprint=FINGERPRINT, scheme_id=scheme)
+                chunk_keys(
+                    prompt,
+                    namespace=ns,
+                    model_fingerprint=FINGERPRINT,
+                    scheme_id=scheme,
+                    partial=True,
+                )
             )
             enc = route != "plain"
             sk = sealer_for(ns, scheme) if enc else None
@@ -334,6 +348,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 scheme,
                 fingerprint=FINGERPRINT,
                 seal=master.tenant_keys(ns) if enc else None,
+                tail=tail,
             )
             params = {**plan.to_params(), "bench_route": route}
             if tier in ("memory", "decoded"):  # an untimed attach promotes the chunks
@@ -344,7 +359,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 if tier == "decoded":
                     time.sleep(0.05)
             ms, got = _gen(llm, prompt, fresh_salt(), params)
-            if got < min(expect, n_chunks * CHUNK):  # only full chunks are stored
+            if got < expect:  # every chunk is stored, the partial last one included
                 raise RuntimeError(f"{tier}/{scheme}/{route}: loaded only {got} tokens")
             if tier == "decoded" and int(LAST_REPORT.get("decoded_tokens") or 0) < got:
                 raise RuntimeError(f"decoded/{scheme}: not served from the decoded tier")

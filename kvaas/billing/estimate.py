@@ -2,9 +2,9 @@
 
 Without a cache, each of ``n`` requests prefills the whole prefix: ``n * tokens * prefill``.
 With one: the create prefills it once, storage is paid for the TTL, and each attach reads the
-stored part (whole chunks) at the cached-read price and prefills the rest. Break-even is the
-smallest ``n`` where the cache costs no more. Free tiers and minimum charges are left out: these
-are marginal prices.
+stored part (every chunk, the partial last one included) at the cached-read price and
+prefills the rest. Break-even is the smallest ``n`` where the cache costs no more. Free tiers
+and minimum charges are left out: these are marginal prices.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def economics(
 ) -> Economics:
     """Costs (exact decimals in the price book's currency) of caching ``tokens`` tokens for
     ``ttl_seconds`` against re-sending them; ``cached_tokens`` of them are read from the cache
-    on attach (whole chunks), the rest prefilled."""
+    on attach (every stored chunk, its partial last one included), the rest prefilled."""
     mtok = Decimal(TOKENS_PER_MTOK)
     per_hour = Decimal(tokens) * prices.storage_per_mtok_hour.of(storage_class) / mtok
     storage = per_hour * Decimal(ttl_seconds) / Decimal(SECONDS_PER_HOUR)

@@ -32,7 +32,7 @@ on a GPU the compressed codes and scales are moved there and dequantized there.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -99,6 +99,7 @@ class PagedLoader:
         clock: StageClock | None = None,
         decoded: Sequence[DecodedChunk] = (),
         on_layer: Callable[[int], None] | None = None,
+        tail: tuple[int, int] | None = None,
     ) -> Loaded:
         """Stage ``decoded`` (pre-decoded chunks from token ``first_token`` on, each fitting
         ``expected``: one copy each), then decode ``blobs`` (the chunks after them, each
@@ -107,31 +108,41 @@ class PagedLoader:
         does not fit or does not decode; never raises for a chunk's contents (a copy that
         cannot address its blocks raises: the caller fails the whole load). ``on_layer(i)`` is
         called once layer ``i``'s tokens are in the blocks, layers in order (not at all when
-        nothing is written)."""
+        nothing is written). ``tail`` (``(i, n)``): the load's chunk ``i`` (pre-decoded ones
+        counted first) is a partial chunk of ``n`` tokens, the last of the prompt; every other
+        is ``expected``."""
         c = expected.num_tokens
         clock = clock or StageClock()
         nd = len(decoded)
+        tail_at, tail_tokens = tail if tail is not None else (-1, c)
+
+        def tokens(chunks: int) -> int:  # tokens held by the load's first ``chunks`` chunks
+            return chunks * c - (c - tail_tokens if 0 <= tail_at < chunks else 0)
+
         if nd and not blobs and on_layer is None:  # every chunk pre-decoded: one copy each
-            loaded_end = min(end, first_token + nd * c)
+            loaded_end = min(end, first_token + tokens(nd))
             if loaded_end > start:
                 with clock.time("decoded"):
-                    self._copy_decoded(decoded, first_token, start, loaded_end, block_ids)
+                    self._copy_decoded(decoded, c, first_token, start, loaded_end, block_ids)
             return Loaded(max(start, loaded_end), None, 0)
         ks, vs = self._staging((nd + len(blobs)) * c)
         if nd:
             with clock.time("decoded"):
                 for i, chunk in enumerate(decoded):
-                    ks[:, :, i * c : (i + 1) * c].copy_(chunk.keys)
-                    vs[:, i * c : (i + 1) * c].copy_(chunk.values)
+                    n = chunk.keys.shape[2]  # ``c``, or the partial last chunk's
+                    ks[:, :, i * c : i * c + n].copy_(chunk.keys)
+                    vs[:, i * c : i * c + n].copy_(chunk.values)
         n_ok, refused = 0, None
         with clock.time("decode"):
             for j, blob in enumerate(blobs):
                 i = nd + j
+                n = tail_tokens if i == tail_at else c
                 try:
-                    why = expected.mismatch(codec.inspect(blob))
+                    shape = expected if n == c else replace(expected, num_tokens=n)
+                    why = shape.mismatch(codec.inspect(blob))
                     if why is None:
-                        k = ks[:, :, i * c : (i + 1) * c]
-                        v = vs[:, i * c : (i + 1) * c].transpose(1, 2)
+                        k = ks[:, :, i * c : i * c + n]
+                        v = vs[:, i * c : i * c + n].transpose(1, 2)
                         codec.decode_into(blob, k, v, verified=True)
                 except Exception as e:  # a chunk's bytes must never crash the worker
                     why = f"{type(e).__name__}: {e}"
@@ -139,7 +150,7 @@ class PagedLoader:
                     refused = f"chunk {i}: {why}"
                     break
                 n_ok += 1
-        loaded_end = min(end, first_token + (nd + n_ok) * c)
+        loaded_end = min(end, first_token + tokens(nd + n_ok))
         if loaded_end > start:
             with clock.time("copy"):
                 a, b = start - first_token, loaded_end - first_token
@@ -149,15 +160,16 @@ class PagedLoader:
     def _copy_decoded(
         self,
         decoded: Sequence[DecodedChunk],
+        c: int,
         first_token: int,
         start: int,
         end: int,
         block_ids: Sequence[int],
     ) -> None:
-        """Tokens ``[start, end)`` of the pre-decoded chunks (from ``first_token`` on) into
-        their blocks straight from each chunk (its keys and values are laid out as the staging
-        buffers are): no staging copy."""
-        c = decoded[0].keys.shape[2]
+        """Tokens ``[start, end)`` of the pre-decoded chunks (``c`` tokens apart from
+        ``first_token`` on; ``end`` within the last one's tokens) into their blocks straight
+        from each chunk (its keys and values are laid out as the staging buffers are): no
+        staging copy."""
         for i, chunk in enumerate(decoded):
             lo, hi = max(start, first_token + i * c), min(end, first_token + (i + 1) * c)
             if hi > lo:

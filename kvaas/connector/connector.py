@@ -69,8 +69,11 @@ lives in its own module (:mod:`~kvaas.connector.attach`, :mod:`~kvaas.connector.
 :mod:`~kvaas.connector.presence`, :mod:`~kvaas.connector.timings`,
 :mod:`~kvaas.connector.paged`), and what stays here is the bookkeeping between the two.
 
-Partial trailing chunk: only full chunks are stored; the last ``len(prompt) % chunk_tokens``
-tokens of a cached prompt are recomputed on attach together with the request's new tokens.
+Partial trailing chunk: a plan whose ``tail`` is above 0 names the prompt's last
+``len(prompt) % chunk_tokens`` tokens with its last key. They are saved once the prompt's
+computed tokens reach them and loaded after every full chunk, as a chunk of their own length
+(never pre-decoded: that tier holds full chunks), so an attach recomputes only what the
+engine must (its block-aligned remainder and the request's own tokens).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -92,7 +95,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvaas.connector import store_config
 from kvaas.connector.attach import PagedLoader
 from kvaas.connector.chunks import ChunkShape
-from kvaas.connector.decoded import DecodedChunks, Promoter, decoded_bytes
+from kvaas.connector.decoded import DecodedChunk, DecodedChunks, Promoter, decoded_bytes
 from kvaas.connector.engine_layout import resolve_layout, shard_rank
 from kvaas.connector.layerwise import LayerwiseLoads
 from kvaas.connector.paged import PagedLayout, gather, slots
@@ -147,7 +150,8 @@ class Sealing:
 
 @dataclass(frozen=True, slots=True)
 class LoadTask:
-    """Load tokens ``[start, end)`` of a request from ``keys`` (the plan's chunk keys)."""
+    """Load tokens ``[start, end)`` of a request from ``keys`` (the plan's chunk keys; the last
+    one names a partial chunk of ``tail`` tokens when ``tail`` is above 0)."""
 
     req_id: str
     keys: tuple[ChunkKey, ...]
@@ -156,11 +160,13 @@ class LoadTask:
     end: int
     block_ids: tuple[int, ...]
     sealing: Sealing
+    tail: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class SaveTask:
-    """Store chunks ``first .. first + len(keys) - 1`` of a request."""
+    """Store chunks ``first .. first + len(keys) - 1`` of a request (the last one a partial
+    chunk of ``tail`` tokens when ``tail`` is above 0)."""
 
     req_id: str
     keys: tuple[ChunkKey, ...]
@@ -170,6 +176,11 @@ class SaveTask:
     storage_class: str
     block_ids: tuple[int, ...]
     sealing: Sealing
+    tail: int = 0
+
+    def chunk_tokens_of(self, i: int) -> int:
+        """Tokens of the task's ``i``-th chunk."""
+        return self.tail if self.tail and i == len(self.keys) - 1 else self.chunk_tokens
 
 
 @dataclass
@@ -353,7 +364,7 @@ class KVaaSConnector(KVConnectorBase_V1):
         rid = request.request_id
         self._lookup_s[rid] = self._lookup_s.get(rid, 0.0) + time.perf_counter() - t0
         bs = self._block_size
-        matched = (min(n_chunks * plan.chunk_tokens, n_prompt - 1) // bs) * bs
+        matched = (min(plan.tokens_in(n_chunks), n_prompt - 1) // bs) * bs
         self._lookups[request.request_id] = (num_computed_tokens, matched)
         return max(0, matched - num_computed_tokens), False
 
@@ -384,13 +395,20 @@ class KVaaSConnector(KVConnectorBase_V1):
         if plan is None:
             return None
         return LoadTask(
-            req_id, plan.keys, plan.chunk_tokens, start, end, tuple(block_ids), Sealing.of(plan)
+            req_id,
+            plan.keys,
+            plan.chunk_tokens,
+            start,
+            end,
+            tuple(block_ids),
+            Sealing.of(plan),
+            plan.tail,
         )
 
     def _save_tasks(self, req_id: str, done_tokens: int) -> SaveTask | None:
         st = self._saves[req_id]
         plan = st.plan
-        complete = min(len(plan.keys), done_tokens // plan.chunk_tokens)
+        complete = plan.chunks_within(done_tokens)
         if complete <= st.saved:
             return None
         task = SaveTask(
@@ -402,6 +420,7 @@ class KVaaSConnector(KVConnectorBase_V1):
             plan.storage_class,
             tuple(st.block_ids),
             Sealing.of(plan),
+            plan.tail if complete == len(plan.keys) else 0,
         )
         st.saved = complete
         return task
@@ -547,7 +566,15 @@ class KVaaSConnector(KVConnectorBase_V1):
             len(self._layers), c, self._kv_heads, self._head_dim, self._loader.dtype
         )
         keys = [shard_key(k, self._rank) for k in task.keys[first:last]]
-        decoded = self._decoded.prefix(keys, expected) if self._decoded is not None else []
+        # the prompt's partial last chunk, when this load reaches it: a shape of its own
+        tail = (last - 1 - first, task.tail) if task.tail and last == len(task.keys) else None
+        tail_shape = replace(expected, num_tokens=task.tail) if tail is not None else None
+        decoded: list[DecodedChunk] = []
+        if self._decoded is not None:
+            full = keys[:-1] if tail_shape is not None else keys
+            decoded = self._decoded.prefix(full, expected)
+            if tail_shape is not None and len(decoded) == len(full):
+                decoded += self._decoded.prefix(keys[-1:], tail_shape)
         hits.add("decoded", len(decoded))
         rest = keys[len(decoded) :]
         blobs: list[bytes] = []
@@ -568,15 +595,21 @@ class KVaaSConnector(KVConnectorBase_V1):
                 clock,
                 decoded,
                 on_layer,
+                tail,
             )
         finally:
             clock.add("load", time.perf_counter() - t0)
             self._load_times[task.req_id] = clock.as_ms()
             in_process = hits.tokens("memory", c) + hits.tokens("decoded", c)
-            self._load_memory[task.req_id] = in_process
-            self._load_decoded[task.req_id] = hits.tokens("decoded", c)
+            named = (last - first) * c - (c - tail[1] if tail is not None else 0)
+            self._load_memory[task.req_id] = min(in_process, named)  # a partial chunk's own
+            self._load_decoded[task.req_id] = min(hits.tokens("decoded", c), named)
         if self._promoter is not None and (n := done.blobs_decoded):  # in the background
-            self._promoter.submit(list(zip(rest[:n], blobs[:n], strict=True)), expected)
+            promoted = list(zip(rest[:n], blobs[:n], strict=True))
+            if tail_shape is not None and len(decoded) + n > tail[0]:  # type: ignore[index]
+                self._promoter.submit(promoted[-1:], tail_shape)  # the partial last chunk
+                promoted = promoted[:-1]
+            self._promoter.submit(promoted, expected)
         if done.refused is not None:
             log.warning("request %s: refused a stored chunk: %s", task.req_id, done.refused)
         if done.end < task.end:
@@ -638,7 +671,9 @@ class KVaaSConnector(KVConnectorBase_V1):
         assert self._layout is not None
         c, first, gathered = task.chunk_tokens, task.first, []
         for i, key in enumerate(task.keys):
-            blk, off = slots(task.block_ids, (first + i) * c, (first + i + 1) * c, self._layout)
+            start = (first + i) * c
+            end = start + task.chunk_tokens_of(i)
+            blk, off = slots(task.block_ids, start, end, self._layout)
             kv = torch.stack([gather(views, blk, off) for views in self._kv_views])
             gathered.append((shard_key(key, self._rank), kv))
         end = first + len(task.keys)

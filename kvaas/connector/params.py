@@ -10,6 +10,7 @@ state of its own::
                "scheme": "int4",
                "fingerprint": "<model fingerprint>",
                "seal": {"key_id": "k1", "keys": {"k1": "<64 hex>", ...}},
+               "tail": 160,                    # tokens of the last key's partial chunk
                "storage_class": "standard",    # save only
                "skip": 0}}                     # save only
 
@@ -19,9 +20,12 @@ gateway from its master keys, never the master keys themselves); chunks are seal
 scheme and fingerprint the chunks were saved with. A plan without ``seal`` cannot read or write
 an encrypted store: its loads miss (vLLM recomputes) and its saves fail.
 
-``save`` stores the KV of the prompt's first ``len(keys) * chunk_tokens`` tokens; ``load``
-loads the longest stored prefix of ``keys`` (the prompt must start with the tokens they name).
-A trailing partial chunk is never stored: attach recomputes it with the request's own tokens.
+``tail`` (default 0): when above 0, the last key names a partial chunk of ``tail`` tokens
+(``0 < tail < chunk_tokens``), the prompt's trailing tokens after its full chunks; every other
+key names ``chunk_tokens`` tokens. ``save`` stores the KV of the prompt's first
+:attr:`TransferPlan.tokens` tokens; ``load`` loads the longest stored prefix of ``keys`` (the
+prompt must start with the tokens they name), the partial chunk only when every chunk before
+it is stored too.
 
 ``skip`` (save only) says that the first ``skip`` chunks are stored already (a cache version
 being extended): they are loaded like a ``load`` plan's, not computed, and only the chunks
@@ -53,6 +57,27 @@ class TransferPlan:
     skip: int = 0
     fingerprint: str = ""
     seal: TenantKeys | None = None
+    tail: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the plan's keys name."""
+        return self.tokens_in(len(self.keys))
+
+    def tokens_in(self, chunks: int) -> int:
+        """Tokens the plan's first ``chunks`` keys name (the partial chunk's ``tail`` when
+        they include it)."""
+        chunks = min(chunks, len(self.keys))
+        if self.tail and chunks == len(self.keys):
+            return (chunks - 1) * self.chunk_tokens + self.tail
+        return chunks * self.chunk_tokens
+
+    def chunks_within(self, tokens: int) -> int:
+        """How many of the plan's leading chunks the first ``tokens`` tokens complete."""
+        full = min(len(self.keys), tokens // self.chunk_tokens)
+        if self.tail and full == len(self.keys) - 1 and tokens >= self.tokens:
+            return len(self.keys)
+        return full
 
     def to_params(self) -> dict[str, Any]:
         """The ``kv_transfer_params`` dictionary carrying this plan."""
@@ -64,6 +89,7 @@ class TransferPlan:
             "fingerprint": self.fingerprint,
             "storage_class": self.storage_class,
             "skip": self.skip,
+            "tail": self.tail,
         }
         if self.seal is not None:
             doc["seal"] = self.seal.to_doc()
@@ -99,6 +125,14 @@ class TransferPlan:
         skip = doc.get("skip", 0)
         if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= len(keys):
             raise ValueError("kvaas.skip must be an integer in [0, len(keys)]")
+        tail = doc.get("tail", 0)
+        if (
+            isinstance(tail, bool)
+            or not isinstance(tail, int)
+            or not 0 <= tail < chunk_tokens
+            or (tail and not keys)
+        ):
+            raise ValueError("kvaas.tail must be an integer in [0, chunk_tokens), 0 without keys")
         seal = doc.get("seal")
         return cls(
             op=op,
@@ -109,4 +143,5 @@ class TransferPlan:
             skip=skip if op == "save" else 0,
             fingerprint=str(doc.get("fingerprint", "")),
             seal=TenantKeys.from_doc(seal) if seal is not None else None,
+            tail=tail,
         )

@@ -4,8 +4,9 @@
 The prompt is read by the prompt policy (same rules as a create: an engine must run, the
 prompt is one non-empty form). Sizes come from :mod:`kvaas.codec.sizing` (the one place that
 sizes a chunk: exact for the fixed-size schemes, the measured ratio for ``lossless``), prices
-from :func:`kvaas.billing.estimate.economics` at the price-book version in force now. Only
-whole chunks are stored and read on attach.
+from :func:`kvaas.billing.estimate.economics` at the price-book version in force now. Every
+token is stored (the last ``tokens % chunk_tokens`` as a partial chunk of their own) and read
+on attach.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kvaas.codec.sizing import chunk_size, read_kv_shape
 from kvaas.config import Compression, Settings, StorageClass
 from kvaas.db.base import utcnow
 from kvaas.services.prompts import Prompt, PromptPolicy
+from kvaas.store.keys import trailing_tokens
 
 #: Every codec, in the order the estimate lists them.
 SCHEMES: tuple[Compression, ...] = ("none", "lossless", "int8", "int4")
@@ -37,7 +39,7 @@ class EstimateSpec:
 
 @dataclass(frozen=True)
 class SizeEstimate:
-    """Stored bytes of the prompt's whole chunks with one scheme."""
+    """Stored bytes of the prompt's chunks (its partial last one included) with one scheme."""
 
     bytes: int
     ratio: float  # uncompressed KV bytes / stored bytes, 4 decimals
@@ -85,22 +87,24 @@ async def estimate_cache(
     storage_class = spec.storage_class or settings.default_storage_class
     chosen = spec.scheme or settings.default_compression
     chunk = settings.chunk_tokens
-    chunks = tokens // chunk
+    chunks = tokens // chunk  # full ones; the trailing partial chunk is sized on its own
+    tail = trailing_tokens(tokens, chunk)
     shape = read_kv_shape(model.path, settings.engine_dtype)
     raw_chunk = shape.bytes_per_token * chunk
     sizes: dict[str, SizeEstimate] = {}
     for scheme in SCHEMES:
         size = await asyncio.to_thread(chunk_size, shape, chunk, scheme)
+        last = await asyncio.to_thread(chunk_size, shape, tail, scheme) if tail else None
         sizes[scheme] = SizeEstimate(
-            bytes=size.expected * chunks,
+            bytes=size.expected * chunks + (last.expected if last is not None else 0),
             ratio=round(raw_chunk / size.expected, 4),
-            exact=size.exact,
+            exact=size.exact and (last is None or last.exact),
         )
     prices = pricebook.version_for(now or utcnow())
     return CacheEstimate(
         model=model.name,
         tokens=tokens,
-        stored_tokens=chunks * chunk,
+        stored_tokens=tokens,
         chunk_tokens=chunk,
         kv_bytes_per_token=shape.bytes_per_token,
         storage_class=storage_class,
@@ -109,5 +113,5 @@ async def estimate_cache(
         sizes=sizes,
         currency=pricebook.currency,
         pricebook_version=prices.version,
-        economics=economics(tokens, chunks * chunk, ttl, storage_class, prices),
+        economics=economics(tokens, tokens, ttl, storage_class, prices),
     )

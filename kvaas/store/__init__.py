@@ -35,6 +35,8 @@ from kvaas.store.keys import (
     key_slot,
     longest_stored_prefix,
     namespace_slot,
+    partial_tokens,
+    stored_chunks,
     trailing_tokens,
     validate_chunk_tokens,
 )
@@ -108,6 +110,8 @@ __all__ = [
     "key_slot",
     "longest_stored_prefix",
     "namespace_slot",
+    "partial_tokens",
+    "stored_chunks",
     "trailing_tokens",
     "validate_chunk_tokens",
 ]

@@ -7,9 +7,11 @@ Token ids are cut into chunks of ``chunk_tokens`` tokens. Chunk ``i`` is named b
 
 where ``parent`` is ``key_{i-1}`` (32 zero bytes for the first chunk), every variable-length
 field is prefixed by its little-endian u32 length, and ``tokens_i`` are the chunk's token ids as
-little-endian int32 bytes. The hash is stable across processes, machines and Python versions
-(never Python's ``hash``). Because each key folds in its parent, a key names the whole prefix
-up to and including its chunk.
+little-endian int32 bytes. A prompt's trailing partial chunk (its last
+``len % chunk_tokens`` tokens) is named the same way when it is stored (``partial=True``): its
+shorter ``tokens_i`` keep its key apart from any full chunk's. The hash is stable across
+processes, machines and Python versions (never Python's ``hash``). Because each key folds in
+its parent, a key names the whole prefix up to and including its chunk.
 
 ``namespace`` comes from a per-tenant secret (:func:`derive_namespace`), so two tenants never
 produce the same keys and one tenant cannot compute (probe for) another's. The first
@@ -127,37 +129,59 @@ def chunk_keys(
     scheme_id: str | int,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     block_size: int | None = None,
+    partial: bool = False,
 ) -> list[ChunkKey]:
-    """Keys of the *full* chunks of ``tokens``, in order.
+    """Keys of the chunks of ``tokens``, in order: one per full chunk and, with ``partial``,
+    one more for the trailing partial chunk when there is one.
 
-    Only ``len(tokens) // chunk_tokens`` keys are returned: the trailing
-    ``len(tokens) % chunk_tokens`` tokens (see :func:`trailing_tokens`) form a partial chunk that
-    has no key, is never stored and is recomputed by prefill. ``scheme_id`` names the compression
-    scheme (and its parameters when they change the bytes), so one prefix compressed two ways
-    gives two sets of keys. ``block_size``, when given, checks that ``chunk_tokens`` is a multiple
-    of the engine's block size.
+    Without ``partial`` only ``len(tokens) // chunk_tokens`` keys are returned and the trailing
+    ``len(tokens) % chunk_tokens`` tokens (see :func:`trailing_tokens`) have none. With it,
+    those tokens are named like any chunk (the same hash over their bytes, chained to the last
+    full chunk's key); being shorter, their bytes differ from any full chunk's, so the key
+    names exactly that partial chunk. ``scheme_id`` names the compression scheme (and its
+    parameters when they change the bytes), so one prefix compressed two ways gives two sets
+    of keys. ``block_size``, when given, checks that ``chunk_tokens`` is a multiple of the
+    engine's block size.
     """
     validate_chunk_tokens(chunk_tokens, block_size)
     if len(namespace) < 16:
         raise ValueError("namespace must be at least 16 bytes (use derive_namespace)")
     arr = token_array(tokens)
     n_full = arr.size // chunk_tokens
-    if n_full == 0:
+    n_tail = arr.size - n_full * chunk_tokens if partial else 0
+    if n_full == 0 and n_tail == 0:
         return []
     fp = model_fingerprint.encode() if isinstance(model_fingerprint, str) else model_fingerprint
     base = blake3.blake3(_field(namespace) + _field(bytes(fp)) + _field(str(scheme_id).encode()))
     slot = namespace_slot_bytes(namespace)
     # little-endian int32 bytes of each chunk (blake3 takes byte buffers only)
-    blocks = arr[: n_full * chunk_tokens].view(np.uint8).reshape(n_full, 4 * chunk_tokens)
+    raw = arr.view(np.uint8)
+    rows = list(raw[: n_full * 4 * chunk_tokens].reshape(n_full, 4 * chunk_tokens))
+    if n_tail:
+        rows.append(raw[n_full * 4 * chunk_tokens :])
     keys: list[ChunkKey] = []
     parent = ROOT_PARENT
-    for row in blocks:  # one hash per chunk: each key chains its parent
+    for row in rows:  # one hash per chunk: each key chains its parent
         h = base.copy()
         h.update(parent)
         h.update(row.data)
         parent = slot + h.digest(KEY_BYTES - SLOT_BYTES)
         keys.append(ChunkKey(parent))
     return keys
+
+
+def stored_chunks(num_tokens: int, chunk_tokens: int) -> int:
+    """Chunks a prompt of ``num_tokens`` is stored as: its full chunks and its trailing
+    partial one (the one rule for how many chunks a new cache version holds)."""
+    return -(-num_tokens // validate_chunk_tokens(chunk_tokens))
+
+
+def partial_tokens(num_tokens: int, chunk_tokens: int, chunks: int) -> int:
+    """Tokens of the trailing partial chunk of a prompt of ``num_tokens`` stored as ``chunks``
+    chunks; 0 when every chunk is full (a version stored before partial chunks were, or a
+    prompt that ends on a chunk boundary)."""
+    tail = trailing_tokens(num_tokens, chunk_tokens)
+    return tail if tail and chunks > num_tokens // chunk_tokens else 0
 
 
 def trailing_tokens(num_tokens: int, chunk_tokens: int) -> int:

@@ -29,8 +29,10 @@ FORMAT = 1
 class Manifest:
     """One immutable cache version.
 
-    ``chunk_keys`` cover the first ``len(chunk_keys) // shards * chunk_tokens`` tokens;
-    ``token_count`` is the version's full token count (a trailing partial chunk is not stored).
+    ``chunk_keys`` name the version's chunks in order; ``token_count`` is its full token count.
+    Every chunk holds ``chunk_tokens`` tokens except, when the keys name one more chunk than
+    the full ones, the last: the trailing ``token_count % chunk_tokens`` tokens (manifests
+    written before partial chunks were stored name full chunks only).
     ``shards``: the pieces each chunk is stored as, one per rank of a parallel engine (each
     chunk's shard keys in a row, :func:`~kvaas.store.keys.shard_keys`); 1 without parallelism.
     Every key must carry ``namespace_slot`` (all chunks of a manifest belong to one tenant).
@@ -65,10 +67,10 @@ class Manifest:
             raise ValueError(f"shards must be a positive int, got {self.shards!r}")
         if len(self.chunk_keys) % self.shards:
             raise ValueError(f"{len(self.chunk_keys)} keys are not {self.shards} per chunk")
-        if self.token_count < self.stored_tokens:
+        if self.chunks > -(-self.token_count // self.chunk_tokens):
             raise ValueError(
-                f"token_count {self.token_count} is below the {self.chunks} chunks' "
-                f"{self.stored_tokens} tokens"
+                f"token_count {self.token_count} cannot fill {self.chunks} chunks of "
+                f"{self.chunk_tokens} tokens"
             )
         slot = bytes.fromhex(self.namespace_slot)
         object.__setattr__(self, "chunk_keys", tuple(self.chunk_keys))
@@ -131,5 +133,5 @@ class Manifest:
 
     @property
     def stored_tokens(self) -> int:
-        """Tokens covered by the stored chunks."""
-        return self.chunks * self.chunk_tokens
+        """Tokens covered by the stored chunks (the partial last one's included)."""
+        return min(self.chunks * self.chunk_tokens, self.token_count)

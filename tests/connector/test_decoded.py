@@ -201,12 +201,17 @@ def _store_cfg(path: Path) -> StoreConfig:
     return StoreConfig(memory_bytes=0, disk_dir=path, disk_bytes=64 << 20, redis_url=None)
 
 
-def _rig(path: Path, scheme: str, dtype: torch.dtype, decoded: int = 16 << 20) -> Rig:
+def _rig(
+    path: Path, scheme: str, dtype: torch.dtype, decoded: int = 16 << 20, tail: int = 0
+) -> Rig:
+    """Chunks stored for a worker: ``CHUNKS`` full ones, the last partial (``tail`` tokens)
+    when ``tail`` is above 0."""
     seal = TenantKeys("k1", {"k1": secrets.token_bytes(32)})
     sealing = Sealing(seal, "fp", scheme)
     keys = tuple(_key() for _ in range(CHUNKS))
-    kv = torch.randn(LAYERS, 2, CHUNKS * CHUNK, HEADS, DIM).to(dtype)
-    blobs = [codec.encode(kv[:, :, i * CHUNK : (i + 1) * CHUNK].contiguous(), scheme)
+    n = CHUNKS * CHUNK - (CHUNK - tail if tail else 0)
+    kv = torch.randn(LAYERS, 2, n, HEADS, DIM).to(dtype)
+    blobs = [codec.encode(kv[:, :, i * CHUNK : min(n, (i + 1) * CHUNK)].contiguous(), scheme)
              for i in range(CHUNKS)]  # fmt: skip
     with SyncTieredStore.from_config(_store_cfg(path)) as store:
         store.put_chunks(list(zip(keys, blobs, strict=True)), "standard", sealing.sealer())
@@ -227,8 +232,8 @@ def rigs(tmp_path: Path) -> Iterator[list[Rig]]:
         r.connector.shutdown()
 
 
-def _load(rig: Rig, rid: str, start: int, end: int) -> KVaaSWorkerMetadata:
-    task = LoadTask(rid, rig.keys, CHUNK, start, end, BLOCKS, rig.sealing)
+def _load(rig: Rig, rid: str, start: int, end: int, tail: int = 0) -> KVaaSWorkerMetadata:
+    task = LoadTask(rid, rig.keys, CHUNK, start, end, BLOCKS, rig.sealing, tail)
     rig.connector.bind_connector_metadata(KVaaSConnectorMetadata(loads=[task]))
     try:
         rig.connector.start_load_kv(None)  # type: ignore[arg-type]
@@ -353,3 +358,41 @@ def test_the_tier_is_off_at_zero_and_cleared_at_shutdown(tmp_path: Path) -> None
     assert tier is not None and len(tier) == CHUNKS
     on.connector.shutdown()
     assert len(tier) == 0 and tier.bytes == 0
+
+
+@pytest.mark.parametrize("scheme", ["none", "int4"])
+def test_a_partial_last_chunk_is_promoted_and_served_from_the_decoded_tier(
+    tmp_path: Path, rigs: list[Rig], scheme: str
+) -> None:
+    """The prompt's partial last chunk is promoted with its own shape: the second load of a
+    cache whose last chunk holds ``tail`` tokens comes from the decoded tier whole, and every
+    byte equals the first load's (decoded from the blobs)."""
+    tail = BLOCK + BLOCK // 2
+    n = (CHUNKS - 1) * CHUNK + tail
+    end = n // BLOCK * BLOCK  # the scheduler's block-aligned match
+    rig = _rig(tmp_path, scheme, torch.float32, tail=tail)
+    rigs.append(rig)
+    first = _load(rig, "a", 0, end, tail)
+    assert first.decoded_tokens["a"] == 0
+    want = [t.clone() for t in rig.layers]
+    _drain(rig)
+    assert rig.connector._decoded is not None and len(rig.connector._decoded) == CHUNKS
+    for t in rig.layers:
+        t.fill_(SENTINEL)
+    second = _load(rig, "b", 0, end, tail)
+    assert second.decoded_tokens["b"] == n  # the partial chunk counted at its length
+    assert "store" not in second.load_ms["b"]
+    for got, exp in zip(rig.layers, want, strict=True):
+        assert torch.equal(got, exp)
+    # the same keys loaded as if the last were full: the decoded tier does not serve it
+    for t in rig.layers:
+        t.fill_(SENTINEL)
+    rig.connector.bind_connector_metadata(
+        KVaaSConnectorMetadata(loads=[LoadTask("c", rig.keys, CHUNK, 0, end, BLOCKS, rig.sealing)])
+    )
+    try:
+        rig.connector.start_load_kv(None)  # type: ignore[arg-type]
+    finally:
+        rig.connector.clear_connector_metadata()
+    failed = rig.connector.get_block_ids_with_load_errors()
+    assert failed == set(BLOCKS[(CHUNKS - 1) * CHUNK // BLOCK : end // BLOCK])

@@ -464,3 +464,59 @@ def test_paged_loader_stops_at_a_chunk_that_does_not_decode(rig: Rig) -> None:
     assert done.end == CHUNK and done.refused is not None and "chunk 1" in done.refused
     assert torch.equal(_truth(rig, DST_BLOCKS, CHUNK), codec.decode(good))
     assert torch.all(_truth(rig, DST_BLOCKS, n)[:, :, CHUNK:] == SENTINEL)
+
+
+def test_a_prompts_partial_last_chunk_is_saved_and_loaded_on_its_own_length(rig: Rig) -> None:
+    """A plan whose last key names the prompt's partial last chunk (``tail`` tokens): the save
+    stores exactly those tokens (a blob of their length), and a load writes them back after
+    the full chunks, bit-exact, leaving the blocks' tokens past the prompt alone; a load that
+    ends inside the partial chunk (block-aligned, as the scheduler asks) writes up to there."""
+    tail = CHUNK - BLOCK // 2 - 8  # not a multiple of the block size
+    n = CHUNK + tail
+    kv = torch.randn(LAYERS, 2, n, HEADS, DIM).to(rig.case.dtype)
+    _write(rig, SRC_BLOCKS, kv)
+    keys = (ChunkKey(os.urandom(32)), ChunkKey(os.urandom(32)))
+    save = SaveTask("s", keys, 0, CHUNK, "none", "standard", SRC_BLOCKS, rig.sealing, tail)
+    assert _run(rig, KVaaSConnectorMetadata(saves=[save])) == set()
+    blobs = rig.store.get_prefix(list(keys), rig.sealing.sealer())
+    assert [codec.inspect(b).shape[2] for b in blobs] == [CHUNK, tail]
+    assert torch.equal(codec.decode(blobs[1]), kv[:, :, CHUNK:n])
+
+    whole = len(DST_BLOCKS) * BLOCK
+    load = LoadTask("l", keys, CHUNK, 0, n, DST_BLOCKS, rig.sealing, tail)
+    assert _run(rig, KVaaSConnectorMetadata(loads=[load])) == set()
+    got = _truth(rig, DST_BLOCKS, whole)
+    assert torch.equal(got[:, :, :n], kv)
+    assert bool((got[:, :, n:] == SENTINEL).all())  # past the prompt: untouched
+
+    for layer in rig.layers:
+        layer.fill_(SENTINEL)
+    end = n // BLOCK * BLOCK
+    load = LoadTask("m", keys, CHUNK, 0, end, DST_BLOCKS, rig.sealing, tail)
+    assert _run(rig, KVaaSConnectorMetadata(loads=[load])) == set()
+    got = _truth(rig, DST_BLOCKS, whole)
+    assert torch.equal(got[:, :, :end], kv[:, :, :end])
+    assert bool((got[:, :, end:] == SENTINEL).all())
+
+
+def test_a_partial_chunk_blob_in_a_full_chunks_place_is_a_failed_load(rig: Rig) -> None:
+    """The tail's length is part of what a load expects: a partial chunk's blob under a key
+    the plan names as full (or a full one where the plan says partial) is refused, and its
+    blocks are reported for recomputation."""
+    tail = BLOCK
+    kv = torch.randn(LAYERS, 2, CHUNK + tail, HEADS, DIM).to(rig.case.dtype)
+    keys = (ChunkKey(os.urandom(32)), ChunkKey(os.urandom(32)))
+    rig.store.put_chunks(
+        [(keys[0], codec.encode(kv[:, :, :CHUNK].contiguous(), "none")),
+         (keys[1], codec.encode(kv[:, :, CHUNK:].contiguous(), "none"))],
+        "standard",
+        rig.sealing.sealer(),
+    )  # fmt: skip
+    as_full = LoadTask("f", keys, CHUNK, 0, 2 * CHUNK, DST_BLOCKS, rig.sealing)
+    failed = _run(rig, KVaaSConnectorMetadata(loads=[as_full]))
+    assert failed == set(DST_BLOCKS[CHUNK // BLOCK : 2 * CHUNK // BLOCK])
+    as_other_tail = LoadTask(
+        "g", keys, CHUNK, 0, CHUNK + tail, DST_BLOCKS, rig.sealing, 2 * BLOCK - 1
+    )
+    failed = _run(rig, KVaaSConnectorMetadata(loads=[as_other_tail]))
+    assert failed == set(DST_BLOCKS[CHUNK // BLOCK : (CHUNK + tail) // BLOCK])

@@ -57,9 +57,9 @@ async def test_a_create_is_ready_only_with_every_chunk_stored(
 
     monkeypatch.setattr(engine, "generate", spy)
     cache = await cl.create(ids, compression="int8")
-    assert cache["status"] == "ready" and cache["stored_tokens"] == 5 * 256
+    assert cache["status"] == "ready" and cache["stored_tokens"] == 1300
     (report,) = seen
-    assert report["saved_chunks"] + report["pending_chunks"] == 5
+    assert report["saved_chunks"] + report["pending_chunks"] == 6  # five full, one partial
     assert "save_failed" not in report
     keys = await cl.keys(ids, "int8")
     assert all(await cl.service.store.sizes_many(keys))
@@ -73,7 +73,7 @@ async def test_a_write_failing_in_the_background_fails_the_create_as_before(
 ) -> None:
     monkeypatch.setattr(creation, "SAVE_WAIT_S", 5.0)  # a wait that cannot end in success
     cl = await new_client(bg_gateway)
-    ids = corpus_ids(bg_gateway)[2000:3100]  # four chunks
+    ids = corpus_ids(bg_gateway)[2000:3100]  # four full chunks and a partial one
     keys = await cl.keys(ids, "int4")
     disk = cl.service.store.tier("disk")
     blocker = disk.path_of(keys[1]).parent  # a file where chunk 1's directory must go
@@ -88,7 +88,7 @@ async def test_a_write_failing_in_the_background_fails_the_create_as_before(
     finally:
         blocker.unlink()
     assert r.status_code == 503, r.text
-    reason = re.search(r"only [01] of 4 chunks reached the store", r.json()["error"]["message"])
+    reason = re.search(r"only [01] of 5 chunks reached the store", r.json()["error"]["message"])
     assert reason is not None, r.text
     (cache,) = (await cl.request("GET", "/v1/caches", params={"status": "failed"})).json()["data"]
     assert cache["failure_reason"].endswith(reason.group(0)), cache

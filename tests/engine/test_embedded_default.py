@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -117,11 +118,13 @@ def _cold(c: httpx.Client, key: str, ids: list[int]) -> Any:
     return body
 
 
-def _assert_hit(body: Any, cache: Any, prompt_tokens: int) -> None:
+def _assert_hit(body: Any, cache: Any, prompt_tokens: int, block: int) -> None:
+    """A hit that loaded every stored token down to the engine's ``block`` size."""
+    cached = cache["stored_tokens"] // block * block
     assert body["cache"] == {"id": cache["id"], "hit": True, "miss_reason": None}
-    assert body["usage"]["cached_tokens"] == cache["stored_tokens"]
+    assert body["usage"]["cached_tokens"] == cached
     assert body["usage"]["prompt_tokens"] == prompt_tokens
-    assert body["usage"]["prefill_tokens"] == prompt_tokens - cache["stored_tokens"]
+    assert body["usage"]["prefill_tokens"] == prompt_tokens - cached
 
 
 def _assert_same_as_cold(body: Any, cold: Any) -> None:
@@ -145,6 +148,9 @@ def test_readme_default_serves_caches_across_a_restart(tmp_path: Path) -> None:
         assert ready["database"]["detail"] == "sqlite"
         assert "redis" not in ready["store"]["detail"]
         assert "in-process, tiny" in ready["engine"]["detail"]
+        found = re.search(r"block size (\d+)", ready["engine"]["detail"])
+        assert found is not None
+        block = int(found.group(1))
         assert (data_dir / "kvaas.db").is_file()
 
         owner = _cli(work, "tenants", "create", "embedded-owner")
@@ -174,7 +180,7 @@ def test_readme_default_serves_caches_across_a_restart(tmp_path: Path) -> None:
             assert _cache_row(data_dir, v1["id"]) == ("ready", 1, 3 * CHUNK)
 
             att1 = _attach(c, owner, v1["id"], 1, q)
-            _assert_hit(att1, v1, len(prefix) + len(q))
+            _assert_hit(att1, v1, len(prefix) + len(q), block)
             cold1 = _cold(c, other, prefix + q)
             assert cold1["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
             _assert_same_as_cold(att1, cold1)
@@ -183,12 +189,13 @@ def test_readme_default_serves_caches_across_a_restart(tmp_path: Path) -> None:
             assert r.status_code == 201, r.text
             v2 = r.json()
             assert (v2["version"], v2["tokens"]) == (2, len(prefix) + len(appendix))
-            assert v2["stored_tokens"] == 4 * CHUNK
+            assert v2["stored_tokens"] == len(prefix) + len(appendix)  # the partial chunk too
             assert v2["usage"]["prefill_tokens"] == len(appendix)
-            assert len(_chunk_files(data_dir)) == 4  # version 2 shares version 1's three
+            # version 2 shares version 1's three, and adds a full chunk and a partial one
+            assert len(_chunk_files(data_dir)) == 5
 
             att2 = _attach(c, owner, v2["id"], 2, q)
-            _assert_hit(att2, v2, len(prefix) + len(appendix) + len(q))
+            _assert_hit(att2, v2, len(prefix) + len(appendix) + len(q), block)
             _assert_same_as_cold(att2, _cold(c, other, prefix + appendix + q))
 
         gw.stop()  # a graceful stop: uvicorn re-raises the SIGTERM it handled
@@ -201,10 +208,10 @@ def test_readme_default_serves_caches_across_a_restart(tmp_path: Path) -> None:
     with kvaas_serve(work, logs / "serve-2.log") as gw:
         with httpx.Client(base_url=gw.url, timeout=120) as c:
             again1 = _attach(c, owner, v1["id"], 1, q)
-            _assert_hit(again1, v1, len(prefix) + len(q))
+            _assert_hit(again1, v1, len(prefix) + len(q), block)
             assert again1["choices"][0]["token_ids"] == att1["choices"][0]["token_ids"]
             again2 = _attach(c, owner, v2["id"], 2, q)
-            _assert_hit(again2, v2, len(prefix) + len(appendix) + len(q))
+            _assert_hit(again2, v2, len(prefix) + len(appendix) + len(q), block)
             assert again2["choices"][0]["token_ids"] == att2["choices"][0]["token_ids"]
 
             r = c.delete(f"/v1/caches/{v1['id']}", headers=auth)

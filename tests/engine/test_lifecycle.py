@@ -227,7 +227,7 @@ async def test_delete_releases_unshared_chunks(gateway) -> None:  # type: ignore
     cl = await new_client(gateway)
     ids = corpus_ids(gateway)[4000:]
     shared = ids[:512]
-    a = await cl.create(shared + ids[512:1100], storage_class="cold")  # 4 chunks
+    a = await cl.create(shared + ids[512:1100], storage_class="cold")  # 4 full, 1 partial
     b = await cl.create(shared, storage_class="cold")  # a's first 2 chunks: the same keys
     keys_a = await cl.keys(shared + ids[512:1100], "int4")
     store = cl.service.store
@@ -241,7 +241,7 @@ async def test_delete_releases_unshared_chunks(gateway) -> None:  # type: ignore
     assert r.json()["status"] == "deleted" and r.json()["id"] == a["id"]
     assert await store.list_versions(slot, a["id"]) == []
     await store.collect_garbage(grace_s=0)
-    assert await store.exists_many(keys_a) == [True, True, False, False]  # b still uses 2
+    assert await store.exists_many(keys_a) == [True, True, False, False, False]  # b uses 2
     assert (await cl.get(a["id"])).status_code == 404
     assert (await cl.request("DELETE", f"/v1/caches/{a['id']}")).status_code == 404
     assert (await cl.request("GET", "/v1/tags/del-me")).status_code == 404
@@ -278,7 +278,7 @@ async def test_async_create_progress_and_ready(gateway, monkeypatch) -> None:  #
     assert listed["data"][0]["progress"]["tokens_done"] == 512
     gate.opened.set()
     done = await cl.wait_status(c["id"])
-    assert done["status"] == "ready" and done["stored_tokens"] == 5 * 256
+    assert done["status"] == "ready" and done["stored_tokens"] == 1500
     assert done["progress"] == {"tokens_done": 1500, "tokens_total": 1500}
     assert cl.service.running_jobs == 0
     r = await cl.attach(cache_id=c["id"], token_ids=[1])
@@ -370,18 +370,20 @@ async def test_quotas(gateway) -> None:  # type: ignore[no-untyped-def]
     assert (await cl.request("DELETE", f"/v1/caches/{a['id']}")).status_code == 200
     await cl.create(ids[:600])  # room again
 
-    # bytes: int4 chunks of this model are 147,573 bytes stored (sealed); the estimate is exact
-    cl = await new_client(gateway, storage_quota_bytes=2 * 147_573 + 1000)
+    # bytes: int4 chunks of this model are 147,573 bytes stored (sealed), a partial one of
+    # 88 tokens 52,085 and one of 44 tokens 26,101; the estimate is exact
+    full, tail88, tail44 = 147_573, 52_085, 26_101
+    cl = await new_client(gateway, storage_quota_bytes=2 * full + tail88 + 1000)
     c = await cl.create(ids[:600])
-    assert c["stored_bytes"] == 2 * 147_573
+    assert c["stored_bytes"] == 2 * full + tail88
     r = await cl.request("POST", "/v1/cache/create", json={"token_ids": ids[:300]})
     assert r.status_code == 402, r.text
     err = r.json()["error"]
     assert (err["limit"], err["current"], err["maximum"], err["requested"]) == (
         "storage_bytes",
-        2 * 147_573,
-        2 * 147_573 + 1000,
-        147_573,
+        2 * full + tail88,
+        2 * full + tail88 + 1000,
+        full + tail44,
     )
     r = await cl.request("POST", "/v1/cache/create", json={"token_ids": ids[:200]})
     assert r.status_code == 400 and "at least 256" in r.json()["error"]["message"]  # no chunk

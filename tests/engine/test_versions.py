@@ -18,9 +18,11 @@ async def test_extend_writes_only_new_chunks_and_attaches_exactly(gateway) -> No
     ids = corpus_ids(gateway)
     base, more, extra = ids[7000:7600], ids[7600:8300], ids[8300:8310]
     v1 = await cl.create(base, compression="none", storage_class="hot")
-    keys1 = await cl.keys(base, "none")
-    keys2 = await cl.keys(base + more, "none")
-    assert keys2[: len(keys1)] == keys1  # keys chain from the parent: the same chunks
+    keys1 = await cl.keys(base, "none")  # two full chunks and the partial last one
+    keys2 = await cl.keys(base + more, "none")  # five full chunks and the partial last one
+    assert (len(keys1), len(keys2)) == (3, 6)
+    assert keys2[:2] == keys1[:2]  # full chunks chain from the parent: the same chunks
+    assert keys1[2] not in keys2  # the parent's partial chunk is not the child's third
     store = cl.service.store
     bytes_before = await cl.redis_bytes()
     assert bytes_before == sum(await store.sizes_many(keys1)) == v1["stored_bytes"]
@@ -29,17 +31,17 @@ async def test_extend_writes_only_new_chunks_and_attaches_exactly(gateway) -> No
     assert r.status_code == 201, r.text
     v2 = r.json()
     assert v2["id"] == v1["id"] and v2["version"] == 2 and v2["status"] == "ready"
-    assert v2["tokens"] == 1300 and v2["stored_tokens"] == 5 * C
-    # the parent's two chunks were loaded from the store, not computed
+    assert v2["tokens"] == 1300 and v2["stored_tokens"] == 1300
+    # the parent's two full chunks were loaded from the store, not computed
     assert v2["usage"]["prefill_tokens"] == 1300 - 2 * C
-    # only the three new chunks were written (the tenant's Redis byte counter)
-    new_sizes = await store.sizes_many(keys2[len(keys1) :])
+    # only the four new chunks were written (the tenant's Redis byte counter)
+    new_sizes = await store.sizes_many(keys2[2:])
     written = await cl.redis_bytes() - bytes_before
     assert written == sum(new_sizes) and all(new_sizes)
-    print(f"extend: {written} bytes written for 3 new chunks; parent holds {bytes_before}")
-    # shared chunks are counted once
+    print(f"extend: {written} bytes written for 4 new chunks; parent holds {bytes_before}")
+    # the cache's bytes count each chunk of its versions once; the version's, its own chunks
     all_sizes = await store.sizes_many(keys2)
-    assert v2["stored_bytes"] == sum(all_sizes) == bytes_before + written
+    assert v2["stored_bytes"] == bytes_before + written
     assert await store.list_versions(await cl.slot(), v1["id"]) == [1, 2]
 
     r = await cl.request("GET", f"/v1/caches/{v1['id']}/versions")
@@ -49,11 +51,11 @@ async def test_extend_writes_only_new_chunks_and_attaches_exactly(gateway) -> No
     assert [
         (v["version"], v["status"], v["tokens"], v["stored_tokens"]) for v in listed["data"]
     ] == [
-        (1, "ready", 600, 2 * C),
-        (2, "ready", 1300, 5 * C),
+        (1, "ready", 600, 600),
+        (2, "ready", 1300, 1300),
     ]
     assert listed["data"][0]["stored_bytes"] == bytes_before
-    assert listed["data"][1]["stored_bytes"] == v2["stored_bytes"]
+    assert listed["data"][1]["stored_bytes"] == sum(all_sizes)
 
     # attach: the latest version by default, exactly like a cold run of the whole prompt
     engine = gateway.app.state.engine
@@ -62,14 +64,17 @@ async def test_extend_writes_only_new_chunks_and_attaches_exactly(gateway) -> No
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["cache"]["hit"] is True
-    assert body["usage"]["cached_tokens"] == 5 * C
+    bs = engine.block_size  # attach loads every stored token down to the engine's block
+    assert body["usage"]["cached_tokens"] == 1300 // bs * bs
     assert body["choices"][0]["token_ids"] == ref2.token_ids
     # ... and an older version on request
     ref1 = await engine.generate(base + extra, Sampling(max_tokens=6, temperature=0.0))
     r = await cl.attach(cache_id=v1["id"], version=1, token_ids=extra, max_tokens=6)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["usage"]["prompt_tokens"] == 610 and body["usage"]["cached_tokens"] == 2 * C
+    assert (
+        body["usage"]["prompt_tokens"] == 610 and body["usage"]["cached_tokens"] == 600 // bs * bs
+    )
     assert body["choices"][0]["token_ids"] == ref1.token_ids
 
 
@@ -86,31 +91,37 @@ async def test_delete_versions(gateway) -> None:  # type: ignore[no-untyped-def]
         assert r.json()["version"] == n
     store = cl.service.store
     slot = await cl.slot()
+    keys1 = await cl.keys(ids[:300], "int4")  # a full chunk and a partial one
+    keys2 = await cl.keys(ids[:600], "int4")
     keys3 = await cl.keys(ids[:900], "int4")
-    assert len(keys3) == 3
+    assert (len(keys1), len(keys2), len(keys3)) == (2, 3, 4)
 
-    # delete the oldest: its only chunk is shared with 2 and 3, so it stays
+    # delete the oldest: its full chunk is shared with 2 and 3, so it stays; its partial
+    # chunk is its own and goes
     r = await cl.request("DELETE", f"/v1/caches/{cid}/versions/1")
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "deleted" and r.json()["version"] == 1
     assert await store.list_versions(slot, cid) == [2, 3]
     await store.collect_garbage(grace_s=0)
     assert all(await store.exists_many(keys3))
+    assert await store.exists_many(keys1) == [True, False]
     r = await cl.attach(cache_id=cid, version=1)
     assert r.status_code == 404 and r.json()["error"]["param"] == "version"
     r = await cl.request("DELETE", f"/v1/caches/{cid}/versions/1")
     assert r.status_code == 404  # already deleted
 
-    # delete the latest: the cache falls back to version 2 and its third chunk is collectable
+    # delete the latest: the cache falls back to version 2; 3's own chunks are collectable
     r = await cl.request("DELETE", f"/v1/caches/{cid}/versions/3")
     assert r.status_code == 200, r.text
     got = (await cl.get(cid)).json()
-    assert got["version"] == 2 and got["tokens"] == 600 and got["stored_tokens"] == 2 * C
-    assert got["stored_bytes"] == sum(await store.sizes_many(keys3[:2]))
+    assert got["version"] == 2 and got["tokens"] == 600 and got["stored_tokens"] == 600
+    assert got["stored_bytes"] == sum(await store.sizes_many(keys2))
     await store.collect_garbage(grace_s=0)
-    assert await store.exists_many(keys3) == [True, True, False]
+    assert await store.exists_many(keys3) == [True, True, False, False]
+    assert all(await store.exists_many(keys2))
     r = await cl.attach(cache_id=cid, token_ids=[5])
-    assert r.status_code == 200 and r.json()["usage"]["cached_tokens"] == 2 * C
+    bs = gateway.app.state.engine.block_size
+    assert r.status_code == 200 and r.json()["usage"]["cached_tokens"] == 600 // bs * bs
 
     # the last version cannot go: delete the cache instead
     r = await cl.request("DELETE", f"/v1/caches/{cid}/versions/2")

@@ -10,6 +10,7 @@ import pytest
 
 from kvaas.store import (
     KEY_BYTES,
+    Manifest,
     MemoryTier,
     chunk_keys,
     derive_namespace,
@@ -17,6 +18,8 @@ from kvaas.store import (
     key_slot,
     longest_stored_prefix,
     namespace_slot,
+    partial_tokens,
+    stored_chunks,
     trailing_tokens,
     validate_chunk_tokens,
 )
@@ -107,3 +110,57 @@ async def test_longest_stored_prefix(blob: object) -> None:
     assert await longest_stored_prefix(tier, ks) == 2
     assert await longest_stored_prefix(tier, []) == 0
     assert await longest_stored_prefix(tier, ks[2:]) == 0
+
+
+def test_a_partial_last_chunk_gets_a_key_of_its_own_when_asked() -> None:
+    """``partial=True`` adds one key for the trailing tokens, chained to the last full chunk's
+    key; the full chunks' keys do not change, a prompt ending on a chunk boundary gets none,
+    and the key depends on every trailing token (and on how many there are)."""
+    full = keys_of(TOKENS)
+    with_tail = keys_of(TOKENS, partial=True)
+    assert with_tail[:-1] == full and len(with_tail) == len(full) + 1
+    assert keys_of(TOKENS[: 4 * 256], partial=True) == full
+    assert keys_of(TOKENS[:17], partial=True) != []  # a prompt shorter than one chunk
+    changed = list(TOKENS)
+    changed[-1] += 1
+    assert keys_of(changed, partial=True)[:-1] == full
+    assert keys_of(changed, partial=True)[-1] != with_tail[-1]
+    assert keys_of(TOKENS[:-1], partial=True)[-1] != with_tail[-1]
+    # a longer prompt with the same leading tokens names a full chunk there, not the tail
+    assert keys_of(TOKENS + list(range(239)))[4] != with_tail[4]
+
+
+def test_the_stored_chunk_count_rule_and_the_partial_chunk_it_implies() -> None:
+    assert stored_chunks(1041, 256) == 5 and stored_chunks(1024, 256) == 4
+    assert partial_tokens(1041, 256, 5) == 17  # stored with its partial chunk
+    assert partial_tokens(1041, 256, 4) == 0  # full chunks only (stored before the rule)
+    assert partial_tokens(1024, 256, 4) == 0
+
+
+def test_a_manifest_names_a_partial_last_chunk_and_no_more() -> None:
+    """A manifest's keys may name one chunk past the full ones (the partial last chunk); its
+    stored tokens are then the version's own count, and a key past that is refused."""
+    ns = derive_namespace(SECRET)
+    keys = keys_of(TOKENS, partial=True)
+
+    def manifest(n: int) -> Manifest:
+        return Manifest(
+            cache_id="c1",
+            version=1,
+            namespace_slot=namespace_slot(ns),
+            chunk_keys=tuple(keys[:n]),
+            token_count=len(TOKENS),
+            chunk_tokens=256,
+            scheme="int4",
+            model_fingerprint="m1",
+        )
+
+    assert manifest(5).stored_tokens == len(TOKENS)
+    assert manifest(4).stored_tokens == 4 * 256  # written before partial chunks were stored
+    assert Manifest.from_json(manifest(5).to_json()) == manifest(5)
+    with pytest.raises(ValueError, match="cannot fill 6 chunks"):
+        Manifest(**{**_fields(manifest(5)), "chunk_keys": (*keys, keys[0])})
+
+
+def _fields(m: Manifest) -> dict[str, object]:
+    return {f: getattr(m, f) for f in m.__dataclass_fields__}

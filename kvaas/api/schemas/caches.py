@@ -126,7 +126,7 @@ class CacheUsage(BaseModel):
 
 
 class CacheProgress(BaseModel):
-    tokens_done: int = Field(description="Tokens whose KV is stored (whole chunks).")
+    tokens_done: int = Field(description="Tokens whose KV is stored.")
     tokens_total: int
 
 
@@ -138,7 +138,7 @@ class CacheObject(BaseModel):
     model: str
     version: int
     tokens: int = Field(description="Tokens of the cached prefix.")
-    stored_tokens: int = Field(description="Tokens whose KV is stored (whole chunks).")
+    stored_tokens: int = Field(description="Tokens whose KV is stored.")
     stored_bytes: int
     compression: str
     storage_class: str
@@ -173,7 +173,7 @@ class CacheObject(BaseModel):
             model=c.model,
             version=c.version,
             tokens=c.tokens,
-            stored_tokens=c.stored_chunks * c.chunk_tokens,
+            stored_tokens=min(c.stored_chunks * c.chunk_tokens, c.tokens),
             stored_bytes=c.stored_bytes,
             compression=c.scheme,
             storage_class=c.storage_class,

@@ -28,7 +28,7 @@ class EstimateRequest(PromptFields):
 
 
 class StoredSize(BaseModel):
-    bytes: int = Field(description="Bytes stored for the whole chunks of the prompt.")
+    bytes: int = Field(description="Bytes stored for the prompt's chunks.")
     ratio: float = Field(description="Uncompressed KV bytes / stored bytes.")
     exact: bool = Field(description="False: estimated from the codec's measured ratio.")
 
@@ -44,7 +44,9 @@ class Estimate(BaseModel):
     object: Literal["cache_estimate"] = "cache_estimate"
     model: str
     tokens: int
-    stored_tokens: int = Field(description="Tokens in whole chunks: stored and read on attach.")
+    stored_tokens: int = Field(
+        description="Tokens stored and read on attach (every chunk, the partial last one too)."
+    )
     chunk_tokens: int
     kv_bytes_per_token: int = Field(description="Uncompressed KV bytes per token.")
     storage_class: StorageClass

@@ -80,7 +80,7 @@ class CacheVersionObject(BaseModel):
     version: int
     status: Literal["pending", "ready", "failed", "deleted"]
     tokens: int
-    stored_tokens: int = Field(description="Tokens whose KV is stored (whole chunks).")
+    stored_tokens: int = Field(description="Tokens whose KV is stored.")
     stored_bytes: int = Field(description="Bytes of this version's chunks (shared ones too).")
     prefix_sha256: str
     created_at: datetime
@@ -94,7 +94,7 @@ class CacheVersionObject(BaseModel):
             version=v.version,
             status=v.status,
             tokens=v.tokens,
-            stored_tokens=v.chunks * chunk_tokens if v.status == "ready" else 0,
+            stored_tokens=min(v.chunks * chunk_tokens, v.tokens) if v.status == "ready" else 0,
             stored_bytes=v.stored_bytes,
             prefix_sha256=v.prefix_sha256,
             created_at=v.created_at,

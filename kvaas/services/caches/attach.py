@@ -33,6 +33,7 @@ from kvaas.services.caches.records import AttachOutcome, CacheMiss, CacheRef
 from kvaas.services.prompts import Prompt
 from kvaas.services.streams import metered
 from kvaas.store.errors import StoreError
+from kvaas.store.keys import partial_tokens
 
 
 class AttachOps(CacheCore):
@@ -56,26 +57,32 @@ class AttachOps(CacheCore):
         self._require_current(cache)
         if version is None or version == cache.version:
             version, base = cache.version, bytes_to_tokens(cache.token_ids)
+            chunks = cache.stored_chunks
         else:
             row = await self._version(session, cache, version)
             if row.status != "ready":
                 raise Conflict(f"version {version} of {cid!r} is {row.status}", param="version")
-            base = bytes_to_tokens(row.token_ids)
+            base, chunks = bytes_to_tokens(row.token_ids), row.chunks
         extra = await self.prompts.tokenize(prompt, continuation=True) if prompt.given else []
         ids = base + extra
         self.prompts.check_generation(
             len(ids), sampling.max_tokens, f"cache ({len(base)}) + request ({len(extra)})"
         )
-        keys = self._cache_keys(tenant, cache, base)
+        keys = self._cache_keys(tenant, cache, base, chunks)
+        tail = partial_tokens(len(base), cache.chunk_tokens, chunks)
+        whole = self._load_plan(tenant, cache, keys, tail)
         align = eng.block_size or cache.chunk_tokens
-        cap = ((len(ids) - 1) // align) * align
-        expected = min(len(keys) * cache.chunk_tokens, cap)
+
+        def loadable(tokens: int) -> int:  # the engine's rule: whole blocks, one token left
+            return min(tokens, len(ids) - 1) // align * align
+
+        expected = loadable(whole.tokens)
         try:
             stored = await self.store.longest_prefix(self._stored(keys)) if keys else 0
             available = stored // self._shards  # whole chunks: every rank's piece stored
         except StoreError:
             available = 0
-        available_tokens = min(available * cache.chunk_tokens, cap)
+        available_tokens = loadable(whole.tokens_in(available))
         if (
             version == cache.version
             and available_tokens < expected
@@ -89,7 +96,10 @@ class AttachOps(CacheCore):
                 f"cache {cid!r} cannot be attached ({reason}) and require_hit is set",
                 extra={"miss_reason": reason},
             )
-        plan = self._load_plan(tenant, cache, keys[:available]) if available else None
+        plan = None
+        if available:
+            loaded = keys[:available]
+            plan = self._load_plan(tenant, cache, loaded, tail if available == len(keys) else 0)
         salted = self.salted(tenant, sampling)
         return salted, (cache, version, ids, plan, expected, available_tokens)
 

@@ -123,11 +123,13 @@ class CacheCore:
         )
 
     def _cache_keys(
-        self, tenant: Tenant | bytes, cache: Cache, ids: Sequence[int]
+        self, tenant: Tenant | bytes, cache: Cache, ids: Sequence[int], chunks: int | None
     ) -> list[ChunkKey]:
-        """Chunk keys of ``ids`` under an existing cache's model, codec and chunk size."""
+        """Chunk keys of ``ids`` under an existing cache's model, codec and chunk size, as a
+        version of ``chunks`` chunks stores them (``None``: a new version; see
+        :func:`~kvaas.services.caches.identity.keys_for`)."""
         ns = tenant if isinstance(tenant, bytes) else self._namespace(tenant)
-        return keys_for(ns, ids, cache.scheme, cache.model_fingerprint, cache.chunk_tokens)
+        return keys_for(ns, ids, cache.scheme, cache.model_fingerprint, cache.chunk_tokens, chunks)
 
     @property
     def _world(self) -> tuple[int, int]:
@@ -149,8 +151,11 @@ class CacheCore:
         """The tenant's chunk encryption keys, derived from the master keys, for its plans."""
         return self.master_keys.tenant_keys(self._namespace(tenant))
 
-    def _load_plan(self, tenant: Tenant, cache: Cache, keys: Sequence[ChunkKey]) -> TransferPlan:
-        """The plan that loads ``keys`` of ``cache``, with the tenant's keys to open them."""
+    def _load_plan(
+        self, tenant: Tenant, cache: Cache, keys: Sequence[ChunkKey], tail: int = 0
+    ) -> TransferPlan:
+        """The plan that loads ``keys`` of ``cache`` (the last a partial chunk of ``tail``
+        tokens when above 0), with the tenant's keys to open them."""
         return TransferPlan(
             "load",
             tuple(keys),
@@ -158,6 +163,7 @@ class CacheCore:
             cache.scheme,
             fingerprint=cache.model_fingerprint,
             seal=self._tenant_keys(tenant),
+            tail=tail,
         )
 
     def salted(self, tenant: Tenant, sampling: Sampling) -> Sampling:
@@ -184,14 +190,16 @@ class CacheCore:
             )
         return timedelta(seconds=ttl)
 
-    def _reserve_bytes(self, scheme: str, chunk_tokens: int, chunks: int) -> int:
-        """Bytes reserved against the quota for ``chunks`` new chunks of the served model: the
-        most they can take (0 when the model's KV shape cannot be read)."""
+    def _reserve_bytes(self, scheme: str, chunk_tokens: int, chunks: int, tail: int = 0) -> int:
+        """Bytes reserved against the quota for ``chunks`` new full chunks of the served model
+        and a partial one of ``tail`` tokens (0: none): the most they can take (0 when the
+        model's KV shape cannot be read)."""
         try:
             shape = read_kv_shape(self._engine().model.path, self.settings.engine_dtype)
         except (OSError, ValueError, KeyError, TypeError):
             return 0
-        return chunks * chunk_size(shape, chunk_tokens, scheme).bound
+        last = chunk_size(shape, tail, scheme).bound if tail else 0
+        return chunks * chunk_size(shape, chunk_tokens, scheme).bound + last
 
     async def get_live(self, session: AsyncSession, tenant: Tenant, cache_id: str) -> Cache:
         """The tenant's cache ``cache_id`` if it is not deleted or expired; 404 otherwise."""
@@ -287,7 +295,8 @@ class CacheCore:
             if c.status == "ready":
                 out[c.id] = Progress(c.tokens, c.tokens)
             elif c.status == "pending":
-                pending.append((c, self._cache_keys(tenant, c, bytes_to_tokens(c.token_ids))))
+                ids = bytes_to_tokens(c.token_ids)
+                pending.append((c, self._cache_keys(tenant, c, ids, None)))
         if pending:
             per = self._shards
             try:
@@ -336,7 +345,9 @@ class CacheCore:
         keys: dict[ChunkKey, None] = {}
         for v in versions:
             keys.update(
-                dict.fromkeys(self._cache_keys(namespace, cache, bytes_to_tokens(v.token_ids)))
+                dict.fromkeys(
+                    self._cache_keys(namespace, cache, bytes_to_tokens(v.token_ids), v.chunks)
+                )
             )
         if not keys:
             return 0

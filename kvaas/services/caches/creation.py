@@ -51,7 +51,7 @@ from kvaas.services.caches.records import (
 from kvaas.services.fairness import EngineBusy
 from kvaas.services.prompts import Prompt
 from kvaas.store.errors import StoreError
-from kvaas.store.keys import ChunkKey
+from kvaas.store.keys import ChunkKey, stored_chunks
 
 log = logging.getLogger("kvaas.caches")
 
@@ -123,7 +123,9 @@ class CreateOps(CacheCore):
             stored_chunks=0,
             stored_bytes=0,
             reserved_tokens=0,
-            reserved_bytes=self._reserve_bytes(scheme, s.chunk_tokens, len(keys)),
+            reserved_bytes=self._reserve_bytes(
+                scheme, s.chunk_tokens, len(ids) // s.chunk_tokens, len(ids) % s.chunk_tokens
+            ),
             ttl_seconds=int(ttl.total_seconds()),
             refresh_on_hit=spec.refresh_on_hit,
             expires_at=now + ttl,
@@ -160,7 +162,7 @@ class CreateOps(CacheCore):
                     tokens=cache.tokens,
                     token_ids=cache.token_ids,
                     prefix_sha256=cache.prefix_sha256,
-                    chunks=cache.tokens // cache.chunk_tokens,
+                    chunks=stored_chunks(cache.tokens, cache.chunk_tokens),
                     stored_bytes=0,
                     created_at=cache.created_at,
                     lease_expires_at=self._lease_until(),
@@ -183,13 +185,14 @@ class CreateOps(CacheCore):
         base = bytes_to_tokens(cache.token_ids)
         ids = base + new
         self.prompts.check_cacheable(ids)
-        keys = self._cache_keys(tenant, cache, ids)
-        n_base = len(base) // cache.chunk_tokens  # the parent's chunks: the same keys
+        keys = self._cache_keys(tenant, cache, ids, None)
+        n_base = len(base) // cache.chunk_tokens  # the parent's full chunks: the same keys
         try:  # reuse what the store still holds; anything missing is computed and written
             skip = await self.store.longest_prefix(keys[:n_base]) if n_base else 0
         except StoreError:
             skip = 0
-        reserve_bytes = self._reserve_bytes(cache.scheme, cache.chunk_tokens, len(keys) - n_base)
+        c = cache.chunk_tokens
+        reserve_bytes = self._reserve_bytes(cache.scheme, c, len(ids) // c - n_base, len(ids) % c)
         await check_create_allowed(session, tenant, self.settings)  # the budget, as a create
         version = await self._begin_extend(session, tenant, cache, ids, len(new), reserve_bytes)
         job = self._job(tenant, cache, version, ids, keys, skip)
@@ -239,7 +242,7 @@ class CreateOps(CacheCore):
                     tokens=len(ids),
                     token_ids=tokens_to_bytes(ids),
                     prefix_sha256=prefix_sha256(ids),
-                    chunks=len(ids) // cache.chunk_tokens,
+                    chunks=stored_chunks(len(ids), cache.chunk_tokens),
                     stored_bytes=0,
                     created_at=utcnow(),
                     lease_expires_at=self._lease_until(),

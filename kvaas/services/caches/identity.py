@@ -14,7 +14,7 @@ import numpy as np
 from kvaas import codec
 from kvaas.connector.params import TransferPlan
 from kvaas.store.crypto import TenantKeys
-from kvaas.store.keys import ChunkKey, chunk_keys, namespace_slot, shard_keys
+from kvaas.store.keys import ChunkKey, chunk_keys, namespace_slot, partial_tokens, shard_keys
 from kvaas.store.manifest import Manifest
 
 
@@ -69,6 +69,11 @@ class PrefillJob:
             storage_class=self.storage_class,  # type: ignore[arg-type]
         )
 
+    @property
+    def tail(self) -> int:
+        """Tokens of the version's partial last chunk (0: every chunk is full)."""
+        return partial_tokens(len(self.ids), self.chunk_tokens, len(self.keys))
+
     def plan(self) -> TransferPlan:
         return TransferPlan(
             "save",
@@ -79,6 +84,7 @@ class PrefillJob:
             skip=self.skip,
             fingerprint=self.fingerprint,
             seal=self.seal,
+            tail=self.tail,
         )
 
 
@@ -106,12 +112,23 @@ def prefix_sha256(ids: Sequence[int]) -> str:
 
 
 def keys_for(
-    namespace: bytes, ids: Sequence[int], scheme: str, fingerprint: str, chunk_tokens: int
+    namespace: bytes,
+    ids: Sequence[int],
+    scheme: str,
+    fingerprint: str,
+    chunk_tokens: int,
+    chunks: int | None = None,
 ) -> list[ChunkKey]:
+    """The chunk keys of ``ids`` as a version stored as ``chunks`` chunks names them: its
+    partial last chunk's too when ``chunks`` counts one (a version stored before partial chunks
+    were counts only full ones). ``None``: as a new version is stored
+    (:func:`~kvaas.store.keys.stored_chunks`)."""
+    partial = chunks is None or partial_tokens(len(ids), chunk_tokens, chunks) > 0
     return chunk_keys(
         ids,
         namespace=namespace,
         model_fingerprint=fingerprint,
         scheme_id=f"{scheme}:{codec.scheme_id(scheme)}",
         chunk_tokens=chunk_tokens,
+        partial=partial,
     )

@@ -327,6 +327,7 @@ class LifecycleOps(CacheCore):
             if (cache.id, v.version) in self._jobs or (cache.id, v.version) in self._running:
                 continue
             job = self._job(tenant, cache, v.version, bytes_to_tokens(v.token_ids))
-            job.keys = self._cache_keys(tenant, cache, job.ids)  # what it may have written
+            # what it may have written
+            job.keys = self._cache_keys(tenant, cache, job.ids, v.chunks)
             await self._fail(session, job, STALE_REASON)
         return expired
