@@ -103,7 +103,7 @@ class World:
     def job(self, cache: Cache, version: int, tokens_per_version: int = 32) -> PrefillJob:
         ids = list(range(version * tokens_per_version))
         job = self.service._job(self.tenant, cache, version, ids)
-        job.keys = self.service._cache_keys(self.tenant, cache, ids)
+        job.keys = self.service._cache_keys(self.tenant, cache, ids, None)
         return job
 
     @property
