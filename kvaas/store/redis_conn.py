@@ -28,10 +28,12 @@ of one tenant hashes to one Redis Cluster slot)::
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -64,6 +66,20 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
 )
+_REDIS_PY = os.path.dirname(redis.__file__) + os.sep
+
+
+def _raised_in_redis_py(e: BaseException) -> bool:
+    """Whether ``e`` was raised inside redis-py's own code. Its asyncio cluster client can
+    use a connection another task has just closed while a failed master's node objects are
+    replaced (an ``AttributeError`` on a ``None`` reader or writer): that call met an outage,
+    as with a refused connection; it is not a fault of the caller's."""
+    tb, last = e.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and last.tb_frame.f_code.co_filename.startswith(_REDIS_PY)
+
+
 MIN_RATE_BYTES_PER_S = 50e6
 #: Readiness probes that go out while the breaker refuses calls: at most one per this period.
 PROBE_INTERVAL_S = 1.0
@@ -213,6 +229,13 @@ class RedisConnection:
         except RedisError as e:
             self.breaker.record_failure(e, generation)
             raise TierUnavailable(self.name, f"Redis tier {self.name!r}: {e}") from e
+        except AttributeError as e:
+            if not _raised_in_redis_py(e):
+                raise
+            self.breaker.record_failure(e, generation)
+            raise TierUnavailable(
+                self.name, f"Redis tier {self.name!r} lost a connection mid-command: {e}"
+            ) from e
         self.breaker.record_success()
         return result
 

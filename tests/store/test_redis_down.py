@@ -298,3 +298,34 @@ async def test_a_readiness_probe_closes_the_breaker_as_soon_as_redis_answers(
     assert (await conn.ping()).status == "ok"
     assert breaker.state == "closed"
     assert await conn.run(lambda c: c.ping()) is True
+
+
+async def test_a_connection_redis_py_lost_mid_command_is_an_outage() -> None:
+    """redis-py's asyncio cluster client can send on a connection another task has just
+    closed while a failed master's nodes are replaced; the library then raises
+    ``AttributeError`` on the ``None`` writer (seen in the Redis Cluster failover test). That
+    is the call meeting an outage: a typed ``TierUnavailable`` that the breaker counts, never
+    an ``AttributeError`` escaping the store. One raised outside redis-py still propagates."""
+    import redis.asyncio as aioredis
+
+    clock = ManualClock()
+    conn = RedisConnection(REDIS_URL, breaker=held_breaker(clock))
+    try:
+
+        async def closed_under_us(_client: Any) -> None:
+            lost = aioredis.Connection()  # its writer is None, as after a close
+            await lost._send_packed_command([b"PING\r\n"])
+
+        with pytest.raises(TierUnavailable, match="lost a connection mid-command"):
+            await conn.run(closed_under_us)
+        assert conn.breaker.failures == 1
+
+        async def our_bug(_client: Any) -> None:
+            None.missing  # type: ignore[attr-defined]  # noqa: B018
+
+        conn.breaker.record_success()
+        with pytest.raises(AttributeError):
+            await conn.run(our_bug)
+        assert conn.breaker.failures == 0
+    finally:
+        await conn.close()
