@@ -266,3 +266,34 @@ async def test_int4_divergence_through_vllm(gateway) -> None:  # type: ignore[no
     print(
         "divergence vs cold (KL over top-20 of token 1, top-1 same, greedy agreement /6):", results
     )
+
+
+async def test_a_version_stored_before_partial_chunks_attaches_its_full_chunks(gateway) -> None:  # type: ignore[no-untyped-def]
+    """A version whose recorded chunk count holds full chunks only (as every version stored
+    before partial last chunks were) is attached as such: its plan names no partial chunk, a
+    ``require_hit`` attach hits with the full chunks' tokens (nothing is reported missing,
+    though the store holds no partial chunk for it), and the answer is a cold run's."""
+    from kvaas.db.models import CacheVersion
+
+    ids = corpus_ids(gateway)[5200:5800]  # two full chunks and 88 tokens
+    extra = corpus_ids(gateway)[5800:5805]
+    cache = await create(gateway, ids, compression="none", storage_class="cold")
+    keys = await _keys(gateway, ids, "none")
+    service = gateway.app.state.cache_service
+    assert len(keys) == 3 and all(await service.store.exists_many(keys))
+    # the store as an older version left it: no partial chunk; its rows count two chunks
+    await service.store.tier("disk").delete_many(keys[2:])
+    async with gateway.app.state.db.session() as s:
+        await s.execute(update(Cache).where(Cache.id == cache["id"]).values(stored_chunks=2))
+        await s.execute(
+            update(CacheVersion).where(CacheVersion.cache_id == cache["id"]).values(chunks=2)
+        )
+        await s.commit()
+    got = (await gateway.client.get(f"/v1/caches/{cache['id']}", headers=gateway.auth())).json()
+    assert got["stored_tokens"] == 512 and got["status"] == "ready"
+    r = await attach(gateway, cache["id"], extra, require_hit=True)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["cache"] == {"id": cache["id"], "hit": True, "miss_reason": None}
+    assert body["usage"]["cached_tokens"] == 512
+    assert_same(body, await cold(gateway, ids + extra))
