@@ -72,7 +72,7 @@ lives in its own module (:mod:`~kvaas.connector.attach`, :mod:`~kvaas.connector.
 Partial trailing chunk: a plan whose ``tail`` is above 0 names the prompt's last
 ``len(prompt) % chunk_tokens`` tokens with its last key. They are saved once the prompt's
 computed tokens reach them and loaded after every full chunk, as a chunk of their own length
-(never pre-decoded: that tier holds full chunks), so an attach recomputes only what the
+(the pre-decoded tier holds it with that shape too), so an attach recomputes only what the
 engine must (its block-aligned remainder and the request's own tokens).
 """
 
