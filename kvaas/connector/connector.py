@@ -62,7 +62,7 @@ writes its share of a chunk under its shard key (:func:`kvaas.store.keys.shard_k
 key itself in a world of one), and the scheduler counts a chunk only when every rank's piece is
 stored.
 
-Why this module passes 500 lines (about 710): vLLM's connector API is one class with a
+Why this module passes 500 lines (about 750): vLLM's connector API is one class with a
 scheduler half and a worker half that share their metadata types; the machinery each half uses
 lives in its own module (:mod:`~kvaas.connector.attach`, :mod:`~kvaas.connector.saver`,
 :mod:`~kvaas.connector.decoded`, :mod:`~kvaas.connector.layerwise`,
@@ -606,7 +606,7 @@ class KVaaSConnector(KVConnectorBase_V1):
             self._load_decoded[task.req_id] = min(hits.tokens("decoded", c), named)
         if self._promoter is not None and (n := done.blobs_decoded):  # in the background
             promoted = list(zip(rest[:n], blobs[:n], strict=True))
-            if tail_shape is not None and len(decoded) + n > tail[0]:  # type: ignore[index]
+            if tail is not None and tail_shape is not None and len(decoded) + n > tail[0]:
                 self._promoter.submit(promoted[-1:], tail_shape)  # the partial last chunk
                 promoted = promoted[:-1]
             self._promoter.submit(promoted, expected)

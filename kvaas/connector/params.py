@@ -35,7 +35,7 @@ after them are encoded and written.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from kvaas.store.crypto import TenantKeys
@@ -71,6 +71,13 @@ class TransferPlan:
         if self.tail and chunks == len(self.keys):
             return (chunks - 1) * self.chunk_tokens + self.tail
         return chunks * self.chunk_tokens
+
+    def leading(self, chunks: int) -> TransferPlan:
+        """The same plan for its first ``chunks`` keys only (the partial chunk's ``tail`` kept
+        when they include it)."""
+        chunks = min(chunks, len(self.keys))
+        tail = self.tail if chunks == len(self.keys) else 0
+        return replace(self, keys=self.keys[:chunks], tail=tail)
 
     def chunks_within(self, tokens: int) -> int:
         """How many of the plan's leading chunks the first ``tokens`` tokens complete."""

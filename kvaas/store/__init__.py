@@ -37,6 +37,7 @@ from kvaas.store.keys import (
     namespace_slot,
     partial_tokens,
     stored_chunks,
+    tokens_in_chunks,
     trailing_tokens,
     validate_chunk_tokens,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "namespace_slot",
     "partial_tokens",
     "stored_chunks",
+    "tokens_in_chunks",
     "trailing_tokens",
     "validate_chunk_tokens",
 ]

@@ -176,6 +176,12 @@ def stored_chunks(num_tokens: int, chunk_tokens: int) -> int:
     return -(-num_tokens // validate_chunk_tokens(chunk_tokens))
 
 
+def tokens_in_chunks(num_tokens: int, chunk_tokens: int, chunks: int) -> int:
+    """Tokens a prompt of ``num_tokens`` stored as ``chunks`` chunks holds in them (its partial
+    last chunk's included when ``chunks`` counts one)."""
+    return min(chunks * chunk_tokens, num_tokens)
+
+
 def partial_tokens(num_tokens: int, chunk_tokens: int, chunks: int) -> int:
     """Tokens of the trailing partial chunk of a prompt of ``num_tokens`` stored as ``chunks``
     chunks; 0 when every chunk is full (a version stored before partial chunks were, or a

@@ -17,7 +17,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kvaas.store.keys import KEY_BYTES, SLOT_BYTES, ChunkKey, key_from_hex
+from kvaas.store.keys import (
+    KEY_BYTES,
+    SLOT_BYTES,
+    ChunkKey,
+    key_from_hex,
+    stored_chunks,
+    tokens_in_chunks,
+)
 from kvaas.store.policy import StorageClass, check_storage_class
 
 _CACHE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
@@ -67,7 +74,7 @@ class Manifest:
             raise ValueError(f"shards must be a positive int, got {self.shards!r}")
         if len(self.chunk_keys) % self.shards:
             raise ValueError(f"{len(self.chunk_keys)} keys are not {self.shards} per chunk")
-        if self.chunks > -(-self.token_count // self.chunk_tokens):
+        if self.chunks > stored_chunks(self.token_count, self.chunk_tokens):
             raise ValueError(
                 f"token_count {self.token_count} cannot fill {self.chunks} chunks of "
                 f"{self.chunk_tokens} tokens"
@@ -134,4 +141,4 @@ class Manifest:
     @property
     def stored_tokens(self) -> int:
         """Tokens covered by the stored chunks (the partial last one's included)."""
-        return min(self.chunks * self.chunk_tokens, self.token_count)
+        return tokens_in_chunks(self.token_count, self.chunk_tokens, self.chunks)

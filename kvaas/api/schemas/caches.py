@@ -13,6 +13,7 @@ from kvaas.api.schemas.bounds import INT32_MAX, TokenId
 from kvaas.db.models import Cache
 from kvaas.engine import Sampling
 from kvaas.services.caches import AttachOutcome, Progress, Prompt
+from kvaas.store.keys import tokens_in_chunks
 
 StorageClass = Literal["hot", "standard", "cold"]
 Compression = Literal["none", "lossless", "int8", "int4"]
@@ -173,7 +174,7 @@ class CacheObject(BaseModel):
             model=c.model,
             version=c.version,
             tokens=c.tokens,
-            stored_tokens=min(c.stored_chunks * c.chunk_tokens, c.tokens),
+            stored_tokens=tokens_in_chunks(c.tokens, c.chunk_tokens, c.stored_chunks),
             stored_bytes=c.stored_bytes,
             compression=c.scheme,
             storage_class=c.storage_class,

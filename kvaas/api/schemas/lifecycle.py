@@ -19,6 +19,7 @@ from kvaas.api.schemas.caches import (
 )
 from kvaas.db.models import CacheVersion
 from kvaas.services.caches import UNSET, CachePatch
+from kvaas.store.keys import tokens_in_chunks
 
 
 class CacheList(BaseModel):
@@ -94,7 +95,9 @@ class CacheVersionObject(BaseModel):
             version=v.version,
             status=v.status,
             tokens=v.tokens,
-            stored_tokens=min(v.chunks * chunk_tokens, v.tokens) if v.status == "ready" else 0,
+            stored_tokens=(
+                tokens_in_chunks(v.tokens, chunk_tokens, v.chunks) if v.status == "ready" else 0
+            ),
             stored_bytes=v.stored_bytes,
             prefix_sha256=v.prefix_sha256,
             created_at=v.created_at,

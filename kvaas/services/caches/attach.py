@@ -96,10 +96,7 @@ class AttachOps(CacheCore):
                 f"cache {cid!r} cannot be attached ({reason}) and require_hit is set",
                 extra={"miss_reason": reason},
             )
-        plan = None
-        if available:
-            loaded = keys[:available]
-            plan = self._load_plan(tenant, cache, loaded, tail if available == len(keys) else 0)
+        plan = whole.leading(available) if available else None
         salted = self.salted(tenant, sampling)
         return salted, (cache, version, ids, plan, expected, available_tokens)
 

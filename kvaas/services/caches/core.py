@@ -190,16 +190,18 @@ class CacheCore:
             )
         return timedelta(seconds=ttl)
 
-    def _reserve_bytes(self, scheme: str, chunk_tokens: int, chunks: int, tail: int = 0) -> int:
-        """Bytes reserved against the quota for ``chunks`` new full chunks of the served model
-        and a partial one of ``tail`` tokens (0: none): the most they can take (0 when the
-        model's KV shape cannot be read)."""
+    def _reserve_bytes(self, scheme: str, chunk_tokens: int, tokens: int, stored: int = 0) -> int:
+        """Bytes reserved against the quota for the chunks a new version of ``tokens`` tokens
+        writes after its first ``stored`` full chunks (its parent's, stored already): the most
+        they can take, its partial last chunk at its own size (0 when the model's KV shape
+        cannot be read)."""
         try:
             shape = read_kv_shape(self._engine().model.path, self.settings.engine_dtype)
         except (OSError, ValueError, KeyError, TypeError):
             return 0
+        full, tail = divmod(tokens, chunk_tokens)
         last = chunk_size(shape, tail, scheme).bound if tail else 0
-        return chunks * chunk_size(shape, chunk_tokens, scheme).bound + last
+        return (full - stored) * chunk_size(shape, chunk_tokens, scheme).bound + last
 
     async def get_live(self, session: AsyncSession, tenant: Tenant, cache_id: str) -> Cache:
         """The tenant's cache ``cache_id`` if it is not deleted or expired; 404 otherwise."""

@@ -123,9 +123,7 @@ class CreateOps(CacheCore):
             stored_chunks=0,
             stored_bytes=0,
             reserved_tokens=0,
-            reserved_bytes=self._reserve_bytes(
-                scheme, s.chunk_tokens, len(ids) // s.chunk_tokens, len(ids) % s.chunk_tokens
-            ),
+            reserved_bytes=self._reserve_bytes(scheme, s.chunk_tokens, len(ids)),
             ttl_seconds=int(ttl.total_seconds()),
             refresh_on_hit=spec.refresh_on_hit,
             expires_at=now + ttl,
@@ -191,8 +189,7 @@ class CreateOps(CacheCore):
             skip = await self.store.longest_prefix(keys[:n_base]) if n_base else 0
         except StoreError:
             skip = 0
-        c = cache.chunk_tokens
-        reserve_bytes = self._reserve_bytes(cache.scheme, c, len(ids) // c - n_base, len(ids) % c)
+        reserve_bytes = self._reserve_bytes(cache.scheme, cache.chunk_tokens, len(ids), n_base)
         await check_create_allowed(session, tenant, self.settings)  # the budget, as a create
         version = await self._begin_extend(session, tenant, cache, ids, len(new), reserve_bytes)
         job = self._job(tenant, cache, version, ids, keys, skip)
