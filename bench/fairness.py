@@ -502,6 +502,13 @@ def main() -> None:
         "(KVAAS_ENGINE_BULK_STEP_TOKENS; 0: no cap; default: the setting's)",
     )
     ap.add_argument(
+        "--bulk-step-ms",
+        type=float,
+        default=None,
+        help="milliseconds such a step may take at the engine's measured speed "
+        "(KVAAS_ENGINE_BULK_STEP_MS; 0: the token cap alone; default: the setting's)",
+    )
+    ap.add_argument(
         "--bulk-max-hold",
         type=float,
         default=None,
@@ -540,6 +547,8 @@ def main() -> None:
     }
     if args.bulk_step_tokens is not None:
         engine["engine_bulk_step_tokens"] = args.bulk_step_tokens
+    if args.bulk_step_ms is not None:
+        engine["engine_bulk_step_ms"] = args.bulk_step_ms
     if args.bulk_max_hold is not None:
         engine["engine_bulk_max_hold_seconds"] = args.bulk_max_hold
     if args.auth_cache_seconds is not None:

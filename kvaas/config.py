@@ -277,6 +277,16 @@ class Settings(BaseSettings):
         "at most this many tokens, so another tenant's request that arrives waits for one short "
         "step, not a whole long prefill (0: no cap). See `kvaas.engine.scheduler`.",
     )
+    engine_bulk_step_ms: float = Field(
+        5.0,
+        ge=0,
+        le=10_000,
+        description="With KVAAS_ENGINE_BULK_STEP_TOKENS: such a step also computes no more "
+        "tokens than fit in this many milliseconds at the speed the engine has shown (never "
+        "fewer than 16), so the wait stays short on a slow device too; a device that runs the "
+        "token cap within this time keeps it (0: the token cap alone). See "
+        "`kvaas.engine.scheduler`.",
+    )
     engine_bulk_max_hold_seconds: float = Field(
         0.5,
         ge=0,

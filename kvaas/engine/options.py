@@ -11,7 +11,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from kvaas.codec.sizing import KVDtype
 from kvaas.engine.device import Eager
 from kvaas.engine.ipc_wait import SPIN_ENV
-from kvaas.engine.priorities import DEFAULT_BULK_STEP_TOKENS, DEFAULT_MAX_HOLD_S
+from kvaas.engine.priorities import (
+    DEFAULT_BULK_STEP_MS,
+    DEFAULT_BULK_STEP_TOKENS,
+    DEFAULT_MAX_HOLD_S,
+)
 from kvaas.engine.priorities import options as scheduler_options
 
 if TYPE_CHECKING:
@@ -31,6 +35,7 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048
     prefill_chunk_tokens: int = 0
     bulk_step_tokens: int = DEFAULT_BULK_STEP_TOKENS
+    bulk_step_ms: float = DEFAULT_BULK_STEP_MS
     bulk_max_hold_s: float = DEFAULT_MAX_HOLD_S
     ipc_spin_s: float | None = None
     presence_ttl_s: float | None = None
@@ -56,6 +61,7 @@ class EngineOptions:
             max_num_batched_tokens=s.engine_max_batched_tokens,
             prefill_chunk_tokens=s.engine_prefill_chunk_tokens,
             bulk_step_tokens=s.engine_bulk_step_tokens,
+            bulk_step_ms=s.engine_bulk_step_ms,
             bulk_max_hold_s=s.engine_bulk_max_hold_seconds,
             ipc_spin_s=s.engine_ipc_spin_seconds,
             presence_ttl_s=s.connector_presence_ttl_seconds,
@@ -78,7 +84,7 @@ class EngineOptions:
 
     def scheduler_config(self) -> dict[str, dict[str, float]]:
         """vLLM's ``additional_config`` for the fair step scheduler."""
-        return scheduler_options(self.bulk_step_tokens, self.bulk_max_hold_s)
+        return scheduler_options(self.bulk_step_tokens, self.bulk_max_hold_s, self.bulk_step_ms)
 
     def environment(self) -> dict[str, str]:
         """Variables the engine's processes read from their environment: the queue-wait

@@ -28,11 +28,20 @@ SCHEDULER_CLS = "kvaas.engine.scheduler.fair_scheduler"
 #: ``vllm_config.additional_config`` key of the scheduler's options
 CONFIG_KEY = "kvaas_scheduler"
 DEFAULT_BULK_STEP_TOKENS = 128
+DEFAULT_BULK_STEP_MS = 5.0
 DEFAULT_MAX_HOLD_S = 0.5
 
 
-def options(bulk_step_tokens: int, max_hold_s: float) -> dict[str, dict[str, float]]:
+def options(
+    bulk_step_tokens: int, max_hold_s: float, bulk_step_ms: float = DEFAULT_BULK_STEP_MS
+) -> dict[str, dict[str, float]]:
     """The ``additional_config`` entry that configures the scheduler."""
-    if bulk_step_tokens < 0 or max_hold_s < 0:
-        raise ValueError("bulk_step_tokens and max_hold_s must not be negative")
-    return {CONFIG_KEY: {"bulk_step_tokens": bulk_step_tokens, "max_hold_s": max_hold_s}}
+    if bulk_step_tokens < 0 or max_hold_s < 0 or bulk_step_ms < 0:
+        raise ValueError("bulk_step_tokens, max_hold_s and bulk_step_ms must not be negative")
+    return {
+        CONFIG_KEY: {
+            "bulk_step_tokens": bulk_step_tokens,
+            "max_hold_s": max_hold_s,
+            "bulk_step_ms": bulk_step_ms,
+        }
+    }

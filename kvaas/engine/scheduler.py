@@ -23,12 +23,26 @@ number, and preempts the highest number first when KV blocks run out):
 2. A held request is never held for more than ``max_hold_s`` since it last computed: it then
    runs one step, so a stream of interactive requests slows bulk work but cannot stop it.
 3. While any ``SHARED`` prefill may run, a step computes at most ``bulk_step_tokens`` tokens in
-   all, so an interactive request that arrives waits for one short step, never for a whole
-   long prefill. ``ALONE`` work is never capped (nobody is waiting for the engine).
+   all, and no more than fit in ``bulk_step_ms`` at the speed the engine has shown (never
+   fewer than :data:`MIN_BULK_STEP_TOKENS`), so an interactive request that arrives waits for
+   one short step, never for a whole long prefill. ``ALONE`` work is never capped (nobody is
+   waiting for the engine).
+
+Why a time as well as a token count: what a step of 128 tokens costs differs by two orders of
+magnitude between devices (a few milliseconds on a GPU, ~27 ms for the tiny model on this
+project's 2-core CPU test machine), and the wait of an arriving request is a time. The
+scheduler times each step it hands out, from when it could start running (the later of its
+scheduling and the end of the step before: right for vLLM's synchronous and asynchronous
+schedulers) to its output, and keeps a moving average of the seconds per token of steps of at
+least :data:`MIN_BULK_STEP_TOKENS` tokens. The cap is then ``bulk_step_ms`` divided by it: each
+capped step's time feeds the average, so the cap settles where a step takes ``bulk_step_ms``
+(the fixed cost of a step makes small steps dearer per token, which the average sees). A device
+fast enough to run ``bulk_step_tokens`` within the time keeps that cap, unchanged.
 
 Configuration (vLLM's ``additional_config``, key ``"kvaas_scheduler"``): ``bulk_step_tokens``
-(default 128; 0 disables rule 3) and ``max_hold_s`` (default 0.5; 0 disables rules 1-2). The
-gateway passes them from ``KVAAS_ENGINE_BULK_STEP_TOKENS`` and
+(default 128; 0 disables rule 3), ``bulk_step_ms`` (default 5; 0: the token cap alone) and
+``max_hold_s`` (default 0.5; 0 disables rules 1-2). The gateway passes them from
+``KVAAS_ENGINE_BULK_STEP_TOKENS``, ``KVAAS_ENGINE_BULK_STEP_MS`` and
 ``KVAAS_ENGINE_BULK_MAX_HOLD_SECONDS``, and selects the scheduler with
 ``scheduler_cls="kvaas.engine.scheduler.fair_scheduler"`` and ``scheduling_policy="priority"``
 (in process and on the command line of ``vllm serve`` nodes).
@@ -46,13 +60,23 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from kvaas.engine.priorities import (
     ALONE,
     CONFIG_KEY,
+    DEFAULT_BULK_STEP_MS,
     DEFAULT_BULK_STEP_TOKENS,
     DEFAULT_MAX_HOLD_S,
     INTERACTIVE,
     SHARED,
 )
 
-__all__ = ["ALONE", "INTERACTIVE", "SHARED", "fair_scheduler"]
+__all__ = ["ALONE", "INTERACTIVE", "MIN_BULK_STEP_TOKENS", "SHARED", "fair_scheduler"]
+
+#: the smallest cap the step time may set (one KV block of the usual size), and the fewest
+#: tokens a step must compute for its time to count toward the seconds per token
+MIN_BULK_STEP_TOKENS = 16
+#: weight of the newest step in the moving average of seconds per token
+_STEP_COST_WEIGHT = 0.2
+#: steps handed out whose output has not come back yet, beyond which the oldest are forgotten
+#: (vLLM keeps at most a few in flight)
+_MAX_PENDING_STEPS = 8
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -78,6 +102,13 @@ class _TenantFair:
         conf = extra.get(CONFIG_KEY, {}) if isinstance(extra, dict) else {}
         self.bulk_step_tokens = int(conf.get("bulk_step_tokens", DEFAULT_BULK_STEP_TOKENS))
         self.max_hold_s = float(conf.get("max_hold_s", DEFAULT_MAX_HOLD_S))
+        self.bulk_step_s = float(conf.get("bulk_step_ms", DEFAULT_BULK_STEP_MS)) / 1000
+        #: moving average of a step's seconds per token (``None`` until a step was timed)
+        self.step_s_per_token: float | None = None
+        #: id of each step handed out -> (when it was handed out, its tokens)
+        self._pending: dict[int, tuple[float, int]] = {}
+        #: when the last step's output came back
+        self._last_done = 0.0
         #: request id -> when it last computed tokens (or was first seen), for rule 2
         self._progress: dict[str, float] = {}
         #: steps in which at least one request was held back (observability and tests)
@@ -98,6 +129,34 @@ class _TenantFair:
         waiting = [r for r in self.waiting if hold(r)]
         return running, waiting
 
+    def bulk_cap(self) -> int:
+        """The most tokens a step computes while ``SHARED`` prefill may run (rule 3; 0: none)."""
+        cap = self.bulk_step_tokens
+        if cap <= 0 or self.bulk_step_s <= 0 or not self.step_s_per_token:
+            return cap
+        fit = int(self.bulk_step_s / self.step_s_per_token)
+        return min(cap, max(MIN_BULK_STEP_TOKENS, fit))
+
+    def _step_handed_out(self, out: SchedulerOutput) -> None:
+        if out.total_num_scheduled_tokens <= 0:
+            return
+        self._pending[id(out)] = (time.monotonic(), out.total_num_scheduled_tokens)
+        while len(self._pending) > _MAX_PENDING_STEPS:
+            del self._pending[next(iter(self._pending))]
+
+    def _step_done(self, out: SchedulerOutput) -> None:
+        """Times the step whose output came back (see the module's rule 3)."""
+        now = time.monotonic()
+        handed = self._pending.pop(id(out), None)
+        began, self._last_done = max(handed[0] if handed else now, self._last_done), now
+        if handed is None or handed[1] < MIN_BULK_STEP_TOKENS:
+            return
+        per_token = (now - began) / handed[1]
+        avg = self.step_s_per_token
+        self.step_s_per_token = (
+            per_token if avg is None else avg + _STEP_COST_WEIGHT * (per_token - avg)
+        )
+
     def _all(self) -> Iterable[Request]:
         yield from self.running
         yield from self.waiting
@@ -115,8 +174,9 @@ class _TenantFair:
         if held_waiting:
             self.waiting.remove_requests(held_waiting)
         budget = self.max_num_scheduled_tokens
-        if bulk_may_run and self.bulk_step_tokens > 0:
-            self.max_num_scheduled_tokens = min(budget, self.bulk_step_tokens)
+        cap = self.bulk_cap()
+        if bulk_may_run and cap > 0:
+            self.max_num_scheduled_tokens = min(budget, cap)
         try:
             out: SchedulerOutput = schedule(*args, **kwargs)
         finally:
@@ -127,6 +187,7 @@ class _TenantFair:
                 self.waiting.add_request(r)
         if held_ids:
             self.held_steps += 1
+        self._step_handed_out(out)
         for rid in out.num_scheduled_tokens:
             self._progress[rid] = now
         if len(self._progress) > 2 * (len(self.running) + len(self.waiting)) + 64:
@@ -145,6 +206,10 @@ class TenantFairScheduler(_TenantFair, Scheduler):
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         return self._fair_schedule(super().schedule, *args, **kwargs)
 
+    def update_from_output(self, scheduler_output: SchedulerOutput, *args: Any, **kw: Any) -> Any:
+        self._step_done(scheduler_output)
+        return super().update_from_output(scheduler_output, *args, **kw)
+
 
 class AsyncTenantFairScheduler(_TenantFair, AsyncScheduler):
     """vLLM's asynchronous scheduler with the rules of :mod:`kvaas.engine.scheduler`."""
@@ -155,6 +220,10 @@ class AsyncTenantFairScheduler(_TenantFair, AsyncScheduler):
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         return self._fair_schedule(super().schedule, *args, **kwargs)
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, *args: Any, **kw: Any) -> Any:
+        self._step_done(scheduler_output)
+        return super().update_from_output(scheduler_output, *args, **kw)
 
 
 def fair_scheduler(*args: Any, vllm_config: VllmConfig, **kwargs: Any) -> Scheduler:

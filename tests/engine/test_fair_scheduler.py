@@ -10,6 +10,7 @@ vLLM's synchronous and asynchronous scheduler alike.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,11 +21,16 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
 from kvaas.engine.priorities import ALONE, INTERACTIVE, SHARED, options
-from kvaas.engine.scheduler import AsyncTenantFairScheduler, TenantFairScheduler, fair_scheduler
+from kvaas.engine.scheduler import (
+    MIN_BULK_STEP_TOKENS,
+    AsyncTenantFairScheduler,
+    TenantFairScheduler,
+    fair_scheduler,
+)
 from kvaas.model_presets.builder import ARTIFACTS
 from kvaas.model_presets.presets import PRESETS
 
@@ -34,7 +40,12 @@ _ids = itertools.count()
 
 
 def _scheduler(
-    *, async_scheduling: bool, bulk: int = 128, hold: float = 30.0, policy: str = "priority"
+    *,
+    async_scheduling: bool,
+    bulk: int = 128,
+    hold: float = 30.0,
+    policy: str = "priority",
+    step_ms: float = 5.0,
 ) -> Scheduler:
     path = ARTIFACTS / PRESETS["tiny"].dir_name
     model = ModelConfig(
@@ -54,7 +65,7 @@ def _scheduler(
         model_config=model,
         scheduler_config=sched,
         cache_config=cache,
-        additional_config=options(bulk, hold),
+        additional_config=options(bulk, hold, step_ms),
     )
     # this machine's executor turns asynchronous scheduling off; a GPU's keeps it on
     config.scheduler_config.async_scheduling = async_scheduling
@@ -83,10 +94,12 @@ def _request(s: Scheduler, prompt: int, priority: int, max_tokens: int = 4) -> s
     return rid
 
 
-def _step(s: Scheduler) -> SchedulerOutput:
-    """One engine step: schedule, then one sampled token for each request whose prompt is
-    computed by the end of the step."""
+def _step(s: Scheduler, s_per_token: float = 0.0) -> SchedulerOutput:
+    """One engine step: schedule, run (``s_per_token``: a device that takes that long per
+    token, as a real wait), then one sampled token for each request whose prompt is computed by
+    the end of the step."""
     out = s.schedule()
+    time.sleep(s_per_token * out.total_num_scheduled_tokens)
     ids = list(out.num_scheduled_tokens)
     sampled = []
     for rid in ids:
@@ -193,6 +206,53 @@ def test_without_the_rules_bulk_prefill_shares_the_interactive_steps(
     assert s.held_steps == 0  # type: ignore[attr-defined]
 
 
+#: a slow device: 0.5 ms a token (a 128-token step takes 64 ms)
+SLOW = 0.0005
+
+
+def test_on_a_slow_device_bulk_steps_shrink_to_the_step_time(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling, step_ms=5.0)
+    bulk = _request(s, 1024, SHARED)
+    assert _step(s, SLOW).num_scheduled_tokens == {bulk: 128}  # nothing timed yet
+    # 5 ms hold 10 tokens at this speed: the floor
+    assert _step(s, SLOW).num_scheduled_tokens == {bulk: MIN_BULK_STEP_TOKENS}
+    assert s.bulk_cap() == MIN_BULK_STEP_TOKENS  # type: ignore[attr-defined]
+
+
+def test_the_step_time_sets_the_cap_between_floor_and_token_cap(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling, step_ms=20.0)
+    bulk = _request(s, 1024, SHARED)
+    _step(s, SLOW)
+    steps = [_step(s, SLOW).num_scheduled_tokens[bulk] for _ in range(3)]
+    # 20 ms hold 40 tokens at 0.5 ms each (fewer by the step's own overhead)
+    assert all(MIN_BULK_STEP_TOKENS < n <= 40 for n in steps), steps
+
+
+def test_a_fast_device_keeps_the_token_cap(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling, step_ms=1000.0)
+    bulk = _request(s, 1024, SHARED)
+    steps = [_step(s).num_scheduled_tokens for _ in range(4)]
+    assert steps == [{bulk: 128}] * 4
+    assert s.step_s_per_token is not None  # type: ignore[attr-defined]  # it was timed
+
+
+def test_without_a_step_time_only_the_token_cap_applies(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling, step_ms=0.0)
+    bulk = _request(s, 1024, SHARED)
+    assert [_step(s, SLOW).num_scheduled_tokens for _ in range(2)] == [{bulk: 128}] * 2
+
+
+def test_a_slow_device_never_caps_a_tenant_alone(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling, step_ms=5.0)
+    bulk = _request(s, 1024, SHARED)
+    _step(s, SLOW)  # the engine learns it is slow
+    alone = _request(s, 512, ALONE)
+    s.finish_requests(bulk, RequestStatus.FINISHED_ABORTED)
+    assert _step(s, SLOW).num_scheduled_tokens == {alone: 512}
+
+
 def test_options_refuse_negative_values() -> None:
     with pytest.raises(ValueError):
         options(-1, 0.5)
+    with pytest.raises(ValueError):
+        options(128, 0.5, -1.0)

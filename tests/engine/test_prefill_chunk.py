@@ -46,12 +46,14 @@ def test_node_command_runs_the_fair_step_scheduler() -> None:
         "tiny",
         store.to_dict(),
         port=8100,
-        options=EngineOptions(bulk_step_tokens=64, bulk_max_hold_s=0.25),
+        options=EngineOptions(bulk_step_tokens=64, bulk_max_hold_s=0.25, bulk_step_ms=7.5),
     ).argv
     assert argv[argv.index("--scheduling-policy") + 1] == "priority"
     assert argv[argv.index("--scheduler-cls") + 1] == "kvaas.engine.scheduler.fair_scheduler"
     extra = json.loads(argv[argv.index("--additional-config") + 1])
-    assert extra == {"kvaas_scheduler": {"bulk_step_tokens": 64, "max_hold_s": 0.25}}
+    assert extra == {
+        "kvaas_scheduler": {"bulk_step_tokens": 64, "max_hold_s": 0.25, "bulk_step_ms": 7.5}
+    }
 
 
 def test_in_process_engine_runs_the_fair_step_scheduler(tmp_path: Path) -> None:
@@ -61,6 +63,7 @@ def test_in_process_engine_runs_the_fair_step_scheduler(tmp_path: Path) -> None:
         engine="inprocess",
         model="tiny",
         engine_bulk_step_tokens=32,
+        engine_bulk_step_ms=2.5,
     )
     engine = build_engine(settings)
     assert isinstance(engine, InProcessEngine)
@@ -68,6 +71,7 @@ def test_in_process_engine_runs_the_fair_step_scheduler(tmp_path: Path) -> None:
     assert args.scheduling_policy == "priority"
     assert args.scheduler_cls == "kvaas.engine.scheduler.fair_scheduler"
     assert args.additional_config["kvaas_scheduler"]["bulk_step_tokens"] == 32
+    assert args.additional_config["kvaas_scheduler"]["bulk_step_ms"] == 2.5
 
 
 def test_warming_on_save_reaches_the_connector(tmp_path: Path) -> None:
