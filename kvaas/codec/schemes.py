@@ -24,7 +24,16 @@ import zstandard
 from kvaas.codec.container import MAX_ELEMENTS_PER_BYTE, BlobHeader
 from kvaas.codec.cpu_paths import CpuDequantizer, CpuQuantizer
 from kvaas.codec.errors import CorruptBlobError
-from kvaas.codec.payload import Sections, pack_nibbles, readonly_u8, unpack_nibbles
+from kvaas.codec.payload import (
+    Sections,
+    bytes_as,
+    pack_nibbles,
+    readonly_u8,
+    staged_on,
+    staged_sections,
+    unpack_nibbles,
+    unpack_nibbles_on,
+)
 
 _NP_INT = {1: np.uint8, 2: np.int16, 4: np.int32}
 _TORCH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -398,13 +407,19 @@ class QuantScheme(Scheme):
         self._decode_into_general(header, sec, keys, values)
 
     def _decode_into_general(
-        self, header: BlobHeader, sec: Sections, keys: torch.Tensor, values: torch.Tensor
+        self,
+        header: BlobHeader,
+        sec: Sections,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        staged: bool | None = None,
     ) -> None:
-        """Codes and scales go to the destination's device as bytes; dequantization runs
-        there, in float32 (one ``addcmul`` per element, as :func:`_dequantize`: bit-exact with
-        the format's reference decoding), straight into a float32 destination with dense rows,
-        else into float32 scratch converted to the destination's dtype as it is copied."""
-        parts = self._tensors(sec, header.shape, keys.device)
+        """Codes and scales go to the destination's device as bytes (``staged``: see
+        :meth:`_tensors`); dequantization runs there, in float32 (one ``addcmul`` per element,
+        as :func:`_dequantize`: bit-exact with the format's reference decoding), straight into
+        a float32 destination with dense rows, else into float32 scratch converted to the
+        destination's dtype as it is copied."""
+        parts = self._tensors(sec, header.shape, keys.device, staged)
         kcodes, kscale, kmin, vcodes, vscale, vmin, g = parts
         L, _, T, H, D = header.shape
         ngk = kscale.shape[-1]
@@ -489,14 +504,27 @@ class QuantScheme(Scheme):
         r.done()
         # a group longer than the chunk (ngk == 1) is the chunk's tokens: padding codes to
         # the group size would allocate from a parameter, not from the payload
-        return Sections(kcodes, kscale, kmin, vcodes, vscale, vmin, min(gk, T), ngk, gv, sd)
+        return Sections(
+            kcodes, kscale, kmin, vcodes, vscale, vmin, min(gk, T), ngk, gv, sd, payload
+        )
 
     def _tensors(
-        self, sec: Sections, shape: tuple[int, ...], device: torch.device
+        self,
+        sec: Sections,
+        shape: tuple[int, ...],
+        device: torch.device,
+        staged: bool | None = None,
     ) -> tuple[Any, ...]:
         """The payload's codes and scales on ``device``: key codes ``[L, H, D, T]``, their
         scales and minima ``[L, H, D, groups]``, value codes ``[L, T, H, D / gv, gv]``, their
-        scales and minima, and the key group length."""
+        scales and minima, and the key group length.
+
+        ``staged`` (default: on any device but the CPU): the compressed payload goes to
+        ``device`` whole, in one copy (from pinned memory on a GPU, see
+        :func:`~kvaas.codec.payload.staged_on`), and 4-bit codes are unpacked there; else each
+        section is read on the host (4-bit codes unpacked there) and moved on its own."""
+        if staged if staged is not None else device.type != "cpu":
+            return self._staged_tensors(sec, shape, device)
         L, _, T, H, D = shape
         ngk, gv = sec.ngk, sec.gv
         sdt, snp = (torch.float16, np.float16) if sec.sd == "f16" else (torch.float32, np.float32)
@@ -520,6 +548,32 @@ class QuantScheme(Scheme):
             vcodes,
             scales(sec.vscale, (L, T, H, D // gv)),
             scales(sec.vmin, (L, T, H, D // gv)),
+            sec.g,
+        )
+
+    def _staged_tensors(
+        self, sec: Sections, shape: tuple[int, ...], device: torch.device
+    ) -> tuple[Any, ...]:
+        """:meth:`_tensors` from the whole payload copied to ``device`` at once."""
+        L, _, T, H, D = shape
+        ngk, gv = sec.ngk, sec.gv
+        sdt = torch.float16 if sec.sd == "f16" else torch.float32
+        kc, ks, km, vc, vs, vm = staged_sections(sec, staged_on(sec.payload, device))
+
+        def codes(raw: torch.Tensor | None, count: int) -> torch.Tensor:
+            assert raw is not None
+            return unpack_nibbles_on(raw, count) if self.bits == 4 else raw
+
+        def scales(raw: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+            return None if raw is None else bytes_as(raw, sdt).reshape(shape)
+
+        return (
+            codes(kc, L * H * D * T).reshape(L, H, D, T),
+            scales(ks, (L, H, D, ngk)),
+            scales(km, (L, H, D, ngk)),
+            codes(vc, L * T * H * D).reshape(L, T, H, D // gv, gv),
+            scales(vs, (L, T, H, D // gv)),
+            scales(vm, (L, T, H, D // gv)),
             sec.g,
         )
 

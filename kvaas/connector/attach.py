@@ -26,7 +26,9 @@ loads (:mod:`kvaas.connector.layerwise`) let that layer's attention start then.
 
 The values written are exactly those of ``codec.decode`` followed by the per-token scatter
 (tests compare both on every layout and scheme). Decoding runs on the KV tensor's device:
-on a GPU the compressed codes and scales are moved there and dequantized there.
+on a GPU each chunk's compressed payload crosses to it whole, in one non-blocking copy from
+pinned host memory, and its codes are unpacked and dequantized there
+(:meth:`kvaas.codec.schemes.QuantScheme._tensors`).
 """
 
 from __future__ import annotations

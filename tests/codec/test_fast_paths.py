@@ -213,3 +213,41 @@ def test_the_fast_paths_serve_ordinary_chunks(scheme: str) -> None:
         out[:, 0].transpose(1, 2), out[:, 1].transpose(1, 2)
     )
     assert torch.equal(_bits(out), _bits(reference_decode(blob)))
+
+
+@pytest.mark.parametrize("sd", ["f16", "f32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_the_staged_path_decodes_as_the_reference(
+    scheme: str, shape: tuple[int, ...], dtype: torch.dtype, sd: str
+) -> None:
+    """The path a GPU takes (the whole compressed payload copied to the device at once, 4-bit
+    codes unpacked there, scales read from the copied bytes, aligned or not), run on CPU
+    tensors: the reference's values bit for bit."""
+    kv = _kv(shape, dtype, "normal" if sd == "f16" else "huge", seed=2)
+    params, payload = _reference_encode(kv, scheme, 64, 16)
+    assert params["sd"] == sd
+    blob = pack(codec.scheme_id(scheme), kv.shape, dtype, params, payload)
+    h = read_header(blob)
+    s = codec.SCHEMES[scheme]
+    sec = s._sections(h, payload_view(blob, h))  # type: ignore[attr-defined]
+    staging = Staging(shape, dtype)
+    s._decode_into_general(  # type: ignore[attr-defined]
+        h, sec, staging.keys, staging.values, staged=True
+    )
+    ref = reference_decode(blob)
+    assert torch.equal(_bits(staging.keys), _bits(ref[:, 0].transpose(1, 2)))
+    assert torch.equal(_bits(staging.values), _bits(ref[:, 1].transpose(1, 2)))
+    assert staging.untouched_outside()
+
+
+def test_staged_bytes_are_read_aligned_or_copied() -> None:
+    from kvaas.codec.payload import bytes_as, unpack_nibbles, unpack_nibbles_on
+
+    raw = torch.tensor([0xFF, 0x00, 0x3C, 0x00, 0x40], dtype=torch.uint8)  # [1:5]: 1.0, 2.0 (f16)
+    assert bytes_as(raw[1:5], torch.float16).tolist() == [1.0, 2.0]  # odd offset: a copy
+    assert bytes_as(raw[0:4], torch.float16).data_ptr() == raw.data_ptr()  # aligned: a view
+    packed = torch.randint(0, 256, (33,), dtype=torch.uint8)
+    host = unpack_nibbles(memoryview(packed.numpy().tobytes()), 65)
+    assert torch.equal(unpack_nibbles_on(packed, 65), host)
