@@ -46,6 +46,17 @@ from kvaas.connector.paged import PagedLayout, scatter, slots
 from kvaas.connector.timings import StageClock
 
 
+def _in_use(chunks: Sequence[DecodedChunk]) -> None:
+    """Pre-decoded chunks are about to be read by work queued on the current stream: on a GPU,
+    their memory is not handed out again before that work has run, even if the pre-decoded
+    tier drops them meanwhile (on a CPU a read is done when it returns)."""
+    for chunk in chunks:
+        if chunk.keys.is_cuda:  # pragma: no cover - needs a GPU
+            stream = torch.cuda.current_stream(chunk.keys.device)
+            chunk.keys.record_stream(stream)
+            chunk.values.record_stream(stream)
+
+
 @dataclass(frozen=True, slots=True)
 class Loaded:
     """What a load wrote: tokens ``[start, end)`` (``end == start``: nothing), why the chunk
@@ -122,12 +133,14 @@ class PagedLoader:
             return chunks * c - (c - tail_tokens if 0 <= tail_at < chunks else 0)
 
         if nd and not blobs and on_layer is None:  # every chunk pre-decoded: one copy each
+            _in_use(decoded)
             loaded_end = min(end, first_token + tokens(nd))
             if loaded_end > start:
                 with clock.time("decoded"):
                     self._copy_decoded(decoded, c, first_token, start, loaded_end, block_ids)
             return Loaded(max(start, loaded_end), None, 0)
         ks, vs = self._staging((nd + len(blobs)) * c)
+        _in_use(decoded)
         if nd:
             with clock.time("decoded"):
                 for i, chunk in enumerate(decoded):

@@ -97,7 +97,7 @@ from kvaas.connector.attach import PagedLoader
 from kvaas.connector.chunks import ChunkShape
 from kvaas.connector.decoded import DecodedChunk, DecodedChunks, Promoter, decoded_bytes
 from kvaas.connector.engine_layout import resolve_layout, shard_rank
-from kvaas.connector.layerwise import LayerwiseLoads
+from kvaas.connector.layerwise import LayerwiseLoads, device_order
 from kvaas.connector.paged import PagedLayout, gather, slots
 from kvaas.connector.params import TransferPlan
 from kvaas.connector.presence import DEFAULT_TTL_S, PresenceCache
@@ -516,7 +516,9 @@ class KVaaSConnector(KVConnectorBase_V1):
             self._decoded = DecodedChunks(self._decoded_bytes)
             self._promoter = Promoter(self._decoded, self._loader.device)
         if self._layerwise:
-            self._layerwise_loads = LayerwiseLoads(len(self._layers))
+            self._layerwise_loads = LayerwiseLoads(
+                len(self._layers), order=device_order(self._loader.device)
+            )
         log.info(
             "KVaaS connector: %d layers, K/V placement %s, block size %d (kernel blocks of %d)",
             len(self._layers),

@@ -92,6 +92,9 @@ def decode_chunk(blob: bytes, shape: ChunkShape, device: torch.device) -> Decode
         L, T, H, D = shape.num_layers, shape.num_tokens, shape.kv_heads, shape.head_dim
         keys, values = torch.empty(L, H, T, D, **kw), torch.empty(L, T, H, D, **kw)
         codec.decode_into(blob, keys, values.transpose(1, 2), verified=True)
+        if device.type == "cuda":  # pragma: no cover - needs a GPU
+            # published to loads on any stream: its values must be there, not queued
+            torch.cuda.current_stream(device).synchronize()
     except Exception:  # a chunk's bytes must never crash the worker
         return None
     return DecodedChunk(keys, values)

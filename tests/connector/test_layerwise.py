@@ -36,7 +36,7 @@ from kvaas.connector.connector import (
     LoadTask,
     Sealing,
 )
-from kvaas.connector.layerwise import LayerwiseLoads
+from kvaas.connector.layerwise import HostOrder, LayerwiseLoads, device_order
 from kvaas.store.crypto import TenantKeys
 from kvaas.store.factory import StoreConfig
 from kvaas.store.keys import ChunkKey
@@ -313,5 +313,111 @@ def test_the_loader_thread_runs_one_step_at_a_time_and_marks_every_layer() -> No
         loads.finish()
         loads.finish()  # nothing in flight: returns at once
         loads.wait_layer(1)
+    finally:
+        loads.close()
+
+
+class _RecordingOrder:
+    """The device-order calls as a GPU's would see them, recorded: which thread made each, and
+    what the job had done when each fence was taken (a CUDA event covers exactly the work
+    queued before it)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, Any, str]] = []
+        self.done: list[str] = []  # the job's work so far
+        self.inside = False  # the job runs in the side stream's context
+        self._n = 0
+
+    def started(self) -> Any:
+        self.log.append(("started", "S", threading.current_thread().name))
+        return "S"
+
+    def running(self, after: Any) -> Any:
+        order = self
+
+        class _Ctx:
+            def __enter__(self) -> None:
+                order.log.append(("running", after, threading.current_thread().name))
+                order.inside = True
+
+            def __exit__(self, *exc: object) -> None:
+                order.inside = False
+
+        return _Ctx()
+
+    def fence(self) -> Any:
+        self._n += 1
+        fence = (f"F{self._n}", tuple(self.done))
+        self.log.append(("fence", fence, threading.current_thread().name))
+        return fence
+
+    def wait(self, fence: Any) -> None:
+        self.log.append(("wait", fence, threading.current_thread().name))
+
+
+def test_on_a_gpu_each_layer_is_waited_for_on_the_device_after_its_copy() -> None:
+    """The protocol of :class:`~kvaas.connector.layerwise.CudaOrder`, with its calls recorded
+    on CPU tensors: the job runs in the side stream's context after what the step thread had
+    queued at the start; each layer's fence is taken after that layer's copy and before its
+    mark; the step thread waits on the device for the fence of the layer it asked for, and for
+    the job's end at ``finish``."""
+    order = _RecordingOrder()
+    loads = LayerwiseLoads(3, order=order)
+    try:
+        inside: list[bool] = []
+
+        def job(mark: Callable[[int], None]) -> None:
+            for i in range(3):
+                inside.append(order.inside)
+                order.done.append(f"copy {i}")
+                mark(i)
+
+        me = threading.current_thread().name
+        loads.start(job)
+        loads.wait_layer(1)
+        loads.finish()
+        assert inside == [True, True, True]
+        assert order.log[0] == ("started", "S", me)
+        assert order.log[1][:2] == ("running", "S") and order.log[1][2] != me
+        fences = [f for kind, f, _ in order.log if kind == "fence"]
+        # layer i's fence covers copies 0..i; the end fence covers them all
+        assert [f[1] for f in fences] == [
+            ("copy 0",),
+            ("copy 0", "copy 1"),
+            ("copy 0", "copy 1", "copy 2"),
+            ("copy 0", "copy 1", "copy 2"),
+        ]
+        waits = [(f, t) for kind, f, t in order.log if kind == "wait"]
+        assert waits == [(fences[1], me), (fences[3], me)]  # layer 1's, then the end's
+    finally:
+        loads.close()
+
+
+def test_a_failed_job_leaves_every_unmarked_layer_behind_its_end() -> None:
+    order = _RecordingOrder()
+    loads = LayerwiseLoads(3, order=order)
+    try:
+
+        def failing(mark: Callable[[int], None]) -> None:
+            order.done.append("copy 0")
+            mark(0)
+            raise RuntimeError("boom")
+
+        loads.start(failing)
+        for i in range(3):
+            loads.wait_layer(i)
+        loads.finish()
+        waits = [f for kind, f, _ in order.log if kind == "wait"]
+        assert waits[0][1] == ("copy 0",)  # layer 0: its own fence
+        assert waits[1] == waits[2] == waits[3]  # layers 1 and 2, and the end: the end fence
+    finally:
+        loads.close()
+
+
+def test_a_cpu_needs_no_device_order() -> None:
+    assert isinstance(device_order(torch.device("cpu")), HostOrder)
+    loads = LayerwiseLoads(1)
+    try:
+        assert isinstance(loads.order, HostOrder)
     finally:
         loads.close()
