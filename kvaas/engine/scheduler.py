@@ -26,7 +26,13 @@ number, and preempts the highest number first when KV blocks run out):
    all, and no more than fit in ``bulk_step_ms`` at the speed the engine has shown (never
    fewer than :data:`MIN_BULK_STEP_TOKENS`), so an interactive request that arrives waits for
    one short step, never for a whole long prefill. ``ALONE`` work is never capped (nobody is
-   waiting for the engine).
+   waiting for the engine), but see rule 4.
+4. A request keeps the priority it was granted with, and ``ALONE`` work granted before another
+   tenant arrived is still running when that tenant's first request comes. An interactive
+   request that arrived *after* an ``ALONE`` request is another tenant's (a tenant with
+   requests in flight never has an interactive one), so while it runs or waits, every
+   ``ALONE`` request that arrived before it is bulk work beside another tenant's: held and
+   capped as ``SHARED`` (rules 1-3).
 
 Why a time as well as a token count: what a step of 128 tokens costs differs by two orders of
 magnitude between devices (a few milliseconds on a GPU, ~27 ms for the tiny model on this
@@ -114,16 +120,32 @@ class _TenantFair:
         #: steps in which at least one request was held back (observability and tests)
         self.held_steps = 0
 
-    def _held(self, now: float) -> tuple[list[Request], list[Request]]:
-        """The running and waiting ``SHARED`` requests to hold back this step (rules 1-2)."""
-        if self.max_hold_s <= 0:
-            return [], []
-        if not any(r.priority == INTERACTIVE for r in self._all()):
+    def _interactive_since(self) -> float | None:
+        """Arrival of the latest interactive request running or waiting (``None``: none)."""
+        times = [r.arrival_time for r in self._all() if r.priority == INTERACTIVE]
+        return max(times) if times else None
+
+    @staticmethod
+    def _bulk(r: Request, interactive_since: float | None) -> bool:
+        """Whether ``r`` is bulk work beside another tenant's (see rule 4)."""
+        if r.priority == SHARED:
+            return True
+        return (
+            r.priority == ALONE
+            and interactive_since is not None
+            and r.arrival_time < interactive_since
+        )
+
+    def _held(
+        self, now: float, interactive_since: float | None
+    ) -> tuple[list[Request], list[Request]]:
+        """The running and waiting bulk requests to hold back this step (rules 1-2, 4)."""
+        if self.max_hold_s <= 0 or interactive_since is None:
             return [], []
 
         def hold(r: Request) -> bool:
             since = self._progress.setdefault(r.request_id, now)
-            return r.priority == SHARED and now - since < self.max_hold_s
+            return self._bulk(r, interactive_since) and now - since < self.max_hold_s
 
         running = [r for r in self.running if _prefilling(r) and hold(r)]
         waiting = [r for r in self.waiting if hold(r)]
@@ -163,10 +185,11 @@ class _TenantFair:
 
     def _fair_schedule(self, schedule: Any, *args: Any, **kwargs: Any) -> SchedulerOutput:
         now = time.monotonic()
-        held_running, held_waiting = self._held(now)
+        interactive_since = self._interactive_since()
+        held_running, held_waiting = self._held(now, interactive_since)
         held_ids = {r.request_id for r in held_running} | {r.request_id for r in held_waiting}
         bulk_may_run = any(
-            r.priority == SHARED and r.request_id not in held_ids and _prefilling(r)
+            self._bulk(r, interactive_since) and r.request_id not in held_ids and _prefilling(r)
             for r in self._all()
         )
         if held_running:

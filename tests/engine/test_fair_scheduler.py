@@ -81,7 +81,9 @@ def _scheduler(
     )
 
 
-def _request(s: Scheduler, prompt: int, priority: int, max_tokens: int = 4) -> str:
+def _request(
+    s: Scheduler, prompt: int, priority: int, max_tokens: int = 4, arrival: float | None = None
+) -> str:
     rid = f"r{next(_ids)}"
     req = Request(
         rid,
@@ -89,6 +91,7 @@ def _request(s: Scheduler, prompt: int, priority: int, max_tokens: int = 4) -> s
         SamplingParams(max_tokens=max_tokens, ignore_eos=True),
         None,
         priority=priority,
+        arrival_time=arrival,
     )
     s.add_request(req)
     return rid
@@ -184,6 +187,44 @@ def test_work_of_a_tenant_alone_is_never_capped(async_scheduling: bool) -> None:
     s = _scheduler(async_scheduling=async_scheduling)
     alone = _request(s, 1024, ALONE)
     assert _step(s).num_scheduled_tokens == {alone: 1024}
+
+
+def test_work_granted_alone_yields_to_a_tenant_that_arrives_after_it(
+    async_scheduling: bool,
+) -> None:
+    """Rule 4: a tenant's bulk work granted while it was alone keeps its priority; another
+    tenant's request that arrives later (interactive) runs without its prefill beside it, and
+    the bulk prefill goes on in capped steps while that tenant is there."""
+    s = _scheduler(async_scheduling=async_scheduling)
+    alone = _request(s, 4000, ALONE, arrival=100.0)
+    assert _step(s).num_scheduled_tokens == {alone: BUDGET}  # uncapped: nobody else
+    quick = _request(s, 32, INTERACTIVE, max_tokens=4, arrival=200.0)
+    steps = list(_until_finished(s, quick))
+    assert all(alone not in o.num_scheduled_tokens for o in steps)  # held while it ran
+    assert _step(s).num_scheduled_tokens == {alone: 4000 - BUDGET}  # gone: the rest, uncapped
+
+
+def test_bulk_work_granted_alone_is_capped_while_a_later_tenant_waits_on_it(
+    async_scheduling: bool,
+) -> None:
+    s = _scheduler(async_scheduling=async_scheduling, hold=0.0000001)
+    alone = _request(s, 4000, ALONE, arrival=100.0)
+    _step(s)
+    quick = _request(s, 32, INTERACTIVE, max_tokens=8, arrival=200.0)
+    steps = list(_until_finished(s, quick))
+    assert any(alone in o.num_scheduled_tokens for o in steps)  # its hold ran out: it runs,
+    assert all(o.num_scheduled_tokens.get(alone, 0) <= 128 for o in steps)  # in short steps
+
+
+def test_a_tenants_own_later_work_does_not_yield_to_its_first_request(
+    async_scheduling: bool,
+) -> None:
+    """An interactive request that arrived *before* the bulk work may be the same tenant's
+    (its first request, its next ones granted alone): nothing is held or capped."""
+    s = _scheduler(async_scheduling=async_scheduling)
+    first = _request(s, 32, INTERACTIVE, max_tokens=8, arrival=100.0)
+    more = _request(s, 1024, ALONE, arrival=200.0)
+    assert _step(s).num_scheduled_tokens == {first: 32, more: 1024}
 
 
 def test_interactive_requests_beside_each_other_are_not_capped(async_scheduling: bool) -> None:
