@@ -4,19 +4,20 @@ Runs the gateway in this process (the ``tiny`` model on the in-process engine, t
 SQLite database and local tiers, the default rate limit), served by uvicorn on 127.0.0.1, with
 two tenants, each a client in a process of its own (as remote clients would be):
 
-- ``quiet`` attaches its 1k-token cache, one request after the other (``--attaches`` times per
-  phase), each attach timed;
-- ``noisy`` runs ``10 x`` its in-flight limit (``KVAAS_TENANT_MAX_INFLIGHT``) of concurrent
-  workers, each looping over a create of a new 1k-token cache, an attach of it and a completion
-  without a cache.
+- ``quiet`` attaches its 1k-token cache, one request after the other, each attach timed;
+- ``noisy`` runs concurrent workers, each looping over a create of a new 1k-token cache, an
+  attach of it and a completion without a cache.
 
-Phases: ``baseline`` (quiet alone), ``at_limit`` (quiet beside a noisy tenant exactly at its
-limit: as many workers as its in-flight cap), ``noisy`` (beside ``10 x`` that many), and
-``huge_bodies`` (the noisy workers send multi-MB prompts instead, refused by their character
-count, by the request schema or the prompt policy, before any tokenizing). Each phase reports
-the quiet tenant's attach p50/p99 and its ratio to the baseline (the target: p99 ratio <=
-1.5), and what the noisy tenant got back, by status and error type (429 ``engine_busy``: its
-excess).
+Phases: ``at_limit`` (beside a noisy tenant exactly at its limit: as many workers as its
+in-flight cap ``KVAAS_TENANT_MAX_INFLIGHT``), ``noisy`` (beside ``10 x`` that many) and
+``huge_bodies`` (the ``10 x`` workers send multi-MB prompts instead, refused by their character
+count, by the request schema or the prompt policy, before any tokenizing). In each phase the
+quiet tenant's attaches alternate in blocks (``--block``): a block alone (the noisy tenant
+switched off and its requests answered), then a block beside it (switched on again), so the
+machine's drift moves both sides alike and each ratio compares samples taken side by side.
+Each phase reports the quiet tenant's attach p50/p99 alone and beside, their ratios with a
+bootstrap 95 % interval (the target: p99 ratio <= 1.5), and what the noisy tenant got back, by
+status and error type (429 ``engine_busy``: its excess).
 
     python bench/fairness.py [--quick] [--json PATH] [--tenant-inflight N] [--markdown JSON]
 
@@ -33,7 +34,6 @@ import json
 import multiprocessing as mp
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -43,13 +43,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "bench-admin-token-0123456789-abcdef"
 CACHE_TOKENS = 1024
 HUGE_CHARS = 4 * 1024 * 1024  # a 4 MB prompt: refused by its length, never tokenized
-#: the phases run beside the noisy tenant (``baseline`` always runs)
+#: the phases run beside the noisy tenant
 PHASES = frozenset({"at_limit", "noisy", "huge_bodies"})
+#: after the noisy tenant stops sending and its requests are answered, before an alone block
+SETTLE_S = 0.5
+#: after it starts sending again, before a block beside it (its queue full again)
+RAMP_S = 1.5
 
 
 def _corpus_text() -> str:
@@ -87,12 +92,28 @@ async def _tenant(client: httpx.AsyncClient, name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {r.json()['api_key']['secret']}"}
 
 
+def _q99(ms: Any) -> float:
+    return float(np.percentile(ms, 99))
+
+
 def _stats(ms: list[float], prefix: str = "") -> dict[str, Any]:
     """p50 and p99 of ``ms``, and every sample in the order taken (where the slow ones fall)."""
-    q = statistics.quantiles(ms, n=100, method="inclusive")
-    out: dict[str, Any] = {f"{prefix}p50_ms": round(q[49], 2), f"{prefix}p99_ms": round(q[98], 2)}
-    out[f"{prefix}samples_ms"] = [round(x, 2) for x in ms]
-    return out if prefix else {"n": len(ms), **out}
+    out: dict[str, Any] = {
+        f"{prefix}p50_ms": round(float(np.percentile(ms, 50)), 2),
+        f"{prefix}p99_ms": round(_q99(ms), 2),
+        f"{prefix}samples_ms": [round(x, 2) for x in ms],
+    }
+    return out
+
+
+def _ratio_ci(alone: list[float], beside: list[float], q: float, rounds: int = 2000) -> list[float]:
+    """95 % bootstrap interval of ``percentile(beside, q) / percentile(alone, q)``."""
+    rng = np.random.default_rng(7)
+    a, b = np.asarray(alone), np.asarray(beside)
+    ia = rng.integers(0, len(a), (rounds, len(a)))
+    ib = rng.integers(0, len(b), (rounds, len(b)))
+    ratios = np.percentile(b[ib], q, axis=1) / np.percentile(a[ia], q, axis=1)
+    return [round(float(x), 3) for x in np.percentile(ratios, [2.5, 97.5])]
 
 
 async def _quiet(
@@ -113,33 +134,40 @@ async def _quiet(
 
 
 def _quiet_process(
-    url: str, quiet: tuple[dict[str, str], str, list[int]], n: int, out: Any
+    url: str, quiet: tuple[dict[str, str], str, list[int]], orders: Any, out: Any
 ) -> None:
-    """The quiet tenant as a client of its own (a process, as a remote client would be): its
-    ``n`` attach times in ms, put on ``out``."""
+    """The quiet tenant as a client of its own (a process, as a remote client would be): for
+    each ``n`` read from ``orders`` (``None``: stop), ``n`` attaches, their times put on
+    ``out``."""
 
-    async def main() -> tuple[list[float], list[float]]:
+    async def main() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             # the client's own start (its connection, the key's first lookup) is not the
             # gateway's latency: one request that needs no engine before the attaches
             (await client.get("/v1/me", headers=quiet[0])).raise_for_status()
-            return await _quiet(client, *quiet, n)
+            while (n := await asyncio.to_thread(orders.get)) is not None:
+                out.put(await _quiet(client, *quiet, n))
 
-    out.put(asyncio.run(main()))
+    asyncio.run(main())
 
 
-async def _quiet_elsewhere(
-    url: str, quiet: tuple[dict[str, str], str, list[int]], n: int
-) -> tuple[list[float], list[float]]:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_quiet_process, args=(url, quiet, n, out))
-    proc.start()
-    try:
-        wall, engine = await asyncio.to_thread(out.get, True, 3600)
+class _QuietClient:
+    """The quiet tenant's client process, asked for blocks of attaches."""
+
+    def __init__(self, url: str, quiet: tuple[dict[str, str], str, list[int]]) -> None:
+        ctx = mp.get_context("spawn")
+        self._orders, self._out = ctx.Queue(), ctx.Queue()
+        self._proc = ctx.Process(target=_quiet_process, args=(url, quiet, self._orders, self._out))
+        self._proc.start()
+
+    async def attaches(self, n: int) -> tuple[list[float], list[float]]:
+        self._orders.put(n)
+        wall, engine = await asyncio.to_thread(self._out.get, True, 3600)
         return list(wall), list(engine)
-    finally:
-        await asyncio.to_thread(proc.join, 60)
+
+    async def close(self) -> None:
+        self._orders.put(None)
+        await asyncio.to_thread(self._proc.join, 60)
 
 
 def _outcome(r: httpx.Response) -> str:
@@ -151,41 +179,71 @@ def _outcome(r: httpx.Response) -> str:
         return str(r.status_code)
 
 
+class _Pace:
+    """The noisy workers' switch and their requests in flight, shared with the bench: a worker
+    sends only while ``go`` is set."""
+
+    def __init__(self, go: Any, inflight: Any, stop: asyncio.Event) -> None:
+        self.go, self.inflight, self.stop = go, inflight, stop
+
+    async def ready(self) -> bool:
+        """Wait until the workers may send; ``False`` once stopped."""
+        # ``go`` is another process's switch: polled (an asyncio event cannot cross processes)
+        while not self.go.is_set() and not self.stop.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        return not self.stop.is_set()
+
+    @contextlib.contextmanager
+    def sending(self) -> Any:
+        with self.inflight.get_lock():
+            self.inflight.value += 1
+        try:
+            yield
+        finally:
+            with self.inflight.get_lock():
+                self.inflight.value -= 1
+
+
 async def _noisy_worker(
     client: httpx.AsyncClient,
     headers: dict[str, str],
     corpus: list[int],
     seed: int,
-    stop: asyncio.Event,
+    pace: _Pace,
     seen: Counter[str],
 ) -> None:
     """Create a new cache, attach it, run a completion without a cache; again until stopped."""
     i = seed
-    while not stop.is_set():
+    while await pace.ready():
         start = (i * 97) % (len(corpus) - CACHE_TOKENS - 64)
         ids = corpus[start : start + CACHE_TOKENS]
-        r = await client.post("/v1/cache/create", json={"token_ids": ids}, headers=headers)
+        with pace.sending():
+            r = await client.post("/v1/cache/create", json={"token_ids": ids}, headers=headers)
         seen[f"create {_outcome(r)}"] += 1
         if r.status_code == 201:
             cid = r.json()["id"]
+            with pace.sending():
+                r = await client.post(
+                    "/v1/cache/attach",
+                    json={"cache_id": cid, "token_ids": corpus[:16], "max_tokens": 16},
+                    headers=headers,
+                )
+                seen[f"attach {_outcome(r)}"] += 1
+                await client.delete(f"/v1/caches/{cid}", headers=headers)  # within quotas
+        if not await pace.ready():
+            return
+        with pace.sending():
             r = await client.post(
-                "/v1/cache/attach",
-                json={"cache_id": cid, "token_ids": corpus[:16], "max_tokens": 16},
+                "/v1/completions",
+                json={"model": "tiny", "prompt": ids[:512], "max_tokens": 16},
                 headers=headers,
             )
-            seen[f"attach {_outcome(r)}"] += 1
-            await client.delete(f"/v1/caches/{cid}", headers=headers)  # stay within quotas
-        r = await client.post(
-            "/v1/completions",
-            json={"model": "tiny", "prompt": ids[:512], "max_tokens": 16},
-            headers=headers,
-        )
         seen[f"completion {_outcome(r)}"] += 1
         i += 1
 
 
 async def _huge_worker(
-    client: httpx.AsyncClient, headers: dict[str, str], stop: asyncio.Event, seen: Counter[str]
+    client: httpx.AsyncClient, headers: dict[str, str], pace: _Pace, seen: Counter[str]
 ) -> None:
     """Multi-MB prompts to a completion and to a create, again until stopped. The gateway may
     refuse such a body by its length and close the connection before the client has sent it
@@ -195,10 +253,11 @@ async def _huge_worker(
         ("completion", "/v1/completions", {"model": "tiny", "prompt": text, "max_tokens": 16}),
         ("create", "/v1/cache/create", {"prompt": text}),
     )
-    while not stop.is_set():
+    while await pace.ready():
         for name, path, body in calls:
             try:
-                r = await client.post(path, json=body, headers=headers)
+                with pace.sending():
+                    r = await client.post(path, json=body, headers=headers)
                 seen[f"{name} {_outcome(r)}"] += 1
             except httpx.TransportError:
                 seen[f"{name} closed"] += 1
@@ -210,21 +269,25 @@ def _load_process(
     corpus: list[int],
     kind: str,
     width: int,
-    stop: Any,
+    switches: tuple[Any, Any, Any],
     out: Any,
 ) -> None:
-    """The noisy tenant: ``width`` concurrent workers of ``kind`` until ``stop`` is set; puts
-    what it got back (outcome -> count, and the CPU seconds this process used) on ``out``.
+    """The noisy tenant: ``width`` concurrent workers of ``kind``, sending while ``go`` is set,
+    until ``stop`` is set (``switches``: ``go``, ``stop``, the shared count of its requests in
+    flight); puts what it got back (outcome -> count, and the CPU seconds this process used)
+    on ``out``.
 
     It runs at the lowest CPU priority (nice 19): a real tenant's load is generated on its own
     machines, so the cost of *making* its requests (encoding multi-MB JSON bodies, a thousand
     refused requests a second) must not be taken from the service's cores here; serving them
     is still the gateway's work, measured."""
     os.nice(19)
+    go, stop, inflight = switches
 
     async def main() -> Counter[str]:
         seen: Counter[str] = Counter()
         done = asyncio.Event()
+        pace = _Pace(go, inflight, done)
         limits = httpx.Limits(max_connections=width + 4)
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
@@ -234,8 +297,8 @@ def _load_process(
 
             def worker(i: int) -> Any:
                 if kind == "huge":
-                    return _huge_worker(client, headers, done, seen)
-                return _noisy_worker(client, headers, corpus, i, done, seen)
+                    return _huge_worker(client, headers, pace, seen)
+                return _noisy_worker(client, headers, corpus, i, pace, seen)
 
             await asyncio.gather(watch(), *(worker(i) for i in range(width)))
         return seen
@@ -246,37 +309,53 @@ def _load_process(
     out.put(seen)
 
 
-@contextlib.asynccontextmanager
-async def _noisy(
-    url: str, headers: dict[str, str], corpus: list[int], kind: str, width: int
-) -> AsyncIterator[Counter[str]]:
-    """The noisy tenant's load in a process of its own for the block; the counter it yields is
-    filled with what the tenant got back once the block ends."""
-    ctx = mp.get_context("spawn")
-    stop, out = ctx.Event(), ctx.Queue()
-    proc = ctx.Process(target=_load_process, args=(url, headers, corpus, kind, width, stop, out))
-    proc.start()
-    seen: Counter[str] = Counter()
-    try:
-        yield seen
-    finally:
-        stop.set()  # its requests in flight still need this loop to be answered
-        seen.update(await asyncio.to_thread(out.get, True, 600))
-        await asyncio.to_thread(proc.join, 60)
+class _Noisy:
+    """The noisy tenant's load process, switched on and off between the quiet tenant's blocks."""
+
+    def __init__(self, url: str, headers: dict[str, str], corpus: list[int], kind: str, width: int):
+        ctx = mp.get_context("spawn")
+        self.go, self._stop, self.inflight = ctx.Event(), ctx.Event(), ctx.Value("i", 0)
+        self._out = ctx.Queue()
+        self._proc = ctx.Process(
+            target=_load_process,
+            args=(url, headers, corpus, kind, width, self._switches(), self._out),
+        )
+        self._proc.start()
+
+    def _switches(self) -> tuple[Any, Any, Any]:
+        return (self.go, self._stop, self.inflight)
+
+    async def on(self, ramp_s: float) -> None:
+        """Start sending; return once ``ramp_s`` has passed (its queue filled again)."""
+        self.go.set()
+        await asyncio.sleep(ramp_s)
+
+    async def off(self, settle_s: float) -> None:
+        """Stop sending; return once its requests in flight are answered, and ``settle_s``
+        after that."""
+        self.go.clear()
+        while self.inflight.value > 0:  # noqa: ASYNC110 (a count in another process)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(settle_s)
+
+    async def close(self) -> Counter[str]:
+        """What it got back (and its CPU seconds)."""
+        self._stop.set()  # its requests in flight still need this loop to be answered
+        seen: Counter[str] = Counter(await asyncio.to_thread(self._out.get, True, 600))
+        await asyncio.to_thread(self._proc.join, 60)
+        return seen
 
 
 class _CpuUse:
-    """CPU seconds per second of the quiet tenant's attaches, from its construction to
-    :meth:`used`: of this process (the gateway, with the engine's front end) and of the
-    engine's processes (this process's children alive at both ends: the clients are not)."""
+    """CPU seconds of this process (the gateway, with the engine's front end) and of the
+    engine's processes (this process's children alive at both ends: the clients are not)
+    between :meth:`start` and :meth:`stop`, summed over every such span."""
 
     def __init__(self) -> None:
         import psutil
 
         self._me = psutil.Process()
-        self._t0 = time.monotonic()
-        self._gw0 = sum(self._me.cpu_times()[:2])
-        self._kids0 = self._children()
+        self.wall = self.gateway = self.engine = 0.0
 
     def _children(self) -> dict[int, float]:
         import psutil
@@ -287,41 +366,69 @@ class _CpuUse:
                 seen[child.pid] = sum(child.cpu_times()[:2])
         return seen
 
-    def used(self) -> dict[str, float]:
-        wall = time.monotonic() - self._t0
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._gw0 = sum(self._me.cpu_times()[:2])
+        self._kids0 = self._children()
+
+    def stop(self) -> None:
         kids = self._children()
-        engine = sum(kids[p] - t for p, t in self._kids0.items() if p in kids)
-        gateway = sum(self._me.cpu_times()[:2]) - self._gw0
-        return {"gateway_cpu": round(gateway / wall, 3), "engine_cpu": round(engine / wall, 3)}
+        self.wall += time.monotonic() - self._t0
+        self.engine += sum(kids[p] - t for p, t in self._kids0.items() if p in kids)
+        self.gateway += sum(self._me.cpu_times()[:2]) - self._gw0
+
+    def used(self) -> dict[str, float]:
+        """CPU seconds per second of the spans measured."""
+        w = self.wall or 1.0
+        return {"gateway_cpu": round(self.gateway / w, 3), "engine_cpu": round(self.engine / w, 3)}
 
 
 async def _phase(
     name: str,
-    url: str,
-    quiet: tuple[dict[str, str], str, list[int]],
+    quiet: _QuietClient,
     n: int,
-    noisy: tuple[str, dict[str, str], list[int], str, int] | None,
+    block: int,
+    noisy: tuple[str, dict[str, str], list[int], str, int],
 ) -> dict[str, Any]:
-    """The quiet tenant's ``n`` attaches, alone or while the noisy load runs."""
-    if noisy is None:
-        cpu = _CpuUse()
-        ms, engine_ms = await _quiet_elsewhere(url, quiet, n)
-        return {"phase": name, **_stats(ms), **_stats(engine_ms, "engine_ttft_"), **cpu.used()}
-    async with _noisy(*noisy) as seen:
-        await asyncio.sleep(5.0)  # let the noisy load start and reach its steady state
-        cpu = _CpuUse()
-        ms, engine_ms = await _quiet_elsewhere(url, quiet, n)
-        used = cpu.used()
+    """``n`` attaches of the quiet tenant alone and ``n`` beside the noisy load, in
+    alternating blocks of ``block``: each loaded block right after an alone one, so a drift of
+    the machine moves both alike."""
+    alone: list[float] = []
+    alone_engine: list[float] = []
+    beside: list[float] = []
+    beside_engine: list[float] = []
+    cpu_alone, cpu_beside = _CpuUse(), _CpuUse()
+    load = _Noisy(*noisy)
+    try:
+        while len(beside) < n:
+            k = min(block, n - len(beside))
+            await load.off(SETTLE_S)
+            cpu_alone.start()
+            wall, engine = await quiet.attaches(k)
+            cpu_alone.stop()
+            alone += wall
+            alone_engine += engine
+            await load.on(RAMP_S)
+            cpu_beside.start()
+            wall, engine = await quiet.attaches(k)
+            cpu_beside.stop()
+            beside += wall
+            beside_engine += engine
+    finally:
+        seen = await load.close()
     client_cpu = seen.pop("client cpu seconds", None)
-    return {
-        "phase": name,
-        **_stats(ms),
-        **_stats(engine_ms, "engine_ttft_"),
-        **used,
-        "noisy": dict(sorted(seen.items())),
-        "noisy_429": sum(v for k, v in seen.items() if " 429" in k),
-        "noisy_client_cpu_s": client_cpu,
-    }
+    out: dict[str, Any] = {"phase": name, "n": len(beside)}
+    out["alone"] = {**_stats(alone), **_stats(alone_engine, "engine_ttft_"), **cpu_alone.used()}
+    out.update(_stats(beside))
+    out.update(_stats(beside_engine, "engine_ttft_"))
+    out.update(cpu_beside.used())
+    for q, key in ((50, "p50"), (99, "p99")):
+        out[f"{key}_ratio"] = round(out[f"{key}_ms"] / out["alone"][f"{key}_ms"], 3)
+        out[f"{key}_ratio_ci95"] = _ratio_ci(alone, beside, q)
+    out["noisy"] = dict(sorted(seen.items()))
+    out["noisy_429"] = sum(v for k, v in seen.items() if " 429" in k)
+    out["noisy_client_cpu_s"] = client_cpu
+    return out
 
 
 @contextlib.asynccontextmanager
@@ -351,7 +458,11 @@ async def _served(app: Any) -> AsyncIterator[str]:
 
 
 async def run(
-    n: int, tenant_inflight: int, engine: dict[str, Any], only: frozenset[str] = PHASES
+    n: int,
+    tenant_inflight: int,
+    engine: dict[str, Any],
+    only: frozenset[str] = PHASES,
+    block: int = 20,
 ) -> dict[str, Any]:
     from kvaas.app import create_app
 
@@ -378,20 +489,25 @@ async def run(
                 "noisy": (url, noisy_h, corpus, "noisy", width),
                 "huge_bodies": (url, noisy_h, corpus, "huge", width),
             }
-            phases = [await _phase("baseline", url, quiet, n, None)]
-            for name, load in plan.items():
-                if name in only:
-                    phases.append(await _phase(name, url, quiet, n, load))
-    base = phases[0]
-    for p in phases[1:]:
-        p["p50_ratio"] = round(p["p50_ms"] / base["p50_ms"], 3)
-        p["p99_ratio"] = round(p["p99_ms"] / base["p99_ms"], 3)
+            client_q = _QuietClient(url, quiet)
+            try:
+                await client_q.attaches(5)  # its own warm-up
+                phases = [
+                    await _phase(name, client_q, n, block, load)
+                    for name, load in plan.items()
+                    if name in only
+                ]
+            finally:
+                await client_q.close()
     return {
         "config": {
             "model": "tiny",
             "engine": "inprocess (CPU)",
             "cache_tokens": CACHE_TOKENS,
             "attaches_per_phase": n,
+            "block": block,
+            "settle_s": SETTLE_S,
+            "ramp_s": RAMP_S,
             "engine_max_inflight": settings.engine_max_inflight,
             "tenant_max_inflight": tenant_inflight,
             **{
@@ -400,6 +516,7 @@ async def run(
                     "engine_max_batched_tokens",
                     "engine_prefill_chunk_tokens",
                     "engine_bulk_step_tokens",
+                    "engine_bulk_step_ms",
                     "engine_bulk_max_hold_seconds",
                 )
             },
@@ -419,28 +536,29 @@ async def run(
 def report(res: dict[str, Any]) -> None:
     c = res["config"]
     print(
-        f"quiet tenant: sequential attaches of a {c['cache_tokens']}-token cache; noisy tenant: "
-        f"{c['noisy_workers']} workers (10 x its in-flight limit {c['tenant_max_inflight']})"
+        f"quiet tenant: sequential attaches of a {c['cache_tokens']}-token cache, alone and "
+        f"beside the noisy tenant in alternating blocks of {c['block']}; noisy tenant: "
+        f"{c['noisy_workers']} workers at 10x (its in-flight limit {c['tenant_max_inflight']})"
     )
     print(
-        f"{'phase':<12} {'n':>4} {'p50 ms':>9} {'p99 ms':>9} {'p50 x':>7} {'p99 x':>7} "
-        f"{'engine TTFT p50/p99 ms':>23} {'CPU gw/engine':>14}  noisy 429s"
+        f"{'phase':<12} {'n':>4} {'alone p50/p99':>15} {'beside p50/p99':>15} {'p50 x':>6} "
+        f"{'p99 x [95% CI]':>20} {'TTFT alone/beside p50':>22} {'CPU gw/engine':>14}  noisy 429s"
     )
     for p in res["phases"]:
-        engine = f"{p['engine_ttft_p50_ms']:.1f} / {p['engine_ttft_p99_ms']:.1f}"
-        cpu = f"{p['gateway_cpu']:.2f} / {p['engine_cpu']:.2f}" if "gateway_cpu" in p else "-"
+        a = p["alone"]
+        ci = p["p99_ratio_ci95"]
         print(
-            f"{p['phase']:<12} {p['n']:>4} {p['p50_ms']:>9.1f} {p['p99_ms']:>9.1f} "
-            f"{p.get('p50_ratio', 1.0):>7.2f} {p.get('p99_ratio', 1.0):>7.2f} {engine:>23} "
-            f"{cpu:>14}  "
-            f"{p.get('noisy_429', '-')}"
+            f"{p['phase']:<12} {p['n']:>4} {a['p50_ms']:>7.1f}/{a['p99_ms']:<7.1f} "
+            f"{p['p50_ms']:>7.1f}/{p['p99_ms']:<7.1f} {p['p50_ratio']:>6.2f} "
+            f"{p['p99_ratio']:>6.2f} [{ci[0]:.2f}, {ci[1]:.2f}] "
+            f"{a['engine_ttft_p50_ms']:>10.1f}/{p['engine_ttft_p50_ms']:<11.1f} "
+            f"{p['gateway_cpu']:>6.2f} / {p['engine_cpu']:<5.2f}  {p['noisy_429']}"
         )
-    for p in res["phases"][1:]:
+    for p in res["phases"]:
         print(f"  {p['phase']}: noisy tenant got {p['noisy']}")
 
 
 _PHASE_LABELS = {
-    "baseline": "alone",
     "at_limit": "beside a tenant at its limit",
     "noisy": "beside a tenant at 10x its limit",
     "huge_bodies": "beside 4 MB prompts at 10x",
@@ -465,26 +583,36 @@ def _got(p: dict[str, Any]) -> str:
 def markdown(res: dict[str, Any]) -> str:
     """The docs table of a ``--json`` file."""
     out = [
-        "| phase | quiet p50 ms | quiet p99 ms | p50 ratio | p99 ratio "
-        "| engine TTFT p50 / p99 ms | CPU gateway / engine | noisy tenant got |",
+        "| phase | alone p50 / p99 ms | beside p50 / p99 ms | p50 ratio | p99 ratio [95 % CI] "
+        "| engine TTFT p50 ms, alone / beside | CPU gateway / engine, beside | noisy tenant got |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in res["phases"]:
-        cpu = f"{p['gateway_cpu']:.2f} / {p['engine_cpu']:.2f}" if "gateway_cpu" in p else ""
+        a, ci = p["alone"], p["p99_ratio_ci95"]
         out.append(
-            f"| {_PHASE_LABELS.get(p['phase'], p['phase'])} | {p['p50_ms']:.1f} "
-            f"| {p['p99_ms']:.1f} | {p.get('p50_ratio', 1.0):.2f} | {p.get('p99_ratio', 1.0):.2f} "
-            f"| {p['engine_ttft_p50_ms']:.1f} / {p['engine_ttft_p99_ms']:.1f} | {cpu} "
-            f"| {_got(p)} |"
+            f"| {_PHASE_LABELS.get(p['phase'], p['phase'])} "
+            f"| {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} "
+            f"| {p['p50_ratio']:.2f} | {p['p99_ratio']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] "
+            f"| {a['engine_ttft_p50_ms']:.1f} / {p['engine_ttft_p50_ms']:.1f} "
+            f"| {p['gateway_cpu']:.2f} / {p['engine_cpu']:.2f} | {_got(p)} |"
         )
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="few attaches (under a minute)")
+    ap.add_argument(
+        "--quick", action="store_true", help="the noisy phase, few attaches (under a minute)"
+    )
     ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--attaches", type=int, help="quiet attaches per phase")
+    ap.add_argument(
+        "--attaches",
+        type=int,
+        help="quiet attaches per phase beside the noisy tenant (as many alone)",
+    )
+    ap.add_argument(
+        "--block", type=int, help="attaches per block (alone and beside alternate; default 20)"
+    )
     ap.add_argument("--tenant-inflight", type=int, default=4, help="per-tenant in-flight cap")
     ap.add_argument(
         "--max-batched-tokens",
@@ -534,18 +662,21 @@ def main() -> None:
     )
     ap.add_argument(
         "--phases",
-        default=",".join(sorted(PHASES)),
-        help=f"comma-separated phases to run beside the baseline (of {', '.join(sorted(PHASES))})",
+        default=None,
+        help=f"comma-separated phases to run (of {', '.join(sorted(PHASES))}; default: all, "
+        "with --quick: noisy)",
     )
     ap.add_argument("--markdown", type=Path, help="print the docs table of a --json file")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
         return
-    only = frozenset(p for p in args.phases.split(",") if p)
+    phases = args.phases or ("noisy" if args.quick else ",".join(sorted(PHASES)))
+    only = frozenset(p for p in phases.split(",") if p)
     if only - PHASES:
         ap.error(f"unknown phases: {', '.join(sorted(only - PHASES))}")
     n = args.attaches or (20 if args.quick else 200)
+    block = args.block or (10 if args.quick else 20)
     engine: dict[str, Any] = {
         "engine_max_batched_tokens": args.max_batched_tokens,
         "engine_prefill_chunk_tokens": args.prefill_chunk_tokens,
@@ -560,7 +691,7 @@ def main() -> None:
         engine["auth_cache_seconds"] = args.auth_cache_seconds
     if args.database_url is not None:
         engine["database_url"] = args.database_url
-    res = asyncio.run(run(n, args.tenant_inflight, engine, only))
+    res = asyncio.run(run(n, args.tenant_inflight, engine, only, block))
     report(res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
