@@ -383,6 +383,27 @@ class _CpuUse:
         return {"gateway_cpu": round(self.gateway / w, 3), "engine_cpu": round(self.engine / w, 3)}
 
 
+class _Side:
+    """The quiet tenant's attaches on one side of a phase (alone, or beside the noisy tenant):
+    their times and the CPU used while they ran, gathered block by block."""
+
+    def __init__(self, quiet: _QuietClient) -> None:
+        self.quiet = quiet
+        self.wall: list[float] = []
+        self.engine: list[float] = []
+        self.cpu = _CpuUse()
+
+    async def block(self, n: int) -> None:
+        self.cpu.start()
+        wall, engine = await self.quiet.attaches(n)
+        self.cpu.stop()
+        self.wall += wall
+        self.engine += engine
+
+    def stats(self) -> dict[str, Any]:
+        return {**_stats(self.wall), **_stats(self.engine, "engine_ttft_"), **self.cpu.used()}
+
+
 async def _phase(
     name: str,
     quiet: _QuietClient,
@@ -393,38 +414,23 @@ async def _phase(
     """``n`` attaches of the quiet tenant alone and ``n`` beside the noisy load, in
     alternating blocks of ``block``: each loaded block right after an alone one, so a drift of
     the machine moves both alike."""
-    alone: list[float] = []
-    alone_engine: list[float] = []
-    beside: list[float] = []
-    beside_engine: list[float] = []
-    cpu_alone, cpu_beside = _CpuUse(), _CpuUse()
+    alone, beside = _Side(quiet), _Side(quiet)
     load = _Noisy(*noisy)
     try:
-        while len(beside) < n:
-            k = min(block, n - len(beside))
+        while len(beside.wall) < n:
+            k = min(block, n - len(beside.wall))
             await load.off(SETTLE_S)
-            cpu_alone.start()
-            wall, engine = await quiet.attaches(k)
-            cpu_alone.stop()
-            alone += wall
-            alone_engine += engine
+            await alone.block(k)
             await load.on(RAMP_S)
-            cpu_beside.start()
-            wall, engine = await quiet.attaches(k)
-            cpu_beside.stop()
-            beside += wall
-            beside_engine += engine
+            await beside.block(k)
     finally:
         seen = await load.close()
     client_cpu = seen.pop("client cpu seconds", None)
-    out: dict[str, Any] = {"phase": name, "n": len(beside)}
-    out["alone"] = {**_stats(alone), **_stats(alone_engine, "engine_ttft_"), **cpu_alone.used()}
-    out.update(_stats(beside))
-    out.update(_stats(beside_engine, "engine_ttft_"))
-    out.update(cpu_beside.used())
+    out: dict[str, Any] = {"phase": name, "n": len(beside.wall), "alone": alone.stats()}
+    out.update(beside.stats())
     for q, key in ((50, "p50"), (99, "p99")):
         out[f"{key}_ratio"] = round(out[f"{key}_ms"] / out["alone"][f"{key}_ms"], 3)
-        out[f"{key}_ratio_ci95"] = _ratio_ci(alone, beside, q)
+        out[f"{key}_ratio_ci95"] = _ratio_ci(alone.wall, beside.wall, q)
     out["noisy"] = dict(sorted(seen.items()))
     out["noisy_429"] = sum(v for k, v in seen.items() if " 429" in k)
     out["noisy_client_cpu_s"] = client_cpu
