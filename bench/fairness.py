@@ -48,6 +48,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "bench-admin-token-0123456789-abcdef"
 CACHE_TOKENS = 1024
+#: tokens between the starts of two noisy prompts (every start gives other chunk contents)
+PROMPT_SHIFT = 7
 HUGE_CHARS = 4 * 1024 * 1024  # a 4 MB prompt: refused by its length, never tokenized
 #: the phases run beside the noisy tenant
 PHASES = frozenset({"at_limit", "noisy", "huge_bodies"})
@@ -209,13 +211,16 @@ async def _noisy_worker(
     headers: dict[str, str],
     corpus: list[int],
     seed: int,
+    stride: int,
     pace: _Pace,
     seen: Counter[str],
 ) -> None:
     """Create a new cache, attach it, run a completion without a cache; again until stopped."""
     i = seed
     while await pace.ready():
-        start = (i * 97) % (len(corpus) - CACHE_TOKENS - 64)
+        # a prompt of its own: worker ``seed`` takes every ``stride``-th start, so no two
+        # workers (and no two rounds, within the corpus) create the same cache contents
+        start = (i * PROMPT_SHIFT) % (len(corpus) - CACHE_TOKENS - 64)
         ids = corpus[start : start + CACHE_TOKENS]
         with pace.sending():
             r = await client.post("/v1/cache/create", json={"token_ids": ids}, headers=headers)
@@ -239,7 +244,7 @@ async def _noisy_worker(
                 headers=headers,
             )
         seen[f"completion {_outcome(r)}"] += 1
-        i += 1
+        i += stride
 
 
 async def _huge_worker(
@@ -298,7 +303,7 @@ def _load_process(
             def worker(i: int) -> Any:
                 if kind == "huge":
                     return _huge_worker(client, headers, pace, seen)
-                return _noisy_worker(client, headers, corpus, i, pace, seen)
+                return _noisy_worker(client, headers, corpus, i, width, pace, seen)
 
             await asyncio.gather(watch(), *(worker(i) for i in range(width)))
         return seen
