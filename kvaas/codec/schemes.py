@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -523,57 +524,41 @@ class QuantScheme(Scheme):
         ``device`` whole, in one copy (from pinned memory on a GPU, see
         :func:`~kvaas.codec.payload.staged_on`), and 4-bit codes are unpacked there; else each
         section is read on the host (4-bit codes unpacked there) and moved on its own."""
-        if staged if staged is not None else device.type != "cpu":
-            return self._staged_tensors(sec, shape, device)
         L, _, T, H, D = shape
         ngk, gv = sec.ngk, sec.gv
         sdt, snp = (torch.float16, np.float16) if sec.sd == "f16" else (torch.float32, np.float32)
-        dev = device if device.type != "cpu" else None
+        codes: Callable[[Any, int], torch.Tensor]
+        scales: Callable[[Any], torch.Tensor]
+        if staged if staged is not None else device.type != "cpu":
+            parts: list[Any] = staged_sections(sec, staged_on(sec.payload, device))
 
-        def on_device(t: torch.Tensor) -> torch.Tensor:
-            return t if dev is None else t.to(dev, non_blocking=True)
+            def codes(raw: torch.Tensor, count: int) -> torch.Tensor:
+                return unpack_nibbles_on(raw, count) if self.bits == 4 else raw
 
-        def scales(buf: memoryview | None, shape: tuple[int, ...]) -> torch.Tensor | None:
-            if buf is None:
-                return None
-            arr = np.frombuffer(buf, dtype=snp).copy()
-            return on_device(torch.from_numpy(arr).view(sdt).reshape(shape))
+            def scales(raw: torch.Tensor) -> torch.Tensor:
+                return bytes_as(raw, sdt)
+        else:
+            parts = [sec.kcodes, sec.kscale, sec.kmin, sec.vcodes, sec.vscale, sec.vmin]
 
-        kcodes = on_device(self._codes(sec.kcodes, L * H * D * T)).reshape(L, H, D, T)
-        vcodes = on_device(self._codes(sec.vcodes, L * T * H * D)).reshape(L, T, H, D // gv, gv)
-        return (
-            kcodes,
-            scales(sec.kscale, (L, H, D, ngk)),
-            scales(sec.kmin, (L, H, D, ngk)),
-            vcodes,
-            scales(sec.vscale, (L, T, H, D // gv)),
-            scales(sec.vmin, (L, T, H, D // gv)),
-            sec.g,
-        )
+            def codes(buf: memoryview, count: int) -> torch.Tensor:
+                return self._codes(buf, count).to(device, non_blocking=True)
 
-    def _staged_tensors(
-        self, sec: Sections, shape: tuple[int, ...], device: torch.device
-    ) -> tuple[Any, ...]:
-        """:meth:`_tensors` from the whole payload copied to ``device`` at once."""
-        L, _, T, H, D = shape
-        ngk, gv = sec.ngk, sec.gv
-        sdt = torch.float16 if sec.sd == "f16" else torch.float32
-        kc, ks, km, vc, vs, vm = staged_sections(sec, staged_on(sec.payload, device))
+            def scales(buf: memoryview) -> torch.Tensor:
+                arr = np.frombuffer(buf, dtype=snp).copy()
+                return torch.from_numpy(arr).view(sdt).to(device, non_blocking=True)
 
-        def codes(raw: torch.Tensor | None, count: int) -> torch.Tensor:
-            assert raw is not None
-            return unpack_nibbles_on(raw, count) if self.bits == 4 else raw
+        kc, ks, km, vc, vs, vm = parts
 
-        def scales(raw: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
-            return None if raw is None else bytes_as(raw, sdt).reshape(shape)
+        def scale(part: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+            return None if part is None else scales(part).reshape(shape)
 
         return (
             codes(kc, L * H * D * T).reshape(L, H, D, T),
-            scales(ks, (L, H, D, ngk)),
-            scales(km, (L, H, D, ngk)),
+            scale(ks, (L, H, D, ngk)),
+            scale(km, (L, H, D, ngk)),
             codes(vc, L * T * H * D).reshape(L, T, H, D // gv, gv),
-            scales(vs, (L, T, H, D // gv)),
-            scales(vm, (L, T, H, D // gv)),
+            scale(vs, (L, T, H, D // gv)),
+            scale(vm, (L, T, H, D // gv)),
             sec.g,
         )
 

@@ -132,15 +132,14 @@ class PagedLoader:
         def tokens(chunks: int) -> int:  # tokens held by the load's first ``chunks`` chunks
             return chunks * c - (c - tail_tokens if 0 <= tail_at < chunks else 0)
 
+        _in_use(decoded)
         if nd and not blobs and on_layer is None:  # every chunk pre-decoded: one copy each
-            _in_use(decoded)
             loaded_end = min(end, first_token + tokens(nd))
             if loaded_end > start:
                 with clock.time("decoded"):
                     self._copy_decoded(decoded, c, first_token, start, loaded_end, block_ids)
             return Loaded(max(start, loaded_end), None, 0)
         ks, vs = self._staging((nd + len(blobs)) * c)
-        _in_use(decoded)
         if nd:
             with clock.time("decoded"):
                 for i, chunk in enumerate(decoded):
