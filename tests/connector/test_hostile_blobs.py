@@ -144,10 +144,11 @@ def _check(w: Worker, blobs: list[bytes]) -> None:
     blocks_per_chunk = CHUNK // BLOCK
     assert failed == set(BLOCK_IDS[n * blocks_per_chunk :])
     assert short == ({} if n == CHUNKS else {req: n * CHUNK})
-    for i, kv in enumerate(expected):  # loaded chunks hold exactly the decoded KV
-        blk, off = slots(BLOCK_IDS, i * CHUNK, (i + 1) * CHUNK, w.layout)
-        for li, layer in enumerate(w.layers):
-            assert torch.equal(gather(w.layout.keys_values(layer), blk, off), kv[li])
+    for i, kv in enumerate(expected):  # loaded chunks hold exactly the decoded KV, bit for
+        blk, off = slots(BLOCK_IDS, i * CHUNK, (i + 1) * CHUNK, w.layout)  # bit (a fuzzed
+        for li, layer in enumerate(w.layers):  # payload may hold NaNs, never equal as values)
+            got = gather(w.layout.keys_values(layer), blk, off)
+            assert torch.equal(got.view(torch.int32), kv[li].view(torch.int32))
     loaded = set(BLOCK_IDS[: n * blocks_per_chunk])
     for layer in w.layers:  # everything else, failed blocks included, is untouched
         for b in range(NUM_BLOCKS):
