@@ -7,6 +7,7 @@ opened in the lifespan and closed on shutdown. Nothing is opened at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -255,7 +256,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # the loop's step in flight rolls back and gives its connections back before the
+            # pool is disposed (a task left pending would keep them, and its locks, open)
             sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await app.state.store_maintenance.stop()
             # background prefills: finish or fail them while the engine is still up
             await app.state.cache_service.drain()

@@ -178,9 +178,10 @@ class InProcessEngine(Engine):
 
     async def shutdown(self) -> None:
         self._state = "down"
-        for task in (self._watcher, self._restarter):
-            if task is not None:
-                task.cancel()
+        tasks = [t for t in (self._watcher, self._restarter) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # none left pending
         self._watcher = self._restarter = None
         if self._llm is not None:
             self._llm.shutdown()
