@@ -7,6 +7,7 @@ resources there (see :mod:`kvaas.app`) and the typed dependencies below hand the
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Annotated, Any
@@ -57,31 +58,36 @@ HealthCheck = Callable[[], Awaitable[str | None]]
 
 
 # --- application resources ----------------------------------------------------------------------
-def get_settings_dep(request: Request) -> Settings:
+# Every dependency is a coroutine function: FastAPI runs a plain ``def`` dependency in its
+# thread pool, one thread hop per dependency per request (a wake-up a busy machine delays),
+# for what is an attribute read (tests/api/test_dependencies.py holds every route to this).
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Database:
+async def get_db(request: Request) -> Database:
     return request.app.state.db
 
 
-def get_cache_service(request: Request) -> CacheService:
+async def get_cache_service(request: Request) -> CacheService:
     return request.app.state.cache_service
 
 
-def get_pricebook(request: Request) -> PriceBook:
+async def get_pricebook(request: Request) -> PriceBook:
     return request.app.state.pricebook
 
 
-def get_master_keys(request: Request) -> MasterKeys:
-    """The app's master keys (from its settings; a generated key is created on first use)."""
+async def get_master_keys(request: Request) -> MasterKeys:
+    """The app's master keys (from its settings; a generated key is created on first use, in
+    a thread: it reads or writes the key file)."""
     keys: MasterKeys | None = getattr(request.app.state, "master_keys", None)
     if keys is None:
-        keys = request.app.state.master_keys = MasterKeys.from_settings(request.app.state.settings)
+        keys = await asyncio.to_thread(MasterKeys.from_settings, request.app.state.settings)
+        request.app.state.master_keys = keys
     return keys
 
 
-def get_health_checks(request: Request) -> dict[str, HealthCheck]:
+async def get_health_checks(request: Request) -> dict[str, HealthCheck]:
     return request.app.state.health_checks
 
 
@@ -183,11 +189,16 @@ def _calls(dependant: Dependant) -> Iterator[Any]:
 
 
 def route_auth(route: object) -> tuple[bool, list[ScopeRequirement]]:
-    """Whether ``route`` takes an API key, and the scope requirements it declares."""
+    """Whether ``route`` takes an API key, and the scope requirements it declares (read from
+    its dependency tree once, then kept on the route: every request asks)."""
     if not isinstance(route, APIRoute):
         return False, []
-    calls = list(_calls(route.dependant))
-    return authenticate in calls, [c for c in calls if isinstance(c, ScopeRequirement)]
+    kept: tuple[bool, list[ScopeRequirement]] | None = getattr(route, "_kvaas_auth", None)
+    if kept is None:
+        calls = list(_calls(route.dependant))
+        kept = authenticate in calls, [c for c in calls if isinstance(c, ScopeRequirement)]
+        setattr(route, "_kvaas_auth", kept)  # noqa: B010 (not an attribute of APIRoute's)
+    return kept
 
 
 def runs_engine(route: object) -> bool:

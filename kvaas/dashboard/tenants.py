@@ -66,7 +66,7 @@ async def dashboard_create_tenant(
     name = form.get("name", "").strip()
     try:
         tenant, secret = await tenancy.create_tenant(
-            session, actor(request), name, with_key=True, master_keys=get_master_keys(request)
+            session, actor(request), name, with_key=True, master_keys=await get_master_keys(request)
         )
     except APIError as e:
         return await failed(request, session, operator, "Create tenant", e, "/admin/tenants")
@@ -91,7 +91,7 @@ async def _tenant_page(
     audit, _ = await admin_lists.audit_page(session, tenant_id=tenant.id, limit=10)
     budget = await session.get(Budget, tenant.id)
     try:
-        secret = tenancy.namespace_secret(tenant, get_master_keys(request))
+        secret = tenancy.namespace_secret(tenant, await get_master_keys(request))
         scope: str | None = namespace_slot(derive_namespace(secret))
     except APIError:  # its keys are not configured on this gateway
         scope = None

@@ -14,15 +14,18 @@ OpenAI-compatible completions, the cost estimate):
 
 Text is measured before it is tokenized: a prompt (or the messages' contents together) longer
 than :data:`MAX_CHARS_PER_TOKEN` characters per token of the model's context cannot fit, and is
-refused at once (``400``) instead of being tokenized. Tokenizing and chat templating run in a
-worker thread, off the event loop, so one tenant's long prompt never stalls another's requests.
+refused at once (``400``) instead of being tokenized. Tokenizing and chat templating of more
+than :data:`INLINE_TOKENIZE_CHARS` characters run in a worker thread, off the event loop, so one
+tenant's long prompt never stalls another's requests; shorter text is tokenized on the loop,
+where it costs less than the hop to a thread and back.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvaas.engine import Engine
 from kvaas.errors import APIError, BadRequest, EngineUnavailable
@@ -30,6 +33,11 @@ from kvaas.errors import APIError, BadRequest, EngineUnavailable
 #: The most characters one token of any supported tokenizer spans (long runs of spaces or
 #: symbols are single tokens); text longer than this times ``max_model_len`` cannot fit.
 MAX_CHARS_PER_TOKEN = 32
+
+#: Text up to this many characters is tokenized on the event loop: about 0.27 ms with the tiny
+#: model's tokenizer on a 2-core AMD EPYC (0.26 us per character), the cost of a thread hop on
+#: a busy machine; longer text goes to a worker thread.
+INLINE_TOKENIZE_CHARS = 1000
 
 #: Bytes one character can take in a JSON body (``\\uXXXX``, as ``ensure_ascii`` encoders write).
 JSON_BYTES_PER_CHAR = 6
@@ -118,15 +126,16 @@ class PromptPolicy:
             )
         if p.messages is not None:
             gen = continuation if generation_prompt is None else generation_prompt
-            return await asyncio.to_thread(
+            return await _off_loop_if_long(
+                chars,
                 eng.model.encode_messages,
                 p.messages,
                 add_generation_prompt=gen,
                 continuation=continuation,
             )
         assert p.prompt is not None
-        return await asyncio.to_thread(
-            eng.model.encode, p.prompt, add_special_tokens=not continuation
+        return await _off_loop_if_long(
+            chars, eng.model.encode, p.prompt, add_special_tokens=not continuation
         )
 
     @staticmethod
@@ -170,3 +179,13 @@ class PromptPolicy:
                 f"{what} + max_tokens ({max_tokens}) tokens exceed the model's {limit}",
                 param="max_tokens",
             )
+
+
+async def _off_loop_if_long(
+    chars: int, fn: Callable[..., list[int]], *args: Any, **kw: Any
+) -> list[int]:
+    """``fn(*args, **kw)``: on the loop for text of at most :data:`INLINE_TOKENIZE_CHARS`
+    characters, in a worker thread for longer."""
+    if chars <= INLINE_TOKENIZE_CHARS:
+        return fn(*args, **kw)
+    return await asyncio.to_thread(fn, *args, **kw)
