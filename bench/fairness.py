@@ -529,6 +529,7 @@ async def run(
                     "engine_bulk_step_tokens",
                     "engine_bulk_step_ms",
                     "engine_bulk_max_hold_seconds",
+                    "engine_interactive_grace_ms",
                 )
             },
             "tenant_max_queued": settings.tenant_max_queued,
@@ -660,6 +661,13 @@ def main() -> None:
         "(KVAAS_ENGINE_BULK_MAX_HOLD_SECONDS; 0: no holding; default: the setting's)",
     )
     ap.add_argument(
+        "--grace-ms",
+        type=float,
+        default=None,
+        help="how long bulk prefill stays held after a lone request ends "
+        "(KVAAS_ENGINE_INTERACTIVE_GRACE_MS; 0: no grace; default: the setting's)",
+    )
+    ap.add_argument(
         "--database-url",
         default=None,
         help="the gateway's database (KVAAS_DATABASE_URL; default: the embedded SQLite file)",
@@ -698,6 +706,8 @@ def main() -> None:
         engine["engine_bulk_step_ms"] = args.bulk_step_ms
     if args.bulk_max_hold is not None:
         engine["engine_bulk_max_hold_seconds"] = args.bulk_max_hold
+    if args.grace_ms is not None:
+        engine["engine_interactive_grace_ms"] = args.grace_ms
     if args.auth_cache_seconds is not None:
         engine["auth_cache_seconds"] = args.auth_cache_seconds
     if args.database_url is not None:

@@ -294,6 +294,16 @@ class Settings(BaseSettings):
         "prefill is held back, each request at most this long since it last computed (then it "
         "runs one step); 0 turns holding off. See `kvaas.engine.scheduler`.",
     )
+    engine_interactive_grace_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1_000,
+        description="After a tenant's lone request ends, other tenants' bulk prefill stays held "
+        "this many milliseconds more, for that tenant's next request (a client that sends "
+        "requests one after another would otherwise meet a bulk step begun in the gap); each "
+        "costs bulk work at most this much idle time, and KVAAS_ENGINE_BULK_MAX_HOLD_SECONDS "
+        "still bounds every hold (0: no grace). See `kvaas.engine.scheduler`.",
+    )
     engine_ipc_spin_seconds: float | None = Field(
         None,
         ge=0,

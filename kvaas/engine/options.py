@@ -14,6 +14,7 @@ from kvaas.engine.ipc_wait import SPIN_ENV
 from kvaas.engine.priorities import (
     DEFAULT_BULK_STEP_MS,
     DEFAULT_BULK_STEP_TOKENS,
+    DEFAULT_INTERACTIVE_GRACE_MS,
     DEFAULT_MAX_HOLD_S,
 )
 from kvaas.engine.priorities import options as scheduler_options
@@ -37,6 +38,7 @@ class EngineOptions:
     bulk_step_tokens: int = DEFAULT_BULK_STEP_TOKENS
     bulk_step_ms: float = DEFAULT_BULK_STEP_MS
     bulk_max_hold_s: float = DEFAULT_MAX_HOLD_S
+    interactive_grace_ms: float = DEFAULT_INTERACTIVE_GRACE_MS
     ipc_spin_s: float | None = None
     presence_ttl_s: float | None = None
     save_queue_bytes: int | None = None
@@ -63,6 +65,7 @@ class EngineOptions:
             bulk_step_tokens=s.engine_bulk_step_tokens,
             bulk_step_ms=s.engine_bulk_step_ms,
             bulk_max_hold_s=s.engine_bulk_max_hold_seconds,
+            interactive_grace_ms=s.engine_interactive_grace_ms,
             ipc_spin_s=s.engine_ipc_spin_seconds,
             presence_ttl_s=s.connector_presence_ttl_seconds,
             save_queue_bytes=s.connector_save_queue_bytes,
@@ -84,7 +87,12 @@ class EngineOptions:
 
     def scheduler_config(self) -> dict[str, dict[str, float]]:
         """vLLM's ``additional_config`` for the fair step scheduler."""
-        return scheduler_options(self.bulk_step_tokens, self.bulk_max_hold_s, self.bulk_step_ms)
+        return scheduler_options(
+            self.bulk_step_tokens,
+            self.bulk_max_hold_s,
+            self.bulk_step_ms,
+            self.interactive_grace_ms,
+        )
 
     def environment(self) -> dict[str, str]:
         """Variables the engine's processes read from their environment: the queue-wait

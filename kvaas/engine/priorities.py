@@ -30,18 +30,26 @@ CONFIG_KEY = "kvaas_scheduler"
 DEFAULT_BULK_STEP_TOKENS = 128
 DEFAULT_BULK_STEP_MS = 5.0
 DEFAULT_MAX_HOLD_S = 0.5
+DEFAULT_INTERACTIVE_GRACE_MS = 20.0
 
 
 def options(
-    bulk_step_tokens: int, max_hold_s: float, bulk_step_ms: float = DEFAULT_BULK_STEP_MS
+    bulk_step_tokens: int,
+    max_hold_s: float,
+    bulk_step_ms: float = DEFAULT_BULK_STEP_MS,
+    interactive_grace_ms: float = DEFAULT_INTERACTIVE_GRACE_MS,
 ) -> dict[str, dict[str, float]]:
     """The ``additional_config`` entry that configures the scheduler."""
-    if bulk_step_tokens < 0 or max_hold_s < 0 or bulk_step_ms < 0:
-        raise ValueError("bulk_step_tokens, max_hold_s and bulk_step_ms must not be negative")
+    if min(bulk_step_tokens, max_hold_s, bulk_step_ms, interactive_grace_ms) < 0:
+        raise ValueError(
+            "bulk_step_tokens, max_hold_s, bulk_step_ms and interactive_grace_ms must not be "
+            "negative"
+        )
     return {
         CONFIG_KEY: {
             "bulk_step_tokens": bulk_step_tokens,
             "max_hold_s": max_hold_s,
             "bulk_step_ms": bulk_step_ms,
+            "interactive_grace_ms": interactive_grace_ms,
         }
     }

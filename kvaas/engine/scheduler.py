@@ -33,6 +33,13 @@ number, and preempts the highest number first when KV blocks run out):
    requests in flight never has an interactive one), so while it runs or waits, every
    ``ALONE`` request that arrived before it is bulk work beside another tenant's: held and
    capped as ``SHARED`` (rules 1-3).
+5. After the last interactive request ends, rules 1-4 go on for ``interactive_grace_ms`` as if
+   it still ran: its tenant's next request, from a client that sends one after another, comes
+   within a few milliseconds (the answer's way back and the gateway's work), and would
+   otherwise find a bulk step begun in that gap and wait for all of it. While only held work
+   is left, a step computes nothing and the scheduler waits 1 ms before the engine asks again
+   (no spinning). The price: bulk work idles up to the grace once per interactive request
+   that has no successor; rule 2 still bounds every hold.
 
 Why a time as well as a token count: what a step of 128 tokens costs differs by two orders of
 magnitude between devices (a few milliseconds on a GPU, ~27 ms for the tiny model on this
@@ -46,10 +53,11 @@ capped step's time feeds the average, so the cap settles where a step takes ``bu
 fast enough to run ``bulk_step_tokens`` within the time keeps that cap, unchanged.
 
 Configuration (vLLM's ``additional_config``, key ``"kvaas_scheduler"``): ``bulk_step_tokens``
-(default 128; 0 disables rule 3), ``bulk_step_ms`` (default 5; 0: the token cap alone) and
-``max_hold_s`` (default 0.5; 0 disables rules 1-2). The gateway passes them from
-``KVAAS_ENGINE_BULK_STEP_TOKENS``, ``KVAAS_ENGINE_BULK_STEP_MS`` and
-``KVAAS_ENGINE_BULK_MAX_HOLD_SECONDS``, and selects the scheduler with
+(default 128; 0 disables rule 3), ``bulk_step_ms`` (default 5; 0: the token cap alone),
+``max_hold_s`` (default 0.5; 0 disables rules 1-2) and ``interactive_grace_ms`` (default 20; 0
+disables rule 5). The gateway passes them from ``KVAAS_ENGINE_BULK_STEP_TOKENS``,
+``KVAAS_ENGINE_BULK_STEP_MS``, ``KVAAS_ENGINE_BULK_MAX_HOLD_SECONDS`` and
+``KVAAS_ENGINE_INTERACTIVE_GRACE_MS``, and selects the scheduler with
 ``scheduler_cls="kvaas.engine.scheduler.fair_scheduler"`` and ``scheduling_policy="priority"``
 (in process and on the command line of ``vllm serve`` nodes).
 """
@@ -68,6 +76,7 @@ from kvaas.engine.priorities import (
     CONFIG_KEY,
     DEFAULT_BULK_STEP_MS,
     DEFAULT_BULK_STEP_TOKENS,
+    DEFAULT_INTERACTIVE_GRACE_MS,
     DEFAULT_MAX_HOLD_S,
     INTERACTIVE,
     SHARED,
@@ -80,6 +89,8 @@ __all__ = ["ALONE", "INTERACTIVE", "MIN_BULK_STEP_TOKENS", "SHARED", "fair_sched
 MIN_BULK_STEP_TOKENS = 16
 #: weight of the newest step in the moving average of seconds per token
 _STEP_COST_WEIGHT = 0.2
+#: how long a step that computes nothing, while only held work is left, waits (rule 5)
+_IDLE_STEP_WAIT_S = 0.001
 #: steps handed out whose output has not come back yet, beyond which the oldest are forgotten
 #: (vLLM keeps at most a few in flight)
 _MAX_PENDING_STEPS = 8
@@ -109,6 +120,10 @@ class _TenantFair:
         self.bulk_step_tokens = int(conf.get("bulk_step_tokens", DEFAULT_BULK_STEP_TOKENS))
         self.max_hold_s = float(conf.get("max_hold_s", DEFAULT_MAX_HOLD_S))
         self.bulk_step_s = float(conf.get("bulk_step_ms", DEFAULT_BULK_STEP_MS)) / 1000
+        grace_ms = float(conf.get("interactive_grace_ms", DEFAULT_INTERACTIVE_GRACE_MS))
+        self.interactive_grace_s = grace_ms / 1000
+        #: (when an interactive request was last running or waiting, its arrival), for rule 5
+        self._last_interactive: tuple[float, float] | None = None
         #: moving average of a step's seconds per token (``None`` until a step was timed)
         self.step_s_per_token: float | None = None
         #: id of each step handed out -> (when it was handed out, its tokens)
@@ -120,10 +135,17 @@ class _TenantFair:
         #: steps in which at least one request was held back (observability and tests)
         self.held_steps = 0
 
-    def _interactive_since(self) -> float | None:
-        """Arrival of the latest interactive request running or waiting (``None``: none)."""
+    def _interactive_since(self, now: float) -> tuple[float | None, bool]:
+        """Arrival of the latest interactive request running or waiting, or within its grace
+        (rule 5; ``None``: none), and whether it is the grace's."""
         times = [r.arrival_time for r in self._all() if r.priority == INTERACTIVE]
-        return max(times) if times else None
+        if times:
+            self._last_interactive = (now, max(times))
+            return max(times), False
+        last = self._last_interactive
+        if last is not None and now - last[0] < self.interactive_grace_s:
+            return last[1], True
+        return None, False
 
     @staticmethod
     def _bulk(r: Request, interactive_since: float | None) -> bool:
@@ -185,7 +207,7 @@ class _TenantFair:
 
     def _fair_schedule(self, schedule: Any, *args: Any, **kwargs: Any) -> SchedulerOutput:
         now = time.monotonic()
-        interactive_since = self._interactive_since()
+        interactive_since, in_grace = self._interactive_since(now)
         held_running, held_waiting = self._held(now, interactive_since)
         held_ids = {r.request_id for r in held_running} | {r.request_id for r in held_waiting}
         bulk_may_run = any(
@@ -210,6 +232,8 @@ class _TenantFair:
                 self.waiting.add_request(r)
         if held_ids:
             self.held_steps += 1
+            if in_grace and out.total_num_scheduled_tokens <= 0:
+                time.sleep(_IDLE_STEP_WAIT_S)  # nothing to run but held work: no spinning
         self._step_handed_out(out)
         for rid in out.num_scheduled_tokens:
             self._progress[rid] = now

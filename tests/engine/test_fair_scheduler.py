@@ -46,6 +46,7 @@ def _scheduler(
     hold: float = 30.0,
     policy: str = "priority",
     step_ms: float = 5.0,
+    grace_ms: float = 0.0,
 ) -> Scheduler:
     path = ARTIFACTS / PRESETS["tiny"].dir_name
     model = ModelConfig(
@@ -65,7 +66,7 @@ def _scheduler(
         model_config=model,
         scheduler_config=sched,
         cache_config=cache,
-        additional_config=options(bulk, hold, step_ms),
+        additional_config=options(bulk, hold, step_ms, grace_ms),
     )
     # this machine's executor turns asynchronous scheduling off; a GPU's keeps it on
     config.scheduler_config.async_scheduling = async_scheduling
@@ -297,3 +298,51 @@ def test_options_refuse_negative_values() -> None:
         options(-1, 0.5)
     with pytest.raises(ValueError):
         options(128, 0.5, -1.0)
+    with pytest.raises(ValueError):
+        options(128, 0.5, 5.0, -1.0)
+
+
+def test_bulk_stays_held_for_the_grace_after_an_interactive_request(
+    async_scheduling: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rule 5: the tenant's next request, sent as soon as the last one ended, finds no bulk
+    step begun in the gap; once the grace is over the bulk prefill goes on; and a step with
+    only held work waits a moment instead of spinning."""
+    from kvaas.engine import scheduler as module
+
+    waits: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(module.time, "sleep", lambda s: (waits.append(s), real_sleep(s)))
+    s = _scheduler(async_scheduling=async_scheduling, grace_ms=300.0)
+    bulk = _request(s, 1024, SHARED)
+    _step(s)
+    quick = _request(s, 32, INTERACTIVE, max_tokens=2)
+    list(_until_finished(s, quick))
+    idle = _step(s)  # in the grace: the bulk prefill does not start a step
+    assert idle.total_num_scheduled_tokens == 0 and [w for w in waits if w] == [0.001]
+    following = _request(s, 32, INTERACTIVE, max_tokens=2)
+    steps = list(_until_finished(s, following))
+    assert steps[0].num_scheduled_tokens == {following: 32}
+    assert all(bulk not in o.num_scheduled_tokens for o in steps)
+    time.sleep(0.35)  # the grace runs out
+    assert _step(s).num_scheduled_tokens == {bulk: 128}
+
+
+def test_without_a_grace_bulk_goes_on_at_once(async_scheduling: bool) -> None:
+    s = _scheduler(async_scheduling=async_scheduling, grace_ms=0.0)
+    bulk = _request(s, 1024, SHARED)
+    _step(s)
+    quick = _request(s, 32, INTERACTIVE, max_tokens=2)
+    list(_until_finished(s, quick))
+    assert _step(s).num_scheduled_tokens == {bulk: 128}
+
+
+def test_the_grace_holds_no_longer_than_the_hold_limit(async_scheduling: bool) -> None:
+    """Rule 2 bounds the grace's holding as every other: work held past ``max_hold_s`` runs."""
+    s = _scheduler(async_scheduling=async_scheduling, grace_ms=10_000.0, hold=0.05)
+    bulk = _request(s, 1024, SHARED)
+    _step(s)
+    quick = _request(s, 32, INTERACTIVE, max_tokens=2)
+    list(_until_finished(s, quick))
+    time.sleep(0.1)
+    assert bulk in _step(s).num_scheduled_tokens  # within a 10 s grace

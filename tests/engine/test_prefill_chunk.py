@@ -46,13 +46,20 @@ def test_node_command_runs_the_fair_step_scheduler() -> None:
         "tiny",
         store.to_dict(),
         port=8100,
-        options=EngineOptions(bulk_step_tokens=64, bulk_max_hold_s=0.25, bulk_step_ms=7.5),
+        options=EngineOptions(
+            bulk_step_tokens=64, bulk_max_hold_s=0.25, bulk_step_ms=7.5, interactive_grace_ms=12.0
+        ),
     ).argv
     assert argv[argv.index("--scheduling-policy") + 1] == "priority"
     assert argv[argv.index("--scheduler-cls") + 1] == "kvaas.engine.scheduler.fair_scheduler"
     extra = json.loads(argv[argv.index("--additional-config") + 1])
     assert extra == {
-        "kvaas_scheduler": {"bulk_step_tokens": 64, "max_hold_s": 0.25, "bulk_step_ms": 7.5}
+        "kvaas_scheduler": {
+            "bulk_step_tokens": 64,
+            "max_hold_s": 0.25,
+            "bulk_step_ms": 7.5,
+            "interactive_grace_ms": 12.0,
+        }
     }
 
 
@@ -64,6 +71,7 @@ def test_in_process_engine_runs_the_fair_step_scheduler(tmp_path: Path) -> None:
         model="tiny",
         engine_bulk_step_tokens=32,
         engine_bulk_step_ms=2.5,
+        engine_interactive_grace_ms=40.0,
     )
     engine = build_engine(settings)
     assert isinstance(engine, InProcessEngine)
@@ -72,6 +80,7 @@ def test_in_process_engine_runs_the_fair_step_scheduler(tmp_path: Path) -> None:
     assert args.scheduler_cls == "kvaas.engine.scheduler.fair_scheduler"
     assert args.additional_config["kvaas_scheduler"]["bulk_step_tokens"] == 32
     assert args.additional_config["kvaas_scheduler"]["bulk_step_ms"] == 2.5
+    assert args.additional_config["kvaas_scheduler"]["interactive_grace_ms"] == 40.0
 
 
 def test_warming_on_save_reaches_the_connector(tmp_path: Path) -> None:
