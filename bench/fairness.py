@@ -215,35 +215,37 @@ async def _noisy_worker(
     pace: _Pace,
     seen: Counter[str],
 ) -> None:
-    """Create a new cache, attach it, run a completion without a cache; again until stopped."""
+    """Create a new cache, attach it, run a completion without a cache; again until stopped.
+    A request whose connection the gateway closed (an idle keep-alive connection it had just
+    timed out) counts as ``closed``, and the worker goes on."""
+
+    async def post(name: str, path: str, body: dict[str, Any]) -> httpx.Response | None:
+        try:
+            with pace.sending():
+                r = await client.post(path, json=body, headers=headers)
+        except httpx.TransportError:
+            seen[f"{name} closed"] += 1
+            return None
+        seen[f"{name} {_outcome(r)}"] += 1
+        return r
+
     i = seed
     while await pace.ready():
         # a prompt of its own: worker ``seed`` takes every ``stride``-th start, so no two
         # workers (and no two rounds, within the corpus) create the same cache contents
         start = (i * PROMPT_SHIFT) % (len(corpus) - CACHE_TOKENS - 64)
         ids = corpus[start : start + CACHE_TOKENS]
-        with pace.sending():
-            r = await client.post("/v1/cache/create", json={"token_ids": ids}, headers=headers)
-        seen[f"create {_outcome(r)}"] += 1
-        if r.status_code == 201:
+        r = await post("create", "/v1/cache/create", {"token_ids": ids})
+        if r is not None and r.status_code == 201:
             cid = r.json()["id"]
-            with pace.sending():
-                r = await client.post(
-                    "/v1/cache/attach",
-                    json={"cache_id": cid, "token_ids": corpus[:16], "max_tokens": 16},
-                    headers=headers,
-                )
-                seen[f"attach {_outcome(r)}"] += 1
+            body = {"cache_id": cid, "token_ids": corpus[:16], "max_tokens": 16}
+            await post("attach", "/v1/cache/attach", body)
+            with contextlib.suppress(httpx.TransportError), pace.sending():
                 await client.delete(f"/v1/caches/{cid}", headers=headers)  # within quotas
         if not await pace.ready():
             return
-        with pace.sending():
-            r = await client.post(
-                "/v1/completions",
-                json={"model": "tiny", "prompt": ids[:512], "max_tokens": 16},
-                headers=headers,
-            )
-        seen[f"completion {_outcome(r)}"] += 1
+        body = {"model": "tiny", "prompt": ids[:512], "max_tokens": 16}
+        await post("completion", "/v1/completions", body)
         i += stride
 
 

@@ -295,7 +295,7 @@ class Settings(BaseSettings):
         "runs one step); 0 turns holding off. See `kvaas.engine.scheduler`.",
     )
     engine_interactive_grace_ms: float = Field(
-        20.0,
+        50.0,
         ge=0,
         le=1_000,
         description="After a tenant's lone request ends, other tenants' bulk prefill stays held "

@@ -54,7 +54,7 @@ fast enough to run ``bulk_step_tokens`` within the time keeps that cap, unchange
 
 Configuration (vLLM's ``additional_config``, key ``"kvaas_scheduler"``): ``bulk_step_tokens``
 (default 128; 0 disables rule 3), ``bulk_step_ms`` (default 5; 0: the token cap alone),
-``max_hold_s`` (default 0.5; 0 disables rules 1-2) and ``interactive_grace_ms`` (default 20; 0
+``max_hold_s`` (default 0.5; 0 disables rules 1-2) and ``interactive_grace_ms`` (default 50; 0
 disables rule 5). The gateway passes them from ``KVAAS_ENGINE_BULK_STEP_TOKENS``,
 ``KVAAS_ENGINE_BULK_STEP_MS``, ``KVAAS_ENGINE_BULK_MAX_HOLD_SECONDS`` and
 ``KVAAS_ENGINE_INTERACTIVE_GRACE_MS``, and selects the scheduler with
