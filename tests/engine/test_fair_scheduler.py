@@ -302,6 +302,16 @@ def test_options_refuse_negative_values() -> None:
         options(128, 0.5, 5.0, -1.0)
 
 
+def _bulk_beside_a_finished_lone_request(s: Scheduler) -> str:
+    """A bulk prefill that has begun, then another tenant's lone request run to its end: the
+    moment rule 5 is about. Returns the bulk request's id."""
+    bulk = _request(s, 1024, SHARED)
+    _step(s)
+    quick = _request(s, 32, INTERACTIVE, max_tokens=2)
+    list(_until_finished(s, quick))
+    return bulk
+
+
 def test_bulk_stays_held_for_the_grace_after_an_interactive_request(
     async_scheduling: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -314,10 +324,7 @@ def test_bulk_stays_held_for_the_grace_after_an_interactive_request(
     real_sleep = time.sleep
     monkeypatch.setattr(module.time, "sleep", lambda s: (waits.append(s), real_sleep(s)))
     s = _scheduler(async_scheduling=async_scheduling, grace_ms=300.0)
-    bulk = _request(s, 1024, SHARED)
-    _step(s)
-    quick = _request(s, 32, INTERACTIVE, max_tokens=2)
-    list(_until_finished(s, quick))
+    bulk = _bulk_beside_a_finished_lone_request(s)
     idle = _step(s)  # in the grace: the bulk prefill does not start a step
     assert idle.total_num_scheduled_tokens == 0 and [w for w in waits if w] == [0.001]
     following = _request(s, 32, INTERACTIVE, max_tokens=2)
@@ -330,19 +337,13 @@ def test_bulk_stays_held_for_the_grace_after_an_interactive_request(
 
 def test_without_a_grace_bulk_goes_on_at_once(async_scheduling: bool) -> None:
     s = _scheduler(async_scheduling=async_scheduling, grace_ms=0.0)
-    bulk = _request(s, 1024, SHARED)
-    _step(s)
-    quick = _request(s, 32, INTERACTIVE, max_tokens=2)
-    list(_until_finished(s, quick))
+    bulk = _bulk_beside_a_finished_lone_request(s)
     assert _step(s).num_scheduled_tokens == {bulk: 128}
 
 
 def test_the_grace_holds_no_longer_than_the_hold_limit(async_scheduling: bool) -> None:
     """Rule 2 bounds the grace's holding as every other: work held past ``max_hold_s`` runs."""
     s = _scheduler(async_scheduling=async_scheduling, grace_ms=10_000.0, hold=0.05)
-    bulk = _request(s, 1024, SHARED)
-    _step(s)
-    quick = _request(s, 32, INTERACTIVE, max_tokens=2)
-    list(_until_finished(s, quick))
+    bulk = _bulk_beside_a_finished_lone_request(s)
     time.sleep(0.1)
     assert bulk in _step(s).num_scheduled_tokens  # within a 10 s grace
