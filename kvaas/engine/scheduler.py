@@ -35,8 +35,9 @@ number, and preempts the highest number first when KV blocks run out):
    capped as ``SHARED`` (rules 1-3).
 5. After the last interactive request ends, rules 1-4 go on for ``interactive_grace_ms`` as if
    it still ran: its tenant's next request, from a client that sends one after another, comes
-   within a few milliseconds (the answer's way back and the gateway's work), and would
-   otherwise find a bulk step begun in that gap and wait for all of it. While only held work
+   within tens of milliseconds (the answer's way back, the client, the gateway's work: more
+   than 20 ms under load on this project's 2-core test machine, hence the default of 50), and
+   would otherwise find a bulk step begun in that gap and wait for all of it. While only held work
    is left, a step computes nothing and the scheduler waits 1 ms before the engine asks again
    (no spinning). The price: bulk work idles up to the grace once per interactive request
    that has no successor; rule 2 still bounds every hold.
