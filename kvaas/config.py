@@ -8,7 +8,7 @@ embedded ones: a SQLite file under the data directory, local storage tiers and t
 The configuration table of ``docs/configuration.md`` is generated from this class
 (``kvaas config markdown``) and a test checks that the two agree.
 
-(This module is about 780 lines on purpose: it is the one ``Settings`` class, one
+(This module is about 790 lines on purpose: it is the one ``Settings`` class, one
 documented field per knob, from which both the environment parsing and the documentation table
 come; split across modules, the table and the validators would have to reassemble it.)
 """

@@ -142,7 +142,7 @@ class _TenantFair:
         times = [r.arrival_time for r in self._all() if r.priority == INTERACTIVE]
         if times:
             self._last_interactive = (now, max(times))
-            return max(times), False
+            return self._last_interactive[1], False
         last = self._last_interactive
         if last is not None and now - last[0] < self.interactive_grace_s:
             return last[1], True

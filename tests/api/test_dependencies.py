@@ -9,20 +9,13 @@ none may slip in.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
 from typing import Any
 
-from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
+from kvaas.api.deps import _calls as dependency_calls
 from kvaas.app import create_admin_app, create_app
 from kvaas.config import Settings
-
-
-def _calls(dependant: Dependant) -> Iterator[tuple[str, Any]]:
-    for sub in dependant.dependencies:
-        yield getattr(sub.call, "__qualname__", repr(sub.call)), sub.call
-        yield from _calls(sub)
 
 
 def _runs_on_the_loop(call: Any) -> bool:
@@ -42,8 +35,8 @@ def _threaded(app: Any) -> list[str]:
         if not _runs_on_the_loop(route.endpoint):
             out.append(f"{route.path}: endpoint {route.endpoint.__qualname__}")
         out += [
-            f"{route.path}: {name}"
-            for name, c in _calls(route.dependant)
+            f"{route.path}: {getattr(c, '__qualname__', repr(c))}"
+            for c in dependency_calls(route.dependant)
             if not _runs_on_the_loop(c)
         ]
     return out
