@@ -12,7 +12,11 @@ drifts of the machine hit all rows alike:
 - ``kvaas-<tier>-<scheme>[-plain]``: attach through the KVaaS connector with the chunks in the
   ``decoded`` tier (the worker's pre-decoded chunks: one copy each), the ``memory`` tier (the
   worker's in-process tier of stored blobs, decoded on load), ``redis`` or ``disk``; encrypted
-  at rest (AES-GCM, as in production) or ``-plain`` (a store without encryption).
+  at rest (AES-GCM, as in production) or ``-plain`` (a store without encryption). Their plans
+  are ``checked``, as the gateway's are (it looks the chunks up before it sends an attach; that
+  lookup is timed by ``bench/ttft_http.py``), so the engine's scheduler asks the store nothing;
+- ``kvaas-{redis,disk}-int4-lookup``: the same with an unchecked plan, which the scheduler looks
+  up in the store itself (what the gateway's check saves the engine, side by side).
 
 The engine has prefix caching on; each attach uses a fresh ``cache_salt`` and fresh chunk keys,
 so the engine's own cache misses and the connector really loads. The engine runs vLLM's
@@ -43,9 +47,8 @@ row unencrypted) with a bootstrap 95 % interval, and for attach rows the connect
 per-stage times (median ms per stage from the ``load_ms`` of its report: scheduler lookup,
 fetch per tier, verify, promote, the whole store call, decode, copy, the whole load) with
 what they leave unexplained of the attach's TTFT over the prefix hit's. The ``memory`` rows'
-timed attach follows the untimed one with the same keys within the scheduler's presence
-memory (``presence_ttl_s``), so its lookup asks the store nothing, as for a cache attached
-again soon; the ``redis`` and ``disk`` rows always look up fresh keys. The cost of opening a sealed
+timed attach follows the untimed one with the same keys; the ``-lookup`` rows always look up
+fresh keys. The cost of opening a sealed
 chunk (AES-GCM) is timed per chunk in the bench process and set against the attach time.
 
     python bench/ttft.py [--quick] [--json PATH] [--rounds N]
@@ -326,7 +329,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             _gen(llm, prompt, fresh_salt(), {"bench_route": "example"})
         expect = _gen(llm, prompt, hit_salt)[1]  # tokens the engine's own hit reuses
 
-        def attach(tier: str, scheme: str, route: str) -> float:
+        def attach(tier: str, scheme: str, route: str, checked: bool = True) -> float:
             ns = derive_namespace(os.urandom(32))
             keys = tuple(
                 chunk_keys(
@@ -349,6 +352,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 fingerprint=FINGERPRINT,
                 seal=master.tenant_keys(ns) if enc else None,
                 tail=tail,
+                checked=checked,
             )
             params = {**plan.to_params(), "bench_route": route}
             if tier in ("memory", "decoded"):  # an untimed attach promotes the chunks
@@ -383,6 +387,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 for route in ("dec",) if tier == "decoded" else ("enc", "plain"):
                     label = f"kvaas-{tier}-{s}" + ("-plain" if route == "plain" else "")
                     configs.append((label, lambda t=tier, s=s, r=route: attach(t, s, r)))
+            if tier in ("redis", "disk") and "int4" in schemes:  # what the gateway's check saves
+                configs.append(
+                    (f"kvaas-{tier}-int4-lookup", lambda t=tier: attach(t, "int4", "enc", False))
+                )
         for r in range(rounds):
             load = "loaded" if spec["loaded"] and r % 2 else "idle"
             order = list(configs)
@@ -561,8 +569,9 @@ def _label(config: str) -> str:
         return "vLLM prefix-cache hit (no transfer)"
     if config == "example-connector":
         return "vLLM `ExampleConnector` (disk, uncompressed)"
-    _, tier, scheme, *plain = config.split("-")
-    return f"KVaaS {tier}, {scheme}" + (", plain" if plain else ", encrypted")
+    _, tier, scheme, *rest = config.split("-")
+    label = f"KVaaS {tier}, {scheme}" + (", plain" if "plain" in rest else ", encrypted")
+    return label + (", unchecked plan" if "lookup" in rest else "")
 
 
 def _scheme(config: str) -> str | None:

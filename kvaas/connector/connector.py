@@ -15,8 +15,9 @@ variable, never from the command line.) Requests opt in with a
 **Scheduler side** (no side effects beyond its own bookkeeping): for a ``load`` plan (and for
 the first ``skip`` chunks of a ``save`` plan that extends a stored prefix),
 ``get_num_new_matched_tokens`` asks the store how many leading chunks it holds (one batched
-existence check over the shared tiers) and reports that many tokens, capped so that at least
-one prompt token is computed and aligned down to the engine's block size. Every step,
+existence check over the shared tiers; none for a plan the gateway marked ``checked``, see
+:class:`~kvaas.connector.params.TransferPlan`) and reports that many tokens, capped so that at
+least one prompt token is computed and aligned down to the engine's block size. Every step,
 ``build_connector_meta`` turns allocations into :class:`LoadTask` s and, for ``save`` plans,
 turns chunks whose tokens this step completes into :class:`SaveTask` s. The metadata is the
 only channel to the worker side.
@@ -344,7 +345,10 @@ class KVaaSConnector(KVConnectorBase_V1):
         n_prompt = len(request.prompt_token_ids or ())
         t0 = time.perf_counter()
         try:
-            if self._store is None:
+            # the gateway found every key of a checked plan just now (TransferPlan.checked):
+            # trusted, unless a load of this request has already come up short
+            checked = plan.checked and request.request_id not in self._short_loads
+            if self._store is None or checked:  # a chunk the worker misses is recomputed
                 n_chunks = len(load_keys)
             else:  # only keys after those recently found present cost a store lookup
                 known = self._presence.leading(load_keys)
@@ -357,7 +361,7 @@ class KVaaSConnector(KVConnectorBase_V1):
                     n = self._all_ranks_prefix(rest)
                 self._presence.remember(rest[:n])
                 n_chunks = known + n
-                self._lookup_keys[request.request_id] = load_keys
+            self._lookup_keys[request.request_id] = load_keys
         except Exception as e:  # a store outage is a miss, never a failed request
             log.warning("request %s: store lookup failed: %s", request.request_id, e)
             n_chunks = 0

@@ -12,7 +12,8 @@ state of its own::
                "seal": {"key_id": "k1", "keys": {"k1": "<64 hex>", ...}},
                "tail": 160,                    # tokens of the last key's partial chunk
                "storage_class": "standard",    # save only
-               "skip": 0}}                     # save only
+               "skip": 0,                      # save only
+               "checked": true}}               # load only
 
 ``seal`` carries the tenant's data keys (:class:`~kvaas.store.crypto.TenantKeys`: derived by the
 gateway from its master keys, never the master keys themselves); chunks are sealed under
@@ -30,6 +31,14 @@ it is stored too.
 ``skip`` (save only) says that the first ``skip`` chunks are stored already (a cache version
 being extended): they are loaded like a ``load`` plan's, not computed, and only the chunks
 after them are encoded and written.
+
+``checked`` (load only, default false) says that whoever built the plan found every key of it
+stored, every rank's piece included, just before sending it: the gateway does so for every
+attach, and names only the keys it found. The scheduler then counts them as matched without
+asking the store again (the lookup would repeat the gateway's, a round trip per shared tier on
+the request's path). A chunk that goes in between is not found by the worker: the load
+reports its blocks as failed and vLLM recomputes them, as for a corrupt chunk. Never wrong KV:
+a stored chunk is checked against its key, fingerprint and scheme when it is loaded.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ class TransferPlan:
     fingerprint: str = ""
     seal: TenantKeys | None = None
     tail: int = 0
+    checked: bool = False
 
     @property
     def tokens(self) -> int:
@@ -98,6 +108,8 @@ class TransferPlan:
             "skip": self.skip,
             "tail": self.tail,
         }
+        if self.checked:
+            doc["checked"] = True
         if self.seal is not None:
             doc["seal"] = self.seal.to_doc()
         return {PARAMS_KEY: doc}
@@ -140,6 +152,9 @@ class TransferPlan:
             or (tail and not keys)
         ):
             raise ValueError("kvaas.tail must be an integer in [0, chunk_tokens), 0 without keys")
+        checked = doc.get("checked", False)
+        if not isinstance(checked, bool):
+            raise ValueError("kvaas.checked must be true or false")
         seal = doc.get("seal")
         return cls(
             op=op,
@@ -151,4 +166,5 @@ class TransferPlan:
             fingerprint=str(doc.get("fingerprint", "")),
             seal=TenantKeys.from_doc(seal) if seal is not None else None,
             tail=tail,
+            checked=checked and op == "load",
         )

@@ -4,7 +4,9 @@ A real scheduler connector on a real disk store: a lookup whose keys were found 
 moment ago asks the store nothing (shown by deleting the chunks behind its back: it still
 reports the hit, the documented stale case a failed load then corrects), a miss is asked
 again every time, a short load makes the scheduler forget, and ``presence_ttl_s = 0`` turns
-the memory off.
+the memory off. A plan the gateway marked ``checked`` is trusted without a lookup until a load
+of its request comes up short; the flag survives the plan's trip through ``kv_transfer_params``
+on load plans only.
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ def _scheduler(path: Path, ttl: float | None) -> KVaaSConnector:
     return KVaaSConnector(cfg, KVConnectorRole.SCHEDULER, None)  # type: ignore[arg-type]
 
 
-def _lookup(s: KVaaSConnector, keys: tuple[ChunkKey, ...], rid: str = "r") -> int:
-    plan = TransferPlan("load", keys, CHUNK, "none", fingerprint="fp")
+def _lookup(
+    s: KVaaSConnector, keys: tuple[ChunkKey, ...], rid: str = "r", *, checked: bool = False
+) -> int:
+    plan = TransferPlan("load", keys, CHUNK, "none", fingerprint="fp", checked=checked)
     req = SimpleNamespace(
         request_id=rid,
         kv_transfer_params=plan.to_params(),
@@ -122,3 +126,40 @@ def test_found_chunks_are_not_asked_for_again(tmp_path: Path, ttl: float | None)
         assert _lookup(sched, keys, "r2") == 0
     finally:
         sched.shutdown()
+
+
+def test_a_checked_plan_is_trusted_until_its_load_comes_up_short(tmp_path: Path) -> None:
+    keys = tuple(ChunkKey(secrets.token_bytes(32)) for _ in range(CHUNKS))
+    sched = _scheduler(tmp_path, 0.0)  # no presence memory: only the check can make a hit
+    try:
+        # nothing is stored, and the checked plan still matches: the store was not asked
+        assert _lookup(sched, keys, "a", checked=True) == CHUNKS
+        assert _lookup(sched, keys, "b") == 0  # the same keys unchecked: the store says no
+        # the worker found nothing for "a": scheduled again, it is looked up like any plan
+        sched.update_connector_output(
+            SimpleNamespace(kv_connector_worker_meta=KVaaSWorkerMetadata({"a": 0}))
+        )
+        assert _lookup(sched, keys, "a", checked=True) == 0
+        _put(tmp_path, keys[:2])
+        assert _lookup(sched, keys, "a", checked=True) == 2
+        assert _lookup(sched, keys, "c", checked=True) == CHUNKS  # another request: trusted
+    finally:
+        sched.shutdown()
+
+
+def test_checked_travels_with_load_plans_only() -> None:
+    keys = tuple(ChunkKey(secrets.token_bytes(32)) for _ in range(2))
+    load = TransferPlan("load", keys, CHUNK, checked=True)
+    assert TransferPlan.from_params(load.to_params()) == load
+    assert load.leading(1).checked  # a checked plan's leading keys were checked too
+    plain = TransferPlan("load", keys, CHUNK)
+    assert "checked" not in plain.to_params()["kvaas"]
+    assert TransferPlan.from_params(plain.to_params()) == plain
+    save = TransferPlan("save", keys, CHUNK, checked=True).to_params()
+    parsed = TransferPlan.from_params(save)
+    assert parsed is not None and not parsed.checked  # a save plan is always looked up
+    for bad in ("true", 1, None):
+        doc = load.to_params()
+        doc["kvaas"]["checked"] = bad
+        with pytest.raises(ValueError, match="checked"):
+            TransferPlan.from_params(doc)

@@ -1,10 +1,13 @@
 """/v1/cache/create and /v1/cache/attach on the real engine: correctness against a cold run,
-every tier, misses, ownership, streaming."""
+every tier, misses, ownership, streaming; the gateway's checked plans, which the engine's
+scheduler trusts instead of asking the store again."""
 
 from __future__ import annotations
 
 import math
 import os
+import secrets
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,6 +17,9 @@ from sqlalchemy import update
 from kvaas.db.base import utcnow
 from kvaas.db.models import Cache
 from kvaas.engine import Sampling
+from kvaas.services.caches.records import AttachOutcome, CacheRef
+from kvaas.services.prompts import Prompt
+from kvaas.store.keys import ChunkKey
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
@@ -95,15 +101,17 @@ async def test_attach_matches_cold_run(gateway, storage_class, cache_len, extra_
 
 
 async def _keys(gateway, prefix, compression):  # type: ignore[no-untyped-def]
+    tenant = await _tenant(gateway)
+    return gateway.app.state.cache_service._keys(tenant, prefix, compression)
+
+
+async def _tenant(gateway):  # type: ignore[no-untyped-def]
+    from kvaas.auth.keys import parse_key
     from kvaas.db.repositories import ApiKeyRepository
 
-    service = gateway.app.state.cache_service
     async with gateway.app.state.db.session() as s:
-        from kvaas.auth.keys import parse_key
-
-        key_prefix, _ = parse_key(gateway.api_key)
-        _key, tenant = await ApiKeyRepository(s).get_with_tenant(key_prefix)
-    return service._keys(tenant, prefix, compression)
+        _key, tenant = await ApiKeyRepository(s).get_with_tenant(parse_key(gateway.api_key)[0])
+    return tenant
 
 
 async def test_corrupt_chunk_is_recomputed_and_reported(gateway) -> None:  # type: ignore[no-untyped-def]
@@ -297,3 +305,47 @@ async def test_a_version_stored_before_partial_chunks_attaches_its_full_chunks(g
     assert body["cache"] == {"id": cache["id"], "hit": True, "miss_reason": None}
     assert body["usage"]["cached_tokens"] == 512
     assert_same(body, await cold(gateway, ids + extra))
+
+
+async def test_the_gateway_sends_a_checked_plan_of_the_chunks_it_found(gateway) -> None:  # type: ignore[no-untyped-def]
+    ids = corpus_ids(gateway)[6000:6600]
+    cache = await create(gateway, ids, compression="int8", storage_class="cold")
+    service = gateway.app.state.cache_service
+    tenant = await _tenant(gateway)
+    ask = Sampling(max_tokens=2, temperature=0.0)
+    async with gateway.app.state.db.session() as s:
+        _, (_c, _v, _ids, plan, expected, available) = await service._prepare_attach(
+            s, tenant, CacheRef(cache["id"]), Prompt(token_ids=[7]), ask
+        )
+        assert plan is not None and plan.checked and len(plan.keys) == 3  # 2 full + partial
+        assert available == expected > 0
+        # the last two chunks gone: only the one the gateway still finds is planned
+        await service.store.tier("disk").delete_many(list(plan.keys[1:]))
+        _, (_c, _v, _ids, plan, _e, _a) = await service._prepare_attach(
+            s, tenant, CacheRef(cache["id"]), Prompt(token_ids=[7]), ask
+        )
+        assert plan is not None and plan.checked and len(plan.keys) == 1
+
+
+async def test_a_checked_chunk_gone_before_the_load_is_recomputed(gateway) -> None:  # type: ignore[no-untyped-def]
+    """The scheduler matches a checked plan without a lookup; chunks that are nowhere (as if
+    evicted right after the gateway's check) fail the load, and the answer is a cold run's."""
+    ids = corpus_ids(gateway)[7000:7600]
+    cache = await create(gateway, ids, compression="none", storage_class="cold")
+    service = gateway.app.state.cache_service
+    tenant = await _tenant(gateway)
+    gone = [ChunkKey(secrets.token_bytes(32)) for _ in range(2)]  # stored in no tier
+    async with gateway.app.state.db.session() as s:
+        row = await service.resolve(s, tenant, cache_id=cache["id"])
+    plan = replace(service._load_plan(tenant, row, gone), checked=True)
+    # a salt of its own: the engine's prefix cache holds nothing of this prompt under it
+    sampling = Sampling(max_tokens=6, temperature=0.0, cache_salt=secrets.token_hex(16))
+    gen = await gateway.app.state.engine.generate([*ids, 11], sampling, plan)
+    ref = await cold(gateway, [*ids, 11])
+    assert gen.token_ids == ref.token_ids
+    report = gen.connector
+    assert report["matched_tokens"] == 2 * row.chunk_tokens  # trusted: the store was not asked
+    assert report["load_failed"] is True and report["loaded_tokens"] == 0
+    # billed as computed: the attach's reused tokens exclude a failed load's
+    outcome = AttachOutcome(gen, row, len(ids) + 1, 2 * row.chunk_tokens, 2 * row.chunk_tokens)
+    assert outcome.cached_tokens == 0 and outcome.miss_reason == "load_failed"

@@ -29,7 +29,9 @@ def test_every_configuration_is_sampled_in_one_engine(tmp_path: Path) -> None:
         for tier in ("memory", "redis", "disk")
         for suffix in ("", "-plain")
     }
-    expected = attach | {"vllm-prefix-hit", "example-connector"}
+    # the gateway's checked plans beside unchecked ones, which the scheduler looks up itself
+    unchecked = {"kvaas-redis-int4-lookup", "kvaas-disk-int4-lookup"}
+    expected = attach | unchecked | {"vllm-prefix-hit", "example-connector"}
     for load in ("idle", "loaded"):
         assert {c for ld, c in rows if ld == load} >= expected, sorted(rows)
         for config in expected:
@@ -45,3 +47,4 @@ def test_every_configuration_is_sampled_in_one_engine(tmp_path: Path) -> None:
         [sys.executable, str(BENCH), "--markdown", str(out)], capture_output=True, text=True
     )
     assert md.returncode == 0 and "KVaaS memory, int4, encrypted" in md.stdout
+    assert "KVaaS disk, int4, encrypted, unchecked plan" in md.stdout

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -96,7 +97,8 @@ class AttachOps(CacheCore):
                 f"cache {cid!r} cannot be attached ({reason}) and require_hit is set",
                 extra={"miss_reason": reason},
             )
-        plan = whole.leading(available) if available else None
+        # the engine's scheduler trusts this lookup instead of repeating it (checked)
+        plan = replace(whole.leading(available), checked=True) if available else None
         salted = self.salted(tenant, sampling)
         return salted, (cache, version, ids, plan, expected, available_tokens)
 
