@@ -48,8 +48,8 @@ per-stage times (median ms per stage from the ``load_ms`` of its report: schedul
 fetch per tier, verify, promote, the whole store call, decode, copy, the whole load) with
 what they leave unexplained of the attach's TTFT over the prefix hit's. The ``memory`` rows'
 timed attach follows the untimed one with the same keys; the ``-lookup`` rows always look up
-fresh keys. The cost of opening a sealed
-chunk (AES-GCM) is timed per chunk in the bench process and set against the attach time.
+fresh keys. The cost of opening a sealed chunk (AES-GCM) is timed per chunk in the bench
+process and set against the attach time.
 
     python bench/ttft.py [--quick] [--json PATH] [--rounds N]
 """
